@@ -1,0 +1,63 @@
+"""Bottleneck adapters (Houlsby / Pfeiffer) as a PEFT tuner: see ``peft_bottleneck``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
+
+PLACEMENTS = ("houlsby", "pfeiffer")
+NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+
+
+@register_adapter("bottleneck")
+@dataclass
+class BottleneckSettings(AdapterSettings):
+    """A down-projection, a non-linearity and an up-projection added after a sublayer.
+
+    ``placement=houlsby`` adds one after the attention output and one after the MLP output of
+    every layer; ``pfeiffer`` only after the MLP. Trainable parameters: L x (2 d r + r + d) per
+    position.
+    """
+
+    method: str = "bottleneck"
+    r: int = 64  # bottleneck dimension
+    placement: str = "houlsby"
+    non_linearity: str = "relu"
+    dropout: float = 0.0
+    scaling: float = 1.0
+    target_modules: Optional[List[str]] = None  # null: derived from placement and model_type
+
+    def check(self, architecture: Any) -> List[str]:
+        from pipeline.adapters.peft_bottleneck import BOTTLENECK_TARGETS
+
+        problems = []
+        if self.r <= 0:
+            problems.append(f"adapter.r={self.r} must be > 0 (the bottleneck dimension)")
+        if self.placement not in PLACEMENTS:
+            problems.append(f"adapter.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        if self.non_linearity not in NON_LINEARITIES:
+            problems.append(f"adapter.non_linearity={self.non_linearity!r} is not one of "
+                            f"{', '.join(NON_LINEARITIES)}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"adapter.dropout={self.dropout} must be in [0, 1)")
+        problems += check_targets("adapter.target_modules", self.target_modules, architecture)
+        if (self.target_modules is None and architecture is not None
+                and architecture.model_type not in BOTTLENECK_TARGETS):
+            problems.append(f"adapter.target_modules: no bottleneck placement known for model_type="
+                            f"{architecture.model_type}; set the attention and MLP output "
+                            f"projections, e.g. adapter.target_modules=[o_proj,down_proj]")
+        return problems
+
+    def apply(self, model: Any, architecture: Any) -> Any:
+        from peft import get_peft_model
+
+        from pipeline.adapters.peft_bottleneck import BottleneckConfig
+
+        config = BottleneckConfig(
+            r=self.r, placement=self.placement, non_linearity=self.non_linearity,
+            dropout=self.dropout, scaling=self.scaling,
+            target_modules=list(self.target_modules) if self.target_modules else None,
+            task_type="CAUSAL_LM")
+        return get_peft_model(model, config)

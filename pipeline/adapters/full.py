@@ -1,0 +1,31 @@
+"""Full fine-tuning (every weight trains) and ``none`` (a frozen base, for baselines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pipeline.adapters.registry import AdapterSettings, register_adapter
+
+
+@register_adapter("full")
+@dataclass
+class FullSettings(AdapterSettings):
+    method: str = "full"
+
+    def apply(self, model: Any, architecture: Any) -> Any:
+        model.requires_grad_(True)
+        return model
+
+
+@register_adapter("none")
+@dataclass
+class NoneSettings(AdapterSettings):
+    """No training: the base model as it is, evaluated like a tuned one."""
+
+    method: str = "none"
+    trains: ClassVar[bool] = False
+
+    def apply(self, model: Any, architecture: Any) -> Any:
+        model.requires_grad_(False)
+        return model

@@ -1,0 +1,114 @@
+"""LoRA and the methods that extend it through PEFT: DoRA and QLoRA (LoRA over a k-bit base)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional
+
+from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
+
+# Architectures whose projections are transformers' Conv1D, which bitsandbytes cannot quantize.
+NOT_QUANTIZABLE = {"gpt2": "its projections are Conv1D layers, which bitsandbytes does not quantize"}
+
+
+@register_adapter("lora")
+@dataclass
+class LoraSettings(AdapterSettings):
+    method: str = "lora"
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: Any = None  # null: PEFT's default for the architecture; a list; or "all-linear"
+    bias: str = "none"  # none | all | lora_only
+    use_rslora: bool = False
+    modules_to_save: Optional[List[str]] = None
+
+    use_dora: ClassVar[bool] = False
+
+    def check(self, architecture: Any) -> List[str]:
+        problems = []
+        if self.r <= 0:
+            problems.append(f"adapter.r={self.r} must be > 0; use adapter=full to train all weights")
+        if not self.lora_alpha > 0:
+            problems.append(f"adapter.lora_alpha={self.lora_alpha} must be > 0 (scaling = alpha / r)")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"adapter.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            problems.append(f"adapter.bias={self.bias!r} is not one of none, all, lora_only")
+        problems += check_targets("adapter.target_modules", self.target_modules, architecture)
+        if self.target_modules is None and architecture is not None:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+            if architecture.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+                problems.append(f"adapter.target_modules: no default for model_type="
+                                f"{architecture.model_type}; set a list or 'all-linear'")
+        return problems
+
+    def peft_config(self) -> Any:
+        from peft import LoraConfig
+
+        targets = self.target_modules
+        return LoraConfig(
+            r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
+            bias=self.bias, use_rslora=self.use_rslora, use_dora=self.use_dora,
+            modules_to_save=self.modules_to_save, task_type="CAUSAL_LM",
+        )
+
+    def apply(self, model: Any, architecture: Any) -> Any:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config())
+
+
+@register_adapter("dora")
+@dataclass
+class DoraSettings(LoraSettings):
+    """Weight-decomposed LoRA: a magnitude vector plus a LoRA direction update."""
+
+    method: str = "dora"
+    use_dora: ClassVar[bool] = True
+
+
+@register_adapter("qlora")
+@dataclass
+class QLoraSettings(LoraSettings):
+    """LoRA over a base quantized by bitsandbytes (4-bit NF4 with double quantization by default)."""
+
+    method: str = "qlora"
+    bits: int = 4
+    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    quant_storage: Optional[str] = None  # set to the compute dtype for ZeRO-3 / FSDP sharding
+
+    quantized: ClassVar[bool] = True
+
+    def check(self, architecture: Any) -> List[str]:
+        problems = super().check(architecture)
+        if self.bits not in (4, 8):
+            problems.append(f"adapter.bits={self.bits} must be 4 or 8")
+        if self.quant_type not in ("nf4", "fp4"):
+            problems.append(f"adapter.quant_type={self.quant_type!r} is not one of nf4, fp4")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"adapter.compute_dtype={self.compute_dtype!r} is not one of "
+                            "float32, bfloat16, float16")
+        if architecture is not None and architecture.model_type in NOT_QUANTIZABLE:
+            problems.append(f"adapter={self.method} needs a quantizable base, but model_type="
+                            f"{architecture.model_type} cannot be quantized: "
+                            f"{NOT_QUANTIZABLE[architecture.model_type]}; use adapter=lora")
+        return problems
+
+    def quantization(self) -> Dict[str, Any]:
+        return {"bits": self.bits, "quant_type": self.quant_type, "double_quant": self.double_quant,
+                "compute_dtype": self.compute_dtype, "quant_storage": self.quant_storage}
+
+    def apply(self, model: Any, architecture: Any) -> Any:
+        from peft import prepare_model_for_kbit_training
+
+        from pipeline.quantization import guard_cpu_4bit
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=model.is_gradient_checkpointing)
+        guard_cpu_4bit(model)
+        return super().apply(model, architecture)

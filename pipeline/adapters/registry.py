@@ -1,0 +1,80 @@
+"""One registry for every adapter method: name -> typed settings that can check and apply.
+
+A method is a dataclass extending :class:`AdapterSettings` (its fields are the ``adapter``
+config group's schema for that option) decorated with :func:`register_adapter`. Adding a method
+is one module here, one ``conf/adapter/<name>.yaml`` and one row in ``tests/test_adapters.py``.
+Settings modules stay light: heavy imports (peft, bitsandbytes) happen inside ``apply``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Type
+
+from omegaconf import MISSING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.config import ArchitectureInfo
+
+
+@dataclass
+class AdapterSettings:
+    """Base schema of the ``adapter`` group.
+
+    Class attributes describe the method to the rest of the pipeline:
+    ``trains`` (False for a frozen baseline) and ``quantized`` (the base loads in k-bit).
+    """
+
+    method: str = MISSING
+
+    trains: ClassVar[bool] = True
+    quantized: ClassVar[bool] = False
+
+    def check(self, architecture: Optional["ArchitectureInfo"]) -> List[str]:
+        """Returns problems with these settings (empty when fine); never raises."""
+        return []
+
+    def quantization(self) -> Optional[Dict[str, Any]]:
+        """Keyword arguments for :func:`pipeline.quantization.bnb_config`, or None."""
+        return None
+
+    def apply(self, model: Any, architecture: "ArchitectureInfo") -> Any:
+        """Returns the model with this adapter attached and only its parameters trainable."""
+        raise NotImplementedError
+
+
+ADAPTERS: Dict[str, Type[AdapterSettings]] = {}
+
+
+def register_adapter(name: str):
+    """Class decorator adding a settings class to :data:`ADAPTERS` under ``name``.
+
+    Raises:
+        ValueError: if ``name`` is taken or the class's ``method`` default differs from it.
+    """
+
+    def decorator(cls: Type[AdapterSettings]) -> Type[AdapterSettings]:
+        if name in ADAPTERS and ADAPTERS[name] is not cls:
+            raise ValueError(f"adapter method {name!r} is already registered by "
+                             f"{ADAPTERS[name].__qualname__}")
+        if cls.method != name:
+            raise ValueError(f"{cls.__qualname__}.method defaults to {cls.method!r}, expected {name!r}")
+        ADAPTERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def check_targets(key: str, targets: Any, architecture: Optional["ArchitectureInfo"]) -> List[str]:
+    """Checks that every target module name exists in the architecture, listing those that do."""
+    if targets is None or architecture is None or targets == "all-linear":
+        return []
+    if isinstance(targets, str):
+        return [f"{key}={targets!r} must be a list of module names or 'all-linear'"]
+    available = architecture.module_names
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in available)]
+    if not unknown:
+        return []
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in architecture.linear_modules})
+    return [f"{key} has unknown module name(s) {unknown} for model_type={architecture.model_type}; "
+            f"available linear modules: {', '.join(leaves)}"]

