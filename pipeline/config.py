@@ -380,13 +380,14 @@ class ArchitectureInfo:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def load_option(group: str, name: str) -> Any:
+def load_option(group: str, name: str, **overrides: Any) -> Any:
     """A group option as its typed schema object (e.g. the ``model`` a tiny model borrows a
-    tokenizer from), read from ``conf/<group>/<name>.yaml`` without composing a whole config."""
+    tokenizer from), read from ``conf/<group>/<name>.yaml`` without composing a whole config.
+    ``overrides`` replace fields, e.g. those interpolating the root config (``seed``)."""
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.exists():
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         raise ConfigError([f"{group} option {name!r} does not exist; available: {', '.join(options)}"])
     node = OmegaConf.load(path)
     node.pop("defaults", None)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node, overrides))

@@ -155,7 +155,8 @@ def wandb_init(settings: Any, run_dir: Path, config: Dict[str, Any], name: str,
 
 
 def _comparable(overrides: Iterable[str]) -> list:
-    return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
+    """Overrides that define "the same command": where it runs and whether it resumes do not."""
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith(("resume=", "paths.run_dir=")))
 
 
 def find_resumable(run_dir: Path, overrides: Iterable[str]) -> Optional[Path]:

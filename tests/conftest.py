@@ -1,0 +1,66 @@
+"""Shared fixtures: compose the real configs (conf/) with test overrides and run stages."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Tiny models and the converted default model are cached across test runs (and in CI, across
+# the session): converting the packaged GGUF takes ~45 s once.
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_train(overrides: List[str], run_dir: Path) -> DictConfig:
+    """The ``train`` config exactly as ``python -m pipeline.train`` composes it, with the
+    Hydra runtime values the task function reads (overrides, mode) set."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.run_dir={run_dir}", f"paths.root_dir={ROOT}",
+                                          *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_train(overrides: List[str], run_dir: Path) -> float:
+    from pipeline.train import train
+
+    return train(compose_train(overrides, run_dir))
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> str:
+    """The cached tiny Llama (random weights, SmolLM2 tokenizer) as a from_pretrained folder."""
+    from pipeline import config as C, model as models
+
+    cfg = C.load_option("model", "tiny_llama")
+    cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
+    return models.resolve_folder(cfg, cache, seed=42, tokenizer_cfg=C.load_option("model", "smollm2_135m"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_folder)
+
+
+def write_jsonl(path: Path, records: List[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path

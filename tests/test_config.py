@@ -1,0 +1,156 @@
+"""Every config option composes and validates; typos, wrong types and cross-field conflicts fail
+with messages that name key, value and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from pipeline import config as C
+from tests.conftest import CONF, ROOT, compose_train, write_jsonl
+
+# Options whose mandatory values (???) a user supplies on the command line.
+REQUIRED = {
+    ("data", "my_jsonl"): ["data.path={jsonl}"],
+    ("data", "hub"): ["data.path=some-org/some-dataset"],
+    ("model", "hub"): ["model.path=some-org/some-model"],
+}
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def all_options():
+    for group in GROUPS:
+        for path in sorted((CONF / group).rglob("*.yaml")):
+            yield group, path.relative_to(CONF / group).with_suffix("").as_posix()
+
+
+@pytest.mark.parametrize("group,option", list(all_options()))
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    extra = [o.format(jsonl=jsonl) for o in REQUIRED.get((group, option), [])]
+    cfg = compose_train([f"{group}={option}", *extra], tmp_path)
+    C.validate(cfg)  # the cheap checks: everything except the model architecture
+    assert cfg.adapter.method in C.ADAPTERS
+
+
+def test_walk_covers_every_group_and_adapter():
+    options = set(all_options())
+    assert {g for g, _ in options} >= {"data", "model", "adapter", "trainer", "logger", "paths",
+                                       "experiment", "debug"}
+    assert {o for g, o in options if g == "adapter"} == set(C.ADAPTERS)
+
+
+def test_typo_in_key_fails_at_composition(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["trainer.learning_rat=1e-4"], tmp_path)
+    assert "learning_rat" in str(err.value.__cause__ or err.value)
+
+
+def test_wrong_type_fails_at_composition(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["adapter.r=abc"], tmp_path)
+    assert "adapter.r" in str(err.value.__cause__)
+
+
+def test_setting_of_another_method_fails_at_composition(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["adapter=full", "adapter.lora_alpha=16"], tmp_path)
+    assert "lora_alpha" in str(err.value.__cause__)
+
+
+def test_appended_setting_of_another_method_is_named(tmp_path):
+    cfg = compose_train(["adapter=full", "+adapter.lora_alpha=16"], tmp_path)
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg)
+    assert "adapter.lora_alpha=16 is not a setting of adapter=full" in str(err.value)
+    assert "adapter=dora/lora/qlora" in str(err.value)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    cfg = compose_train(["adapter.r=0", "trainer.learning_rate=-1", "data.validation_size=0.5",
+                         "data.test_size=0.6", "data.truncation=cut"], tmp_path)
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg)
+    text = str(err.value)
+    assert "adapter.r=0 must be > 0; use adapter=full to train all weights" in text
+    assert "trainer.learning_rate=-1.0 must be > 0" in text
+    assert "leaves no training examples" in text
+    assert "data.truncation='cut' is not one of drop, truncate, error" in text
+    assert len(err.value.problems) == 4
+
+
+def test_missing_data_file_is_named(tmp_path):
+    cfg = compose_train(["data=my_jsonl", "data.path=/nonexistent/train.jsonl"], tmp_path)
+    with pytest.raises(C.ConfigError, match=r"data.path='/nonexistent/train.jsonl' does not exist"):
+        C.validate(cfg)
+
+
+def _architecture(model_type="llama", linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                              "up_proj", "down_proj")):
+    names = [f"model.layers.0.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}" for n in linear]
+    return C.ArchitectureInfo(model_type=model_type, module_names=names, linear_modules=names,
+                              hidden_size=64, num_layers=1)
+
+
+def test_unknown_target_module_lists_available(tmp_path):
+    cfg = compose_train(["adapter.target_modules=[q_proj,qkv]"], tmp_path)
+    C.validate(cfg)  # without the architecture the names cannot be checked
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg, _architecture())
+    text = str(err.value)
+    assert "adapter.target_modules has unknown module name(s) ['qkv'] for model_type=llama" in text
+    assert "available linear modules: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in text
+
+
+def test_all_linear_is_accepted(tmp_path):
+    C.validate(compose_train(["experiment=lora_all_linear"], tmp_path), _architecture())
+
+
+def test_qlora_refuses_unquantizable_architecture(tmp_path):
+    cfg = compose_train(["adapter=qlora", "model=tiny_gpt2"], tmp_path)
+    with pytest.raises(C.ConfigError, match="model_type=gpt2 cannot be quantized.*use adapter=lora"):
+        C.validate(cfg, _architecture("gpt2", ("c_attn", "c_proj")))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("adapter.bits=3", "adapter.bits=3 must be 4 or 8"),
+    ("adapter.quant_type=int4", "adapter.quant_type='int4' is not one of nf4, fp4"),
+])
+def test_qlora_settings_checked(override, message, tmp_path):
+    with pytest.raises(C.ConfigError, match=message):
+        C.validate(compose_train(["adapter=qlora", override], tmp_path))
+
+
+def test_bottleneck_settings_checked(tmp_path):
+    cfg = compose_train(["adapter=bottleneck", "adapter.placement=sideways", "adapter.r=-1"], tmp_path)
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg)
+    assert "adapter.placement='sideways' is not one of houlsby, pfeiffer" in str(err.value)
+    assert "adapter.r=-1 must be > 0" in str(err.value)
+
+
+def test_load_option_reads_a_group_option():
+    model = C.load_option("model", "smollm2_135m")
+    assert model.source == "gguf" and model.gguf_file.endswith(".gguf")
+    with pytest.raises(C.ConfigError, match="available: hub, smollm2_135m, tiny_gpt2, tiny_llama"):
+        C.load_option("model", "nope")
+
+
+def test_cli_cfg_job_prints_composed_config():
+    out = subprocess.run([sys.executable, "-m", "pipeline.train", "--cfg", "job", "adapter=qlora"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "method: qlora" in out.stdout and "quant_type: nf4" in out.stdout
+
+
+def test_cli_typo_exits_nonzero_naming_key(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline.train", "trainer.learning_rat=1",
+                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "learning_rat" in out.stderr

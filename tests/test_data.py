@@ -1,0 +1,196 @@
+"""Data stage: formats, loss masking, splits, truncation, packing, and errors naming file:line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline import config as C
+from pipeline.data import (IGNORE_INDEX, DataError, build_datasets, collator, render, split_examples,
+                           tokenize, Example)
+from tests.conftest import write_jsonl
+
+
+def data_cfg(path, **kw) -> C.DataConfig:
+    base = dict(name="t", path=str(path), validation_size=0, test_size=0, seed=1, max_length=256)
+    base.update(kw)
+    return C.DataConfig(**base)
+
+
+def label_text(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+
+
+def test_prompt_completion_loss_covers_completion_and_end_of_turn_only(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hi", "completion": "Bonjour à tous"}])
+    row = build_datasets(data_cfg(path), tokenizer).train[0]
+    assert label_text(tokenizer, row["input_ids"], row["labels"]) == "Bonjour à tous<|im_end|>\n"
+    masked = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l == IGNORE_INDEX])
+    assert masked.endswith("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n")
+    assert row["prompt"].endswith("<|im_start|>assistant\n") and row["reference"] == "Bonjour à tous"
+
+
+def test_instruction_format_joins_instruction_and_input(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "Translate.", "input": "Save", "output": "Enregistrer"},
+        {"instruction": "Greet.", "input": "", "output": "Salut"}])
+    ds = build_datasets(data_cfg(path, format="instruction"), tokenizer).train
+    prompts = sorted(ds["prompt"])
+    assert any("Translate.\n\nSave<|im_end|>" in p for p in prompts)
+    assert any("Greet.<|im_end|>" in p for p in prompts)  # empty input adds nothing
+    texts = {label_text(tokenizer, r["input_ids"], r["labels"]) for r in ds}
+    assert texts == {"Enregistrer<|im_end|>\n", "Salut<|im_end|>\n"}
+
+
+def test_multi_turn_messages_train_on_every_assistant_turn(tokenizer, tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    row = build_datasets(data_cfg(path), tokenizer).train[0]
+    assert label_text(tokenizer, row["input_ids"], row["labels"]) == "Hello<|im_end|>\nGoodbye<|im_end|>\n"
+    assert row["reference"] == "Goodbye"
+
+
+def test_plain_template_masks_prompt_and_appends_eos(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2+2=", "completion": "4"}])
+    row = build_datasets(data_cfg(path, template="plain"), tokenizer).train[0]
+    assert label_text(tokenizer, row["input_ids"], row["labels"]) == "4" + tokenizer.eos_token
+
+
+def test_system_prompt_is_prepended(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "completion": "y"}])
+    row = build_datasets(data_cfg(path, system_prompt="Only French."), tokenizer).train[0]
+    assert row["prompt"].startswith("<|im_start|>system\nOnly French.<|im_end|>")
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "json"])
+def test_csv_parquet_json_load_through_datasets(tokenizer, tmp_path, suffix):
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a", "b", "c"], "completion": ["x", "y", "z"]})
+    path = tmp_path / f"d.{suffix}"
+    {"csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path),
+     "json": lambda: path.write_text(json.dumps(frame.to_dict("records")))}[suffix]()
+    splits = build_datasets(data_cfg(path), tokenizer)
+    assert sorted(splits.train["reference"]) == ["x", "y", "z"]
+    assert splits.stats["format"] == "prompt_completion"
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    cfg = data_cfg("x", validation_size=0.2, test_size=5)
+    examples = [Example([{"role": "user", "content": str(i)}], f"r{i}") for i in range(50)]
+    a, b = split_examples(examples, cfg), split_examples(examples, cfg)
+    assert [e.where for e in a["test"]] == [e.where for e in b["test"]]
+    assert (len(a["train"]), len(a["validation"]), len(a["test"])) == (35, 10, 5)
+    ids = [{e.where for e in a[s]} for s in ("train", "validation", "test")]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    other = split_examples(examples, data_cfg("x", validation_size=0.2, test_size=5, seed=2))
+    assert [e.where for e in other["test"]] != [e.where for e in a["test"]]
+
+
+def long_records(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "short", "completion": "ok"},
+        {"prompt": "word " * 100, "completion": "long one"}])
+
+
+def test_truncation_drop_counts_dropped(tokenizer, tmp_path):
+    splits = build_datasets(data_cfg(long_records(tmp_path), max_length=40), tokenizer)
+    assert len(splits.train) == 1 and splits.stats["train"]["dropped_too_long"] == 1
+
+
+def test_truncation_truncate_keeps_examples_with_labels_left(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "word " * 100}])
+    splits = build_datasets(data_cfg(path, max_length=40, truncation="truncate"), tokenizer)
+    row = splits.train[0]
+    assert len(row["input_ids"]) == 40 and splits.stats["train"]["truncated"] == 1
+    assert any(l != IGNORE_INDEX for l in row["labels"])
+
+
+def test_truncation_error_names_file_and_line(tokenizer, tmp_path):
+    path = long_records(tmp_path)
+    with pytest.raises(DataError, match=rf"{path}:2: \d+ tokens exceed data.max_length=40"):
+        build_datasets(data_cfg(path, max_length=40, truncation="error"), tokenizer)
+
+
+def test_malformed_jsonl_line_names_file_and_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"prompt": "a", "completion": "b"}', "",
+                                              '{"prompt": "c", "completion": }'])
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON"):
+        build_datasets(data_cfg(path), tokenizer)
+
+
+def test_wrong_field_names_name_file_line_and_fields(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"},
+                                              {"prompt": "c", "answer": "d"}])
+    with pytest.raises(DataError) as err:
+        build_datasets(data_cfg(path, format="prompt_completion"), tokenizer)
+    assert f"{path}:2: field 'completion' must be a string, but it is missing" in str(err.value)
+    assert "['answer', 'completion', 'prompt']" in str(err.value)  # datasets fills missing columns
+
+
+def test_undetectable_format_lists_columns(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}])
+    with pytest.raises(DataError, match=r"cannot tell the format from the columns \['question', 'answer'\]"):
+        build_datasets(data_cfg(path), tokenizer)
+
+
+def test_empty_file_fails_clearly(tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match="holds no records|cannot be read"):
+        build_datasets(data_cfg(path), tokenizer)
+
+
+def test_bad_message_role_names_record(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "human", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(DataError, match=rf"{path}:1: messages\[0\] must be"):
+        build_datasets(data_cfg(path), tokenizer)
+
+
+def test_too_small_dataset_for_splits_fails(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}] * 3)
+    with pytest.raises(DataError, match="cannot hold data.test_size"):
+        build_datasets(data_cfg(path, validation_size=1, test_size=2), tokenizer)
+
+
+def test_shipped_datasets_build(tokenizer):
+    for name in ("django_en_fr", "chatterbot_qa"):
+        option = C.load_option("data", name, seed=0)
+        splits = build_datasets(option, tokenizer)
+        assert len(splits.train) > 300 and splits.validation is not None and splits.test is not None
+
+
+def _loss(model, batch) -> torch.Tensor:
+    return model(**batch, use_cache=False).loss
+
+
+def test_packed_loss_equals_padded_loss_and_sequences_do_not_attend_across(tokenizer, tiny_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    records = [{"prompt": "p" * n, "completion": "word " * (n + 2)} for n in (3, 9, 17, 30)]
+    rows = list(build_datasets(data_cfg(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer).train)
+    features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, attn_implementation="sdpa").eval()
+    tokenizer.padding_side = "right"
+    padded = collator(tokenizer, packing=False)(features)
+    packed = collator(tokenizer, packing=True)(features)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    assert packed["position_ids"][0].tolist() == [i for f in features for i in range(len(f["input_ids"]))]
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(model, packed), _loss(model, padded), rtol=1e-5, atol=1e-5)
+        # The last example's logits inside the packed row equal its logits alone.
+        alone = model(input_ids=torch.tensor([features[-1]["input_ids"]])).logits[0]
+        n = len(features[-1]["input_ids"])
+        def last(use_cache: bool) -> torch.Tensor:
+            return model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                         use_cache=use_cache).logits[0, -n:]
+
+        torch.testing.assert_close(last(use_cache=False), alone, rtol=1e-4, atol=1e-4)
+        # The trap load_model avoids by setting use_cache=False: with a cache, transformers builds
+        # a causal mask over the whole row and the examples attend to each other.
+        assert not torch.allclose(last(use_cache=True), alone, atol=1e-2)
