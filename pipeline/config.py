@@ -24,7 +24,12 @@ from pipeline.adapters import ADAPTERS, AdapterSettings
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
-class ConfigError(ValueError):
+class PipelineError(Exception):
+    """An error in the user's input (config, data, model choice) or in the run itself that the
+    message fully explains: the CLI prints it without a traceback."""
+
+
+class ConfigError(PipelineError, ValueError):
     """A configuration that cannot run; the message lists every problem found."""
 
     def __init__(self, problems: List[str]):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ FORMAT_FIELDS = {  # format -> the config keys naming its required fields
 }
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """Bad input data; the message names the file and line (or record) and the fix."""
 
 

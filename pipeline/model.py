@@ -18,14 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from pipeline.config import ArchitectureInfo, ModelConfig, TinyModelConfig
+from pipeline.config import ArchitectureInfo, ModelConfig, PipelineError, TinyModelConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
-
-
-class ModelError(ValueError):
+class ModelError(PipelineError, ValueError):
     """The base model cannot be found or loaded; the message names the key and the fix."""
 
 
@@ -190,7 +187,7 @@ def load_model(folder: str, cfg: ModelConfig, quantization: Optional[Dict[str, A
     from transformers import AutoModelForCausalLM
 
     kwargs: Dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
-                              "dtype": DTYPES[cfg.dtype] if cfg.dtype == "auto" else getattr(torch, cfg.dtype)}
+                              "dtype": "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quantization:

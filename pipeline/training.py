@@ -15,12 +15,12 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from pipeline.config import TrainerConfig
+from pipeline.config import PipelineError, TrainerConfig
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PipelineError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

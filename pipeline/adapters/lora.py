@@ -79,7 +79,9 @@ class QLoraSettings(LoraSettings):
     bits: int = 4
     quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    # auto: bfloat16 on a GPU that supports it, else float32 (CPUs without AVX512-bf16 run
+    # bfloat16 matmuls hundreds of times slower than float32).
+    compute_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quant_storage: Optional[str] = None  # set to the compute dtype for ZeRO-3 / FSDP sharding
 
     quantized: ClassVar[bool] = True
@@ -90,9 +92,9 @@ class QLoraSettings(LoraSettings):
             problems.append(f"adapter.bits={self.bits} must be 4 or 8")
         if self.quant_type not in ("nf4", "fp4"):
             problems.append(f"adapter.quant_type={self.quant_type!r} is not one of nf4, fp4")
-        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"adapter.compute_dtype={self.compute_dtype!r} is not one of "
-                            "float32, bfloat16, float16")
+                            "auto, float32, bfloat16, float16")
         if architecture is not None and architecture.model_type in NOT_QUANTIZABLE:
             problems.append(f"adapter={self.method} needs a quantizable base, but model_type="
                             f"{architecture.model_type} cannot be quantized: "
@@ -100,8 +102,14 @@ class QLoraSettings(LoraSettings):
         return problems
 
     def quantization(self) -> Dict[str, Any]:
+        compute_dtype = self.compute_dtype
+        if compute_dtype == "auto":
+            import torch
+
+            on_bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            compute_dtype = "bfloat16" if on_bf16_gpu else "float32"
         return {"bits": self.bits, "quant_type": self.quant_type, "double_quant": self.double_quant,
-                "compute_dtype": self.compute_dtype, "quant_storage": self.quant_storage}
+                "compute_dtype": compute_dtype, "quant_storage": self.quant_storage}
 
     def apply(self, model: Any, architecture: Any) -> Any:
         from peft import prepare_model_for_kbit_training
