@@ -25,7 +25,8 @@ def run(method: str, steps: int, overrides: list, out: Path) -> dict:
     run_dir = out / method
     cmd = [sys.executable, "-m", "pipeline.train", f"adapter={method}", f"trainer.max_steps={steps}",
            "trainer.save_steps=null", "trainer.logging_steps=1", "data.validation_size=0",
-           "data.test_size=0", "objective.metric=train/loss", "logger=none",
+           "data.test_size=0", "evaluation.splits=[]", "evaluation.metrics=[]",
+           "objective.metric=train/loss", "logger=none",
            "trainer.sampling=sequential", f"hydra.run.dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -144,6 +144,45 @@ class TrainerConfig:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class DecodingConfig:
+    """How both the base and the tuned model generate (the same for both)."""
+
+    strategy: str = "greedy"  # greedy | sample | beam
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sample only
+    top_p: float = 1.0  # sample only
+    num_beams: int = 4  # beam only
+    stop_strings: List[str] = field(default_factory=list)
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+@dataclass
+class EvaluationConfig:
+    """Generation metrics on held-out prompts, base model vs tuned model.
+
+    ``metrics`` are names from :data:`pipeline.metrics.METRICS` (or ``evaluate:<name>`` for a
+    metric loaded by ``evaluate.load``); an empty list evaluates loss and perplexity only.
+    """
+
+    task: str = "generation"  # generation | qa | classification | perplexity (documentation)
+    splits: List[str] = field(default_factory=lambda: ["test"])  # eval (validation) and/or test
+    extra_datasets: List[str] = field(default_factory=list)  # data options, evaluated on their test split
+    max_examples: Optional[int] = 100  # per set
+    batch_size: int = 16
+    metrics: List[str] = field(default_factory=list)
+    labels: Optional[List[str]] = None  # classification: the label set outputs are parsed into
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    # Generation metrics at every trainer evaluation (trainer.eval_steps) on the first
+    # `during_training_examples` validation examples, logged as eval/<metric>: lets sweeps
+    # optimise and prune on BLEU/ROUGE, not only loss. Off by default: generation is slow.
+    during_training: bool = False
+    during_training_examples: int = 16
+
+
 # --------------------------------------------------------------------------- logger / paths
 
 
@@ -190,10 +229,27 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+    evaluation: EvaluationConfig = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 42
     resume: str = "never"  # never | auto | path to a run folder or checkpoint
     task_name: str = "train"
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluateConfig:
+    """The composed ``evaluate`` config: a finished run, or any model plus an adapter folder."""
+
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    evaluation: EvaluationConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    run: Optional[str] = None  # a run folder: its model, data (same split), adapter
+    adapter_path: Optional[str] = None  # an adapter (or full model) folder for `model`
+    seed: int = 42
+    task_name: str = "evaluate"
     tags: List[str] = field(default_factory=list)
 
 
@@ -203,6 +259,7 @@ SCHEMAS: Dict[str, type] = {
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
     "paths": PathsConfig,
+    "evaluation": EvaluationConfig,
 }
 
 
@@ -210,6 +267,7 @@ def register_configs() -> None:
     """Stores every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
     for group, schema in SCHEMAS.items():
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, settings in ADAPTERS.items():
@@ -242,6 +300,8 @@ CHOICES = {
     "trainer.nan_policy": ("stop", "skip"),
     "trainer.sampling": ("random", "group_by_length", "sequential"),
     "objective.direction": ("minimize", "maximize"),
+    "evaluation.task": ("generation", "qa", "classification", "perplexity"),
+    "evaluation.decoding.strategy": ("greedy", "sample", "beam"),
 }
 
 
@@ -338,6 +398,68 @@ def _check_trainer(trainer: TrainerConfig) -> List[str]:
     return problems
 
 
+def _check_evaluation(cfg: DictConfig) -> List[str]:
+    from pipeline.metrics import METRICS
+
+    ev: EvaluationConfig = cfg.evaluation
+    problems = []
+    available = {"eval": cfg.data.validation_size > 0, "test": cfg.data.test_size > 0}
+    for split in ev.splits:
+        if split not in available:
+            problems.append(f"evaluation.splits has {split!r}; use eval and/or test")
+        elif not available[split]:
+            size = "validation_size" if split == "eval" else "test_size"
+            problems.append(f"evaluation.splits has {split!r} but data.{size}=0; remove it or "
+                            f"set data.{size}")
+    options = {p.stem for p in (CONF_DIR / "data").glob("*.yaml")}
+    for name in ev.extra_datasets:
+        if name not in options:
+            problems.append(f"evaluation.extra_datasets has {name!r}, not a data option; "
+                            f"available: {', '.join(sorted(options))}")
+    for name in ev.metrics:
+        if name not in METRICS and not name.startswith("evaluate:"):
+            problems.append(f"evaluation.metrics has unknown metric {name!r}; available: "
+                            f"{', '.join(sorted(METRICS))}, or evaluate:<name or path>")
+    if {"accuracy", "macro_f1"} & set(ev.metrics) and not ev.labels:
+        problems.append("evaluation.labels must list the label set for accuracy / macro_f1, "
+                        "e.g. evaluation.labels=[positive,negative]")
+    if ev.max_examples is not None and ev.max_examples <= 0:
+        problems.append(f"evaluation.max_examples={ev.max_examples} must be > 0 or null")
+    if ev.batch_size <= 0 or ev.decoding.max_new_tokens <= 0:
+        problems.append("evaluation.batch_size and evaluation.decoding.max_new_tokens must be > 0")
+    if ev.during_training and not (cfg.trainer.eval_steps and cfg.data.validation_size > 0
+                                   and ev.metrics):
+        problems.append("evaluation.during_training needs trainer.eval_steps, a validation split "
+                        "(data.validation_size > 0) and evaluation.metrics")
+    return problems
+
+
+def metric_names(cfg: DictConfig) -> List[str]:
+    """Every final metric name a run of ``cfg`` can report (for ``objective.metric``)."""
+    ev: EvaluationConfig = cfg.evaluation
+    generated = []
+    for name in ev.metrics:
+        if name in ("accuracy", "macro_f1"):
+            generated += [name, "unparsable_rate", *[f"f1/{label}" for label in ev.labels or []]]
+        elif not name.startswith("evaluate:"):
+            generated.append(name)
+    sets = [s for s, size in (("eval", cfg.data.validation_size), ("test", cfg.data.test_size)) if size > 0]
+    names = [f"{side}/{s}/{m}" for side in ("base", "tuned", "delta") for s in sets + list(ev.extra_datasets)
+             for m in ["loss", "perplexity"] + (generated if s in ev.splits or s in ev.extra_datasets else [])]
+    fixed = ["train/loss", "train/steps", "train/tokens", "perf/train_tokens_per_s",
+             "perf/train_runtime_s", "perf/peak_rss_mb", "perf/wall_time_s", "perf/artifact_mb",
+             "params/trainable", "params/total", "params/trainable_pct"]
+    return sorted(set(names)) + fixed
+
+
+def _check_objective(cfg: DictConfig) -> List[str]:
+    name = cfg.objective.metric
+    if name in metric_names(cfg) or any(m.startswith("evaluate:") for m in cfg.evaluation.metrics):
+        return []
+    return [f"objective.metric={name!r} is not a metric this run reports; available: "
+            f"{', '.join(metric_names(cfg))}"]
+
+
 def _check_resume(resume: str) -> List[str]:
     if resume in ("never", "auto") or Path(resume).exists():
         return []
@@ -355,12 +477,18 @@ def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None)
     Raises:
         ConfigError: when anything is wrong; the message names key, value and fix.
     """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # the other checks would trip over them
+        raise ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..."
+                           for key in missing])
     problems = _check_choices(cfg)
     problems += _check_unknown_adapter_keys(cfg)
     problems += _check_data(cfg.data)
     problems += _check_model(cfg.model)
     problems += _check_trainer(cfg.trainer)
     problems += _check_resume(cfg.resume)
+    problems += _check_evaluation(cfg)
+    problems += _check_objective(cfg)
     if cfg.adapter.method in ADAPTERS and not any(p.startswith("adapter.") for p in problems):
         settings: AdapterSettings = OmegaConf.to_object(cfg.adapter)
         problems += settings.check(architecture)

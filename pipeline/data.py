@@ -61,6 +61,13 @@ def _jsonl_line_numbers(path: Path) -> List[int]:
 
 
 def _first_bad_json_line(path: Path) -> Optional[str]:
+    """Where a JSON (one document) or JSON Lines file stops parsing, as ``file:line: why``."""
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+            return None
+        except json.JSONDecodeError as err:
+            return f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():

@@ -95,18 +95,25 @@ class RunFolder:
         self.info_path = self.path / "run.json"
         self.started = time.time()
 
-    def start(self, resolved_config: Dict[str, Any], overrides: list, seed: int, root: Path) -> None:
+    def start(self, cfg: Any, overrides: list) -> None:
         """Records everything needed to reproduce the run, with status ``running``."""
         import yaml
+        from omegaconf import OmegaConf
 
+        from pipeline.config import CONF_DIR
+
+        try:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # a missing value: validation reports it next; keep what we have
+            resolved = OmegaConf.to_container(cfg, resolve=False)
         self.path.mkdir(parents=True, exist_ok=True)
         with (self.path / "config.yaml").open("w", encoding="utf-8") as f:
-            yaml.safe_dump(resolved_config, f, sort_keys=False)
+            yaml.safe_dump(resolved, f, sort_keys=False)
         info = self.info() if self.info_path.exists() else {}
         info.update({
-            "status": "running", "seed": seed, "overrides": overrides,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "git": git_state(root), "packages": package_versions(),
+            "status": "running", "seed": cfg.seed, "overrides": list(overrides),
+            "command": " ".join([f"python -m pipeline.{cfg.task_name}", *overrides]),
+            "git": git_state(CONF_DIR.parent), "packages": package_versions(),
             "python": platform.python_version(), "host": socket.gethostname(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "attempts": info.get("attempts", 0) + 1,
@@ -116,6 +123,9 @@ class RunFolder:
     def info(self) -> Dict[str, Any]:
         return read_json(self.info_path)
 
+    def elapsed(self) -> float:
+        return round(time.time() - self.started, 2)
+
     def update(self, **fields: Any) -> None:
         info = self.info() if self.info_path.exists() else {}
         info.update(fields)
@@ -124,7 +134,7 @@ class RunFolder:
     def finish(self, status: str, error: Optional[BaseException] = None, **fields: Any) -> None:
         """Marks the run ``success`` / ``failed`` / ``pruned`` / ``interrupted``."""
         assert status in STATUSES, status
-        payload = {"status": status, "wall_time_s": round(time.time() - self.started, 2),
+        payload = {"status": status, "wall_time_s": self.elapsed(),
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
         if error is not None:
             payload["error"] = f"{type(error).__name__}: {error}"
@@ -223,7 +233,25 @@ def start_wandb(cfg: Any, run: RunFolder) -> Any:
     return wandb_run
 
 
-def finish_wandb(wandb_run: Any, metrics: Dict[str, Any]) -> None:
-    if wandb_run is not None:
-        wandb_run.summary.update(metrics)
-        wandb_run.finish()
+def finish_wandb(wandb_run: Any, metrics: Dict[str, Any], predictions: Optional[Path] = None) -> None:
+    """Puts the final metrics in the W&B summary and the predictions in a Table, then closes."""
+    if wandb_run is None:
+        return
+    import wandb
+
+    wandb_run.summary.update(metrics)
+    if predictions is not None and predictions.exists():
+        columns = ["set", "index", "prompt", "reference", "base", "tuned"]
+        rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+        table = wandb.Table(columns=columns + ["base_scores", "tuned_scores"],
+                            data=[[r[c] for c in columns] + [json.dumps(r["base_scores"]),
+                                                             json.dumps(r["tuned_scores"])] for r in rows])
+        wandb_run.log({"eval/predictions": table})
+    wandb_run.finish()
+
+
+def abort_wandb(exit_code: int) -> None:
+    """Closes a W&B run left open by a failure, marking it failed there too."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish(exit_code=exit_code)

@@ -16,7 +16,7 @@ import hydra.types
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, model as models, tracking, training
+from pipeline import data, evaluation, model as models, tracking, training
 
 log = logging.getLogger("pipeline.train")
 
@@ -26,10 +26,10 @@ def train(cfg: DictConfig) -> float:
     run = tracking.RunFolder(Path(cfg.paths.run_dir))
     overrides = list(hydra.core.hydra_config.HydraConfig.get().overrides.task)
     try:
+        run.start(cfg, overrides)  # recorded even when validation fails
         C.validate(cfg)  # every cheap check, before any model is touched
         if cfg.resume != "never":
             run = _resume_target(cfg, run, overrides)
-        run.start(OmegaConf.to_container(cfg, resolve=True), overrides, cfg.seed, Path(cfg.paths.root_dir))
         tokenizer_cfg = C.load_option("model", cfg.model.tokenizer) if cfg.model.tokenizer else None
         folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.seed, tokenizer_cfg)
         architecture = models.describe(folder, cfg.model)
@@ -47,24 +47,32 @@ def train(cfg: DictConfig) -> float:
         model = models.load_model(folder, cfg.model, settings.quantization())
         model = settings.apply(model, architecture)
         summary = _startup_summary(cfg, model, splits)
+        extra = {name: data.build_datasets(C.load_option("data", name, seed=cfg.seed), tokenizer)
+                 for name in cfg.evaluation.extra_datasets}
+        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, extra, tokenizer,
+                                               plain_template=cfg.data.template == "plain")
         wandb_run = tracking.start_wandb(cfg, run)
-        metrics = training.fit(
+        metrics, base, tuned = training.fit(
             cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, trains=settings.trains,
             packing=cfg.data.packing, report_to=["wandb"] if wandb_run else [],
             run_name=run.path.name, resume_from=training.last_checkpoint(run.path / "checkpoints"),
-            base_metrics=run.info().get("base_metrics"),
-            on_base_metrics=lambda base: run.update(base_metrics=base))
-        metrics.update(summary, **tracking.peak_memory_mb())
+            evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
+            on_base=lambda measured: measured.save(run.path / "eval" / "base.json"))
+        evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
+        metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)
-        tracking.finish_wandb(wandb_run, metrics)
+        log.info("base vs tuned:\n%s", evaluation.comparison_table(metrics))
+        tracking.finish_wandb(wandb_run, metrics, run.path / "eval" / "predictions.jsonl")
         objective = tracking.objective_value(metrics, cfg.objective.metric)
         run.finish("success", objective={cfg.objective.metric: objective})
         return objective
     except KeyboardInterrupt as err:
         run.finish("interrupted", err)
+        tracking.abort_wandb(exit_code=130)
         raise
     except BaseException as err:
         run.finish("failed", err)
+        tracking.abort_wandb(exit_code=1)
         raise
 
 
@@ -78,7 +86,9 @@ def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) ->
     tracking.move_log_handlers(run.path, found)
     shutil.rmtree(run.path, ignore_errors=True)  # only Hydra's copy of the config was written
     cfg.paths.run_dir = str(found)
-    return tracking.RunFolder(found)
+    resumed = tracking.RunFolder(found)
+    resumed.start(cfg, overrides)
+    return resumed
 
 
 def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pipeline.config import PipelineError, TrainerConfig
 
@@ -89,8 +88,13 @@ def _recording_callback(path: Path) -> Any:
 
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
                   eval_dataset: Optional[Any], data_collator: Any, nan_policy: str,
-                  history_path: Path, callbacks: Optional[List[Any]] = None) -> Any:
-    """transformers' Trainer with a non-finite-loss guard and run-folder metric history."""
+                  history_path: Path, callbacks: Optional[List[Any]] = None,
+                  extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None) -> Any:
+    """transformers' Trainer with a non-finite-loss guard and run-folder metric history.
+
+    ``extra_eval(model)`` adds metrics (e.g. BLEU on a validation slice) to every evaluation
+    during training, logged as ``eval/<name>`` and seen by callbacks (pruning) like the loss.
+    """
     import torch
     from transformers import Trainer
 
@@ -112,19 +116,17 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
             log.warning("non-finite loss at step %d: skipped (%d so far)", step, self.skipped_steps)
             return torch.zeros_like(loss)
 
+        def evaluation_loop(self, *args, **kwargs):
+            output = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+            if extra_eval is not None and prefix == "eval" and self.state.global_step > 0:
+                output.metrics.update({f"eval_{k}": v for k, v in extra_eval(self.model).items()})
+            return output
+
     return PipelineTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator, processing_class=tokenizer,
         callbacks=[_recording_callback(history_path), *(callbacks or [])])
-
-
-def evaluate_loss(trainer: Any, dataset: Optional[Any], split: str) -> Dict[str, float]:
-    """Mean loss and perplexity on the completion tokens of ``dataset`` (``{split}/loss`` ...)."""
-    if dataset is None:
-        return {}
-    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
-    loss = metrics[f"{split}_loss"]
-    return {f"{split}/loss": loss, f"{split}/perplexity": math.exp(min(loss, 50.0))}
 
 
 def last_checkpoint(output_dir: Path) -> Optional[str]:
@@ -164,9 +166,9 @@ def save_artifact(trainer: Any, run_dir: Path, is_peft: bool) -> Path:
 
 def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Path, *, seed: int,
         trains: bool, packing: bool, report_to: List[str], run_name: str,
-        resume_from: Optional[str], base_metrics: Optional[Dict[str, float]],
-        on_base_metrics: Any = None) -> Dict[str, Any]:
-    """Evaluates the base, trains, evaluates the tuned model and saves it.
+        resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
+        on_base: Optional[Callable[[Any], None]] = None) -> Tuple[Dict[str, Any], Any, Any]:
+    """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
         cfg: trainer settings.
@@ -180,31 +182,33 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         report_to: Trainer integrations (``["wandb"]`` or ``[]``).
         run_name: the run's display name.
         resume_from: a checkpoint folder to continue from, or None.
-        base_metrics: the base model's metrics from an earlier attempt of this run, or None.
-        on_base_metrics: called with the base metrics once computed (to persist them).
+        evaluator: :class:`pipeline.evaluation.Evaluator` (losses and generation metrics).
+        base: the base model's :class:`~pipeline.evaluation.Measurement` from an earlier
+            attempt of this run, or None to measure it now (before training, the fresh adapter
+            is an identity: the model is the base model).
+        on_base: called with the base measurement once taken (to persist it).
 
     Returns:
-        Namespaced metrics: ``base/*``, ``tuned/*``, ``delta/*``, ``train/*``, ``perf/*``.
+        ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
+        ``train/*``, ``perf/*``) and the two measurements.
     """
     from peft import PeftModel
 
     from pipeline.data import collator
+    from pipeline.tracking import folder_size_mb
 
     tokenizer.padding_side = "right"
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
                               report_to=report_to, run_name=run_name)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
-                            collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl")
-
-    def evaluate() -> Dict[str, float]:
-        return {**evaluate_loss(trainer, splits.validation, "eval"),
-                **evaluate_loss(trainer, splits.test, "test")}
-
-    if base_metrics is None:
-        base_metrics = evaluate()
-        if on_base_metrics:
-            on_base_metrics(base_metrics)
+                            collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
+                            extra_eval=evaluator.during_training)
+    if base is None:
+        base = evaluator.measure(trainer)
+        if on_base:
+            on_base(base)
     metrics: Dict[str, Any] = {}
+    tuned = base
     if trains:
         output = trainer.train(resume_from_checkpoint=resume_from)
         runtime = output.metrics["train_runtime"]
@@ -213,12 +217,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
                         "train/tokens": tokens, "perf/train_runtime_s": runtime,
                         "perf/train_tokens_per_s": tokens / runtime if runtime else 0.0,
                         "train/skipped_steps": trainer.skipped_steps})
-        tuned = evaluate()
+        tuned = evaluator.measure(trainer)
         artifact = save_artifact(trainer, run_dir, isinstance(model, PeftModel))
-        from pipeline.tracking import folder_size_mb
-
         metrics["perf/artifact_mb"] = folder_size_mb(artifact)
-    else:
-        tuned = dict(base_metrics)
-    metrics.update(compare(base_metrics, tuned))
-    return metrics
+    metrics.update(compare(base.metrics, tuned.metrics))
+    return metrics, base, tuned

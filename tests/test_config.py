@@ -19,6 +19,7 @@ REQUIRED = {
     ("data", "my_jsonl"): ["data.path={jsonl}"],
     ("data", "hub"): ["data.path=some-org/some-dataset"],
     ("model", "hub"): ["model.path=some-org/some-model"],
+    ("evaluation", "classification"): ["evaluation.labels=[positive,negative]"],
 }
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 

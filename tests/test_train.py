@@ -94,7 +94,8 @@ def test_resume_auto_continues_the_unfinished_run(tmp_path):
     info, metrics = read_json(first / "run.json"), read_json(first / "metrics.json")
     assert info["status"] == "success" and info["attempts"] == 2
     assert metrics["train/steps"] == 4 and (first / "adapter" / "adapter_model.safetensors").exists()
-    assert metrics["base/eval/loss"] == info["base_metrics"]["eval/loss"]  # not re-evaluated
+    base = read_json(first / "eval" / "base.json")["metrics"]
+    assert metrics["base/eval/loss"] == base["eval/loss"]  # measured once, before the kill
     state = read_json(first / "checkpoints" / "checkpoint-4" / "trainer_state.json")
     assert state["global_step"] == 4
 
@@ -153,3 +154,11 @@ def test_wandb_offline_run_is_recorded_in_the_run_folder(tmp_path):
     summary = summary.get("summary", summary)
     assert summary["tuned/eval/loss"] == pytest.approx(metrics["tuned/eval/loss"])
     assert summary["params/trainable"] == metrics["params/trainable"]
+
+
+@pytest.mark.slow
+def test_debug_overfit_memorises_a_handful_of_examples(tmp_path):
+    run_train(["model=tiny_llama", "adapter=full", "debug=overfit"], tmp_path / "run")
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    losses = [row["train/loss"] for row in history if "train/loss" in row]
+    assert losses[0] > 9 and losses[-1] < 1.5  # from chance level (ln 49152 = 10.8) to memorised

@@ -1,0 +1,116 @@
+"""Evaluation entry point: ``python -m pipeline.evaluate run=<run folder>`` or
+``python -m pipeline.evaluate model=... adapter_path=... evaluation=qa``.
+
+The base model (adapters disabled, the same weights in memory) and the tuned model answer the
+same prompts with the same decoding; results go to a new folder, the evaluated run is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Tuple
+
+import hydra
+import hydra.types
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import config as C
+from pipeline import data, evaluation, model as models, tracking, training
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def _source(cfg: DictConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
+    """Data, model, adapter settings and artifact folder: from the run folder when given."""
+    if cfg.run:
+        run_dir = Path(cfg.run)
+        if not (run_dir / "config.yaml").exists():
+            raise C.ConfigError([f"run={cfg.run!r} is not a run folder (no config.yaml)"])
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(C.DataConfig), saved.data))
+        model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(C.ModelConfig), saved.model))
+        settings = OmegaConf.to_object(OmegaConf.merge(
+            OmegaConf.structured(C.ADAPTERS[saved.adapter.method]), saved.adapter))
+        artifact = next((run_dir / n for n in ("adapter", "model") if (run_dir / n).exists()), None)
+        if artifact is None:
+            raise C.ConfigError([f"run={cfg.run!r} has no adapter/ or model/ folder (status: "
+                                 f"{tracking.read_json(run_dir / 'run.json').get('status')})"])
+        return data_cfg, model_cfg, settings, artifact
+    if not cfg.adapter_path:
+        raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter or model folder>"])
+    return (OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.model), C.ADAPTERS["lora"](),
+            Path(cfg.adapter_path))
+
+
+def _models(folder: str, model_cfg: C.ModelConfig, settings: Any, artifact: Path) -> Tuple[Any, Any]:
+    """(tuned, base) models; for an adapter they are one PEFT model, its adapter toggled."""
+    from peft import PeftModel
+
+    import pipeline.adapters.peft_bottleneck  # noqa: F401  (registers the bottleneck type)
+
+    if (artifact / "adapter_config.json").exists():
+        base = models.load_model(folder, model_cfg, settings.quantization())
+        return PeftModel.from_pretrained(base, artifact), None
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(artifact)
+    return tuned, models.load_model(folder, model_cfg)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Measures base and tuned model on the configured sets; returns the metrics."""
+    run = tracking.RunFolder(Path(cfg.paths.run_dir))
+    run.start(cfg, list(hydra.core.hydra_config.HydraConfig.get().overrides.task))
+    try:
+        data_cfg, model_cfg, settings, artifact = _source(cfg)
+        tokenizer_cfg = C.load_option("model", model_cfg.tokenizer) if model_cfg.tokenizer else None
+        folder = models.resolve_folder(model_cfg, cfg.paths.cache_dir, data_cfg.seed, tokenizer_cfg)
+        tokenizer = models.load_tokenizer(folder, model_cfg)
+        splits = data.build_datasets(data_cfg, tokenizer)
+        extra = {n: data.build_datasets(C.load_option("data", n, seed=data_cfg.seed), tokenizer)
+                 for n in cfg.evaluation.extra_datasets}
+        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, extra, tokenizer,
+                                               plain_template=data_cfg.template == "plain")
+        tuned_model, base_model = _models(folder, model_cfg, settings, artifact)
+        args = training.training_arguments(
+            C.TrainerConfig(per_device_eval_batch_size=cfg.evaluation.batch_size), run.path / "tmp",
+            cfg.seed, has_eval=False, report_to=[], run_name=run.path.name)
+
+        def measure(model: Any) -> evaluation.Measurement:
+            trainer = training.build_trainer(model, tokenizer, args, None, None,
+                                             data.collator(tokenizer, False), "stop",
+                                             run.path / "history.jsonl")
+            return evaluator.measure(trainer)
+
+        if base_model is None:
+            with tuned_model.disable_adapter():
+                base = measure(tuned_model)
+        else:
+            base = measure(base_model)
+        tuned = measure(tuned_model)
+        metrics = training.compare(base.metrics, tuned.metrics)
+        evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
+        run.write_metrics(metrics)
+        print("base vs tuned:\n" + evaluation.comparison_table(metrics))
+        run.finish("success", evaluated=str(artifact))
+        return metrics
+    except BaseException as err:
+        run.finish("interrupted" if isinstance(err, KeyboardInterrupt) else "failed", err)
+        raise
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except C.PipelineError as err:
+        if hydra.core.hydra_config.HydraConfig.get().mode != hydra.types.RunMode.RUN:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

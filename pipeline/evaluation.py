@@ -1,0 +1,252 @@
+"""Evaluation stage: the base and the tuned model answer the same prompts with the same decoding.
+
+Generation is batched (prompts sorted by length, left padding). Scores come from
+:mod:`pipeline.metrics` (sacrebleu, rouge-score, SQuAD-style EM/F1, classification). The result
+is namespaced metrics (``base/test/bleu``, ``tuned/test/bleu``, ``delta/test/bleu``), one
+predictions row per example, and a before/after table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from pipeline.config import DecodingConfig, EvaluationConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    """Prompts and references of one evaluation set (``test``, ``eval`` or an extra dataset)."""
+
+    name: str
+    prompts: List[str]
+    references: List[List[str]]
+    add_special_tokens: bool = False  # True for the plain template (bos), False for chat templates
+    examples: Optional[Any] = None  # tokenized rows (loss / perplexity), or None
+
+
+@dataclass
+class Predictions:
+    """Outputs of one model on every set, keyed by set name."""
+
+    outputs: Dict[str, List[str]] = field(default_factory=dict)
+
+
+def eval_set(name: str, dataset: Any, cfg: EvaluationConfig, plain_template: bool) -> Optional[EvalSet]:
+    """An :class:`EvalSet` from a tokenized split (its ``prompt``/``reference`` columns)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    if cfg.max_examples is not None:
+        dataset = dataset.select(range(min(cfg.max_examples, len(dataset))))
+    return EvalSet(name=name, prompts=list(dataset["prompt"]),
+                   references=[[r] for r in dataset["reference"]],
+                   add_special_tokens=plain_template, examples=dataset)
+
+
+def generation_kwargs(decoding: DecodingConfig, tokenizer: Any) -> Dict[str, Any]:
+    """``model.generate`` arguments for greedy, sampling or beam search decoding."""
+    kwargs: Dict[str, Any] = {"max_new_tokens": decoding.max_new_tokens, "use_cache": True,
+                              "pad_token_id": tokenizer.pad_token_id,
+                              "eos_token_id": tokenizer.eos_token_id}
+    if decoding.strategy == "sample":
+        kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
+    elif decoding.strategy == "beam":
+        kwargs.update(do_sample=False, num_beams=decoding.num_beams)
+    else:
+        kwargs.update(do_sample=False, num_beams=1)
+    if decoding.stop_strings:
+        kwargs.update(stop_strings=list(decoding.stop_strings), tokenizer=tokenizer)
+    return kwargs
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut] if cut >= 0 else text).strip()
+
+
+def generate(model: Any, tokenizer: Any, prompts: List[str], decoding: DecodingConfig,
+             batch_size: int, add_special_tokens: bool = False) -> List[str]:
+    """Generates one completion per prompt, batched; returns them in the prompts' order.
+
+    Prompts are sorted by length so that a batch pads little; the RNG is seeded from
+    ``decoding.seed`` so the base and the tuned model sample alike.
+    """
+    import torch
+
+    kwargs = generation_kwargs(decoding, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: List[str] = [""] * len(prompts)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(decoding.seed)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special_tokens).to(model.device)
+            with torch.no_grad():
+                generated = model.generate(**encoded, **kwargs)
+            texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:],
+                                           skip_special_tokens=True)
+            for i, text in zip(batch, texts):
+                outputs[i] = _cut_at_stop(text, decoding.stop_strings)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs
+
+
+def predict(model: Any, tokenizer: Any, sets: List[EvalSet], cfg: EvaluationConfig) -> Predictions:
+    """Generations of ``model`` for every set (nothing when no generation metric is asked for)."""
+    predictions = Predictions()
+    if not cfg.metrics:
+        return predictions
+    for s in sets:
+        predictions.outputs[s.name] = generate(model, tokenizer, s.prompts, cfg.decoding,
+                                               cfg.batch_size, s.add_special_tokens)
+    return predictions
+
+
+def score(sets: List[EvalSet], predictions: Predictions, cfg: EvaluationConfig
+          ) -> tuple[Dict[str, float], Dict[str, List[Dict[str, float]]]]:
+    """Corpus metrics ``{set}/{metric}`` and per-example scores for each set."""
+    from pipeline import metrics as M
+
+    corpus: Dict[str, float] = {}
+    per_example: Dict[str, List[Dict[str, float]]] = {}
+    for s in sets:
+        if s.name not in predictions.outputs:
+            continue
+        values, rows = M.compute(list(cfg.metrics), predictions.outputs[s.name], s.references,
+                                 labels=list(cfg.labels) if cfg.labels else None)
+        corpus.update({f"{s.name}/{k}": v for k, v in values.items()})
+        per_example[s.name] = rows
+    return corpus, per_example
+
+
+def write_predictions(path: Path, sets: List[EvalSet], base: Measurement, tuned: Measurement) -> int:
+    """``eval/predictions.jsonl``: prompt, reference, base and tuned output and their scores.
+
+    Written to a temporary file and renamed. Returns the number of rows.
+    """
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for s in sets:
+            if s.name not in tuned.outputs:
+                continue
+            for i, (prompt, refs) in enumerate(zip(s.prompts, s.references)):
+                row = {"set": s.name, "index": i, "prompt": prompt,
+                       "reference": refs[0] if len(refs) == 1 else refs,
+                       "base": base.outputs[s.name][i], "tuned": tuned.outputs[s.name][i],
+                       "base_scores": base.per_example[s.name][i],
+                       "tuned_scores": tuned.per_example[s.name][i]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                rows += 1
+    os.replace(tmp, path)
+    return rows
+
+
+@dataclass
+class Measurement:
+    """What one model scored: loss/perplexity and generation metrics per set, its outputs and
+    per-example scores. Saved for the base model so a resumed run does not measure it again."""
+
+    metrics: Dict[str, float]
+    outputs: Dict[str, List[str]] = field(default_factory=dict)
+    per_example: Dict[str, List[Dict[str, float]]] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        from pipeline.tracking import write_json
+
+        write_json(path, {"metrics": self.metrics, "outputs": self.outputs,
+                          "per_example": self.per_example})
+
+    @classmethod
+    def load(cls, path: Path) -> Optional["Measurement"]:
+        if not path.exists():
+            return None
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        return cls(payload["metrics"], payload["outputs"], payload["per_example"])
+
+
+def evaluate_loss(trainer: Any, dataset: Optional[Any], name: str) -> Dict[str, float]:
+    """Mean loss and perplexity on the completion tokens of ``dataset`` (``{name}/loss`` ...)."""
+    if dataset is None:
+        return {}
+    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=name)
+    loss = metrics[f"{name}_loss"]
+    return {f"{name}/loss": loss, f"{name}/perplexity": math.exp(min(loss, 50.0))}
+
+
+class Evaluator:
+    """Measures a model on the configured sets: losses through the Trainer, generations directly."""
+
+    def __init__(self, cfg: EvaluationConfig, loss_sets: Dict[str, Any], sets: List[EvalSet],
+                 tokenizer: Any, slice_for_training: Optional[EvalSet] = None):
+        self.cfg, self.loss_sets, self.sets, self.tokenizer = cfg, loss_sets, sets, tokenizer
+        self.slice_for_training = slice_for_training
+
+    @classmethod
+    def build(cls, cfg: EvaluationConfig, splits: Any, extra: Dict[str, Any], tokenizer: Any,
+              plain_template: bool) -> "Evaluator":
+        """Sets from the run's splits (``cfg.splits``) and the extra datasets' test splits."""
+        named = {"eval": splits.validation, "test": splits.test}
+        unknown = [s for s in cfg.splits if s not in named]
+        if unknown:
+            raise ValueError(f"evaluation.splits has unknown split(s) {unknown}; use eval and/or test")
+        loss_sets = {name: ds for name, ds in named.items() if ds is not None}
+        loss_sets.update({name: ds.test for name, ds in extra.items() if ds.test is not None})
+        candidates = [(name, named[name]) for name in cfg.splits]
+        candidates += [(name, ds.test) for name, ds in extra.items()]
+        sets = [s for name, ds in candidates if (s := eval_set(name, ds, cfg, plain_template))]
+        slice_for_training = None
+        if cfg.during_training and splits.validation is not None:
+            rows = splits.validation.select(range(min(cfg.during_training_examples,
+                                                      len(splits.validation))))
+            slice_for_training = eval_set("eval", rows, cfg, plain_template)
+        return cls(cfg, loss_sets, sets, tokenizer, slice_for_training)
+
+    def measure(self, trainer: Any) -> Measurement:
+        """Losses on every loss set and generation metrics on every generation set."""
+        metrics: Dict[str, float] = {}
+        for name, dataset in self.loss_sets.items():
+            metrics.update(evaluate_loss(trainer, dataset, name))
+        predictions = predict(trainer.model, self.tokenizer, self.sets, self.cfg)
+        corpus, per_example = score(self.sets, predictions, self.cfg)
+        metrics.update(corpus)
+        return Measurement(metrics, predictions.outputs, per_example)
+
+    def during_training(self, model: Any) -> Dict[str, float]:
+        """Generation metrics on the validation slice (empty when turned off)."""
+        if self.slice_for_training is None or not self.cfg.metrics:
+            return {}
+        predictions = predict(model, self.tokenizer, [self.slice_for_training], self.cfg)
+        corpus, _ = score([self.slice_for_training], predictions, self.cfg)
+        return {k.split("/", 1)[1]: v for k, v in corpus.items()}
+
+
+def comparison_table(metrics: Dict[str, float]) -> str:
+    """A before/after table of every metric that has ``base/``, ``tuned/`` and ``delta/`` keys."""
+    names = sorted(k[len("tuned/"):] for k in metrics if k.startswith("tuned/")
+                   and f"base/{k[len('tuned/'):]}" in metrics)
+    width = max([len(n) for n in names] + [6])
+    lines = [f"{'metric':<{width}}  {'base':>10}  {'tuned':>10}  {'delta':>10}"]
+    for n in names:
+        base, tuned = metrics[f"base/{n}"], metrics[f"tuned/{n}"]
+        lines.append(f"{n:<{width}}  {base:>10.4g}  {tuned:>10.4g}  {tuned - base:>+10.4g}")
+    return "\n".join(lines)
+
+
+def finite(values: Dict[str, float]) -> Dict[str, float]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
