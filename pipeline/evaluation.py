@@ -180,12 +180,37 @@ class Measurement:
         return cls(payload["metrics"], payload["outputs"], payload["per_example"])
 
 
-def evaluate_loss(trainer: Any, dataset: Optional[Any], name: str) -> Dict[str, float]:
-    """Mean loss and perplexity on the completion tokens of ``dataset`` (``{name}/loss`` ...)."""
+def evaluate_loss(model: Any, dataset: Optional[Any], collate: Callable, batch_size: int,
+                  name: str) -> Dict[str, float]:
+    """Token-weighted mean loss and perplexity on the completion tokens of ``dataset``.
+
+    Computed here rather than by ``Trainer.evaluate``, whose loss is a mean of per-batch means
+    and so changes with the batch size; this one is exp(total NLL / total completion tokens)
+    whatever the batching.
+    """
+    import torch
+    import torch.nn.functional as F
+
     if dataset is None:
         return {}
-    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=name)
-    loss = metrics[f"{name}_loss"]
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start:start + batch_size]
+            batch = collate([{"input_ids": i, "labels": l} for i, l in zip(rows["input_ids"], rows["labels"])])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            with torch.no_grad():
+                logits = model(**batch, use_cache=False).logits
+            targets = labels[:, 1:]
+            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=-100, reduction="sum").item()
+            tokens += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    loss = nll / max(tokens, 1)
     return {f"{name}/loss": loss, f"{name}/perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -218,11 +243,18 @@ class Evaluator:
         return cls(cfg, loss_sets, sets, tokenizer, slice_for_training)
 
     def measure(self, trainer: Any) -> Measurement:
-        """Losses on every loss set and generation metrics on every generation set."""
+        """Losses on every loss set and generation metrics on every generation set.
+
+        The eval/test losses are also logged through the trainer (step 0 for the base model),
+        so the loss curves in the run folder and W&B start from the base model.
+        """
         metrics: Dict[str, float] = {}
+        model = trainer.model
         for name, dataset in self.loss_sets.items():
-            metrics.update(evaluate_loss(trainer, dataset, name))
-        predictions = predict(trainer.model, self.tokenizer, self.sets, self.cfg)
+            metrics.update(evaluate_loss(model, dataset, trainer.data_collator,
+                                         trainer.args.per_device_eval_batch_size, name))
+        trainer.log({f"{n}_loss": metrics[f"{n}/loss"] for n in ("eval", "test") if f"{n}/loss" in metrics})
+        predictions = predict(model, self.tokenizer, self.sets, self.cfg)
         corpus, per_example = score(self.sets, predictions, self.cfg)
         metrics.update(corpus)
         return Measurement(metrics, predictions.outputs, per_example)

@@ -164,13 +164,18 @@ def describe(folder: str, cfg: ModelConfig) -> ArchitectureInfo:
 
 
 def load_tokenizer(folder: str, cfg: ModelConfig) -> Any:
-    """The model's tokenizer, with a pad token (eos when the tokenizer has none)."""
+    """The model's tokenizer, with a pad token (eos when the tokenizer has none), padding right.
+
+    Right padding for loss computation: positions come from the sequence start, so left
+    padding would shift them (generation pads left itself, with position ids from the mask).
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, revision=cfg.revision,
                                               trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
     return tokenizer
 
 

@@ -197,7 +197,6 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     from pipeline.data import collator
     from pipeline.tracking import folder_size_mb
 
-    tokenizer.padding_side = "right"
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
                               report_to=report_to, run_name=run_name)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,

@@ -1,0 +1,161 @@
+"""Evaluation stage: batched generation, base vs tuned on the same prompts, predictions file,
+objective checks, extra datasets, generation metrics during training, and re-evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import config as C, evaluation
+from tests.conftest import ROOT, compose_train, read_json, run_train, write_jsonl
+
+FAST = ["model=tiny_llama", "debug=fast"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    # At its 0.02-std initialisation the tiny model only ever repeats "\n"; larger random weights
+    # make greedy outputs differ per prompt, so that mixing up the order would show.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.3)
+    return model
+
+
+def test_batched_generation_equals_one_by_one_and_keeps_order(tiny_model, tokenizer):
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                             add_generation_prompt=True)
+               for t in ("Hello there, how are you today?", "Hi", "Translate: Save the file now")]
+    decoding = C.DecodingConfig(max_new_tokens=6, seed=0)
+    batched = evaluation.generate(tiny_model, tokenizer, prompts, decoding, batch_size=3)
+    single = [evaluation.generate(tiny_model, tokenizer, [p], decoding, batch_size=1)[0] for p in prompts]
+    assert batched == single and all(batched) and len(set(batched)) == 3
+    assert tokenizer.padding_side == "right" or tokenizer.padding_side == "left"  # restored as found
+
+
+def test_stop_strings_cut_outputs():
+    assert evaluation._cut_at_stop("Bonjour\n### next", ["###", "\n\n"]) == "Bonjour"
+    assert evaluation._cut_at_stop("abc", []) == "abc"
+
+
+def test_measurement_round_trip(tmp_path):
+    m = evaluation.Measurement({"test/bleu": 1.5}, {"test": ["a"]}, {"test": [{"bleu": 1.5}]})
+    m.save(tmp_path / "base.json")
+    assert evaluation.Measurement.load(tmp_path / "base.json") == m
+    assert evaluation.Measurement.load(tmp_path / "missing.json") is None
+
+
+def test_comparison_table_lists_base_tuned_delta():
+    table = evaluation.comparison_table({"base/test/bleu": 2.0, "tuned/test/bleu": 12.5,
+                                         "delta/test/bleu": 10.5, "train/loss": 1.0})
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "base", "tuned", "delta"]
+    assert lines[1].split() == ["test/bleu", "2", "12.5", "+10.5"]
+
+
+def test_run_writes_predictions_and_base_tuned_delta_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(FAST, run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    for name in ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "loss", "perplexity"):
+        assert metrics[f"delta/test/{name}"] == pytest.approx(
+            metrics[f"tuned/test/{name}"] - metrics[f"base/test/{name}"])
+    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["set"] for r in rows} == {"test"}
+    assert set(rows[0]) == {"set", "index", "prompt", "reference", "base", "tuned", "base_scores",
+                            "tuned_scores"}
+    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n") and rows[0]["reference"]
+    assert set(rows[0]["tuned_scores"]) >= {"bleu", "chrf", "rougeL"}
+    # Corpus ROUGE-L is the mean of the per-example scores.
+    mean = sum(r["tuned_scores"]["rougeL"] for r in rows) / len(rows)
+    assert metrics["tuned/test/rougeL"] == pytest.approx(mean)
+
+
+def test_unknown_objective_lists_available_names(tmp_path):
+    cfg = compose_train([*FAST, "objective.metric=tuned/test/blue"], tmp_path)
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg)
+    assert "objective.metric='tuned/test/blue' is not a metric this run reports" in str(err.value)
+    assert "tuned/test/bleu" in str(err.value) and "delta/eval/loss" in str(err.value)
+
+
+def test_unknown_metric_and_missing_labels_are_reported(tmp_path):
+    cfg = compose_train([*FAST, "evaluation.metrics=[bleu,meteor,accuracy]"], tmp_path)
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg)
+    assert "unknown metric 'meteor'" in str(err.value)
+    assert "evaluation.labels must list the label set" in str(err.value)
+
+
+def test_extra_dataset_and_generation_metrics_during_training(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*FAST, "evaluation.extra_datasets=[chatterbot_qa]", "evaluation.max_examples=4",
+               "evaluation.during_training=true", "evaluation.during_training_examples=4",
+               "objective.metric=tuned/chatterbot_qa/rougeL"], run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    for side in ("base", "tuned", "delta"):
+        assert f"{side}/chatterbot_qa/bleu" in metrics and f"{side}/chatterbot_qa/loss" in metrics
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert any("eval/bleu" in row and row["step"] == 2 for row in history)
+    sets = {json.loads(line)["set"] for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()}
+    assert sets == {"test", "chatterbot_qa"}
+
+
+def test_classification_by_generation(tmp_path):
+    records = [{"prompt": f"Is {n} even?", "completion": "yes" if n % 2 == 0 else "no"} for n in range(40)]
+    path = write_jsonl(tmp_path / "cls.jsonl", records)
+    run_dir = tmp_path / "run"
+    run_train([*FAST, "data=my_jsonl", f"data.path={path}", "evaluation=classification",
+               "evaluation.labels=[yes,no]", "evaluation.max_examples=8",
+               "evaluation.decoding.max_new_tokens=4", "objective.metric=tuned/test/accuracy"], run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    for key in ("accuracy", "macro_f1", "f1/yes", "f1/no", "unparsable_rate"):
+        assert 0 <= metrics[f"tuned/test/{key}"] <= 100
+
+
+def test_evaluate_reproduces_the_runs_tuned_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(FAST, run_dir)
+    out = subprocess.run([sys.executable, "-m", "pipeline.evaluate", f"run={run_dir}",
+                          "evaluation.max_examples=8", "evaluation.batch_size=4",
+                          "evaluation.decoding.max_new_tokens=16", f"hydra.run.dir={tmp_path / 'ev'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "base vs tuned" in out.stdout
+    trained, again = read_json(run_dir / "metrics.json"), read_json(tmp_path / "ev" / "metrics.json")
+    for name in ("bleu", "rougeL", "chrf"):
+        assert again[f"tuned/test/{name}"] == pytest.approx(trained[f"tuned/test/{name}"])
+    assert again["tuned/test/loss"] == pytest.approx(trained["tuned/test/loss"], rel=1e-4)
+    # The base (adapter disabled, same weights) matches the base measured before training.
+    assert again["base/test/loss"] == pytest.approx(trained["base/test/loss"], rel=1e-4)
+    assert read_json(tmp_path / "ev" / "run.json")["status"] == "success"
+
+
+def test_evaluate_without_run_or_adapter_fails_clearly(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "model=tiny_llama",
+                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1
+    assert "give run=<run folder>, or adapter_path=<adapter or model folder>" in out.stderr
+
+
+def test_loss_is_token_weighted_and_independent_of_batch_size(tiny_model, tokenizer, tmp_path):
+    from pipeline.data import build_datasets, collator
+    from tests.test_data import data_cfg
+
+    records = [{"prompt": "p" * n, "completion": "word " * (3 * n + 1)} for n in (1, 4, 9, 2, 7)]
+    rows = build_datasets(data_cfg(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer).train
+    losses = [evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, packing), bs, "test")
+              for bs, packing in ((1, False), (2, False), (5, False), (5, True))]
+    for other in losses[1:]:
+        assert other["test/loss"] == pytest.approx(losses[0]["test/loss"], rel=1e-5)
+    assert losses[0]["test/perplexity"] == pytest.approx(2.718281828 ** losses[0]["test/loss"])
