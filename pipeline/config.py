@@ -29,6 +29,24 @@ class PipelineError(Exception):
     message fully explains: the CLI prints it without a traceback."""
 
 
+def run_task(task: Any, cfg: DictConfig) -> Any:
+    """Runs an entry point's task. A :class:`PipelineError` ends a single run with its message
+    on stderr and exit code 1: the message says what is wrong and how to fix it, and a traceback
+    would bury it. In a multirun it propagates, for the sweeper to record and go on."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return task(cfg)
+    except PipelineError as err:
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 class ConfigError(PipelineError, ValueError):
     """A configuration that cannot run; the message lists every problem found."""
 

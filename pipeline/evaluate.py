@@ -8,12 +8,10 @@ same prompts with the same decoding; results go to a new folder, the evaluated r
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Tuple
 
 import hydra
-import hydra.types
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
@@ -103,13 +101,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except C.PipelineError as err:
-        if hydra.core.hydra_config.HydraConfig.get().mode != hydra.types.RunMode.RUN:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    return C.run_task(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import hydra
-import hydra.types
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
@@ -113,15 +111,7 @@ def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
-        return train(cfg)
-    except C.PipelineError as err:
-        # The message says what is wrong and how to fix it; a traceback would bury it. In a
-        # multirun the sweeper records the failure and goes on, so the error propagates there.
-        if hydra.core.hydra_config.HydraConfig.get().mode != hydra.types.RunMode.RUN:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    return C.run_task(train, cfg)
 
 
 if __name__ == "__main__":
