@@ -11,6 +11,7 @@ prompts one at a time, with the same greedy decoding and max_new_tokens.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from pipeline import config as C, data, model as models
@@ -26,10 +27,10 @@ def main() -> None:
     args = parser.parse_args()
 
     model_cfg = C.load_option("model", "smollm2_135m")
-    folder = models.resolve_folder(model_cfg, "~/.cache/pipeline")
+    folder = models.resolve_folder(model_cfg, os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline"))
     tokenizer = models.load_tokenizer(folder, model_cfg)
     data_cfg = C.load_option("data", "django_en_fr", seed=0, validation_size=0.0,
-                             test_size=float(args.examples))
+                             test_size=float(args.examples), max_length=512)
     prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])
     model = models.load_model(folder, model_cfg).eval()
     decoding = C.DecodingConfig(max_new_tokens=args.max_new_tokens, seed=0)
