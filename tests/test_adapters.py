@@ -26,6 +26,7 @@ TABLE = [
     ("dora", {}, lora(16, [D, KV]) + LAYERS * (D + KV),
      r"\.(q_proj|v_proj)\.(lora_[AB]\.default\.weight|lora_magnitude_vector\.default\.weight)$"),
     ("qlora", {}, lora(16, [D, KV]), r"\.(q_proj|v_proj)\.lora_[AB]\.default\.weight$"),
+    ("qlora", {"bits": 8}, lora(16, [D, KV]), r"\.(q_proj|v_proj)\.lora_[AB]\.default\.weight$"),
     ("ia3", {}, LAYERS * (KV + KV + FF), r"\.(k_proj|v_proj|down_proj)\.ia3_l\.default$"),
     ("bottleneck", {"r": 8}, LAYERS * 2 * (2 * D * 8 + 8 + D),
      r"\.(o_proj|down_proj)\.bottleneck_(down|up)\.default\.(weight|bias)$"),
@@ -82,3 +83,25 @@ def test_registry_refuses_duplicates_and_mismatched_names():
         @dataclass
         class Mismatch(AdapterSettings):
             method: str = "y"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_folder):
+    import dataclasses
+
+    model_cfg = C.load_option("model", "tiny_llama")
+    architecture = models.describe(tiny_folder, model_cfg)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    grads = []
+    for checkpointing in (False, True):
+        cfg = dataclasses.replace(model_cfg, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = C.ADAPTERS["lora"](lora_dropout=0.0).apply(models.load_model(tiny_folder, cfg), architecture)
+        for name, param in model.named_parameters():  # non-zero B so gradients reach A too
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        model.train()
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
