@@ -146,6 +146,9 @@ class TrainerConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
+    # A lookup table for experiments that vary the method, used by interpolation:
+    # learning_rate: ${trainer.learning_rate_per_method.${adapter.method}}
+    learning_rate_per_method: Dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
