@@ -308,7 +308,7 @@ def log_to_wandb(result: Dict[str, Any], out: Path, project: str, group: Optiona
                            data=[[m, row["runs"], *[row.get(k, (math.nan, 0))[0] for k in keys],
                                   *[row.get(k, (math.nan, 0))[1] for k in keys]] for m, row in table.items()])
     run = wandb.init(project=project, group=group, job_type="report", mode=mode, dir=str(out),
-                     name=f"report-{group or out.parent.name}", settings=wandb.Settings(x_disable_stats=True))
+                     name=f"report-{group}", settings=wandb.Settings(x_disable_stats=True))
     run.log({"report/comparison": wb_table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in result["images"]}})
     run.finish()
 
@@ -339,7 +339,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print((out / "report.md").read_text())
     if args.wandb_mode != "disabled":
         project = args.wandb_project or "pipeline"
-        log_to_wandb(result, out, project, args.group or out.parent.name, args.wandb_mode)
+        from pipeline.tracking import multirun_group
+
+        group = args.group or (multirun_group(Path(args.folder)) if args.folder else None)
+        log_to_wandb(result, out, project, group, args.wandb_mode)
     print(f"report written to {out}")
 
 

@@ -224,13 +224,18 @@ def start_wandb(cfg: Any, run: RunFolder) -> Any:
     hydra_cfg = HydraConfig.get()
     group = settings.group
     if group is None and hydra_cfg.mode == RunMode.MULTIRUN:
-        group = Path(hydra_cfg.sweep.dir).name  # every job of a multirun shares a group
+        group = multirun_group(Path(hydra_cfg.sweep.dir))  # every job of a multirun shares it
     tags = [cfg.adapter.method, cfg.data.name, cfg.model.name, *cfg.tags, *settings.tags]
     wandb_run = wandb_init(settings, run.path, OmegaConf.to_container(cfg, resolve=True),
                            name=settings.name or run.path.name, group=group, tags=tags,
                            resume_id=run.info().get("wandb_id"))
     run.update(wandb_id=wandb_run.id, wandb_dir=str(Path(wandb_run.dir).parent))
     return wandb_run
+
+
+def multirun_group(sweep_dir: Path) -> str:
+    """The W&B group of a multirun's jobs (and of its report): ``<date>_<time>`` of its folder."""
+    return f"{sweep_dir.parent.name}_{sweep_dir.name}"
 
 
 def finish_wandb(wandb_run: Any, metrics: Dict[str, Any], predictions: Optional[Path] = None) -> None:
