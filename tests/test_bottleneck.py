@@ -216,3 +216,10 @@ def test_trainer_reduces_loss_and_only_updates_adapter(ids: torch.Tensor, tmp_pa
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all(bn.PREFIX in n for n in changed)  # the base model is untouched
     assert {n for n in before if ".bottleneck_up." in n} <= changed
+
+
+def test_settings_and_tuner_agree_on_choices() -> None:
+    from pipeline.adapters import bottleneck as settings
+
+    assert set(settings.NON_LINEARITIES) == set(bn.ACTIVATIONS)
+    assert bn.PLACEMENTS == settings.PLACEMENTS and bn.BOTTLENECK_TARGETS is settings.BOTTLENECK_TARGETS

@@ -1,14 +1,26 @@
-"""Bottleneck adapters (Houlsby / Pfeiffer) as a PEFT tuner: see ``peft_bottleneck``."""
+"""Bottleneck adapters (Houlsby / Pfeiffer): settings and placement table (light); the PEFT
+tuner itself is ``peft_bottleneck``, imported only when the adapter is applied or loaded."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+
+# Output projections of attention and MLP blocks, per transformers `model_type`. Houlsby adapts
+# both, Pfeiffer only the MLP. Names are suffixes matched by PEFT against full module paths.
+BOTTLENECK_TARGETS: Dict[str, Dict[str, List[str]]] = {
+    "llama": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
+    "mistral": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
+    "qwen2": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
+    "gemma": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
+    "phi3": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
+    "gpt2": {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": ["mlp.c_proj"]},
+}
 
 
 @register_adapter("bottleneck")
@@ -30,8 +42,6 @@ class BottleneckSettings(AdapterSettings):
     target_modules: Optional[List[str]] = None  # null: derived from placement and model_type
 
     def check(self, architecture: Any) -> List[str]:
-        from pipeline.adapters.peft_bottleneck import BOTTLENECK_TARGETS
-
         problems = []
         if self.r <= 0:
             problems.append(f"adapter.r={self.r} must be > 0 (the bottleneck dimension)")

@@ -31,20 +31,11 @@ from peft.utils.peft_types import PeftType, register_peft_method
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from pipeline.adapters.bottleneck import BOTTLENECK_TARGETS, PLACEMENTS
+
 PEFT_TYPE_NAME = "BOTTLENECK"
 PREFIX = "bottleneck_"
 
-# Output projections of attention and MLP blocks, per transformers `model_type`. Houlsby adapts both, Pfeiffer only
-# the MLP. Names are suffixes matched by PEFT against full module paths.
-BOTTLENECK_TARGETS: dict[str, dict[str, list[str]]] = {
-    "llama": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
-    "mistral": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
-    "qwen2": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
-    "gemma": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
-    "phi3": {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]},
-    "gpt2": {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": ["mlp.c_proj"]},
-}
-PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 MERGE_ERROR = (
     "bottleneck adapters are non-linear (down -> activation -> up) and cannot be merged into the base weights; "
