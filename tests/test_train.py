@@ -150,8 +150,10 @@ def test_wandb_offline_run_is_recorded_in_the_run_folder(tmp_path):
                          capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         pytest.skip(f"wandb leet inspect unavailable: {out.stderr[-300:]}")
-    summary = json.loads(out.stdout)
-    summary = summary.get("summary", summary)
+    inspected = json.loads(out.stdout)
+    assert inspected["project"] == "tests" and inspected["name"] == run_dir.name
+    assert {"lora", "django_en_fr", "tiny_llama", "smoke"} <= set(inspected["tags"])
+    summary = inspected["summary"]
     assert summary["tuned/eval/loss"] == pytest.approx(metrics["tuned/eval/loss"])
     assert summary["params/trainable"] == metrics["params/trainable"]
 
