@@ -74,9 +74,41 @@ def package_versions(names: Iterable[str] = PACKAGES) -> Dict[str, Optional[str]
     return versions
 
 
+def _status_kb(field_name: str) -> Optional[float]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field_name}:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Starts this run's own peak-memory window.
+
+    The jobs of a Hydra multirun share one process, whose peak RSS would otherwise carry over
+    from an earlier, larger job. Linux resets the peak (VmHWM) on writing 5 to clear_refs.
+
+    Returns:
+        Whether the CPU peak could be reset (else the figure is the process's peak).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_mb() -> Dict[str, float]:
-    """Peak resident memory of this process, and peak CUDA allocation when CUDA was used."""
-    peak = {"perf/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak resident memory since :func:`reset_peak_memory`, and peak CUDA allocation when
+    CUDA was used."""
+    hwm_kb = _status_kb("VmHWM")
+    rss_kb = hwm_kb if hwm_kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"perf/peak_rss_mb": rss_kb / 1024}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["perf/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

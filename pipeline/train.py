@@ -25,6 +25,7 @@ def train(cfg: DictConfig) -> float:
     overrides = list(hydra.core.hydra_config.HydraConfig.get().overrides.task)
     try:
         run.start(cfg, overrides)  # recorded even when validation fails
+        tracking.reset_peak_memory()  # this run's own peak, also inside a multirun
         C.validate(cfg)  # every cheap check, before any model is touched
         if cfg.resume != "never":
             run = _resume_target(cfg, run, overrides)

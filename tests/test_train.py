@@ -164,3 +164,15 @@ def test_debug_overfit_memorises_a_handful_of_examples(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     losses = [row["train/loss"] for row in history if "train/loss" in row]
     assert losses[0] > 9 and losses[-1] < 1.5  # from chance level (ln 49152 = 10.8) to memorised
+
+
+def test_peak_memory_is_per_run_inside_one_process():
+    from pipeline import tracking
+
+    big = torch.ones(400 * 2**20 // 4)  # 400 MB touched
+    before = tracking.peak_memory_mb()["perf/peak_rss_mb"]
+    del big
+    if not tracking.reset_peak_memory():
+        pytest.skip("this kernel does not allow resetting the peak RSS (/proc/self/clear_refs)")
+    after = tracking.peak_memory_mb()["perf/peak_rss_mb"]
+    assert after < before - 300, (before, after)
