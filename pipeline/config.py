@@ -356,6 +356,9 @@ def _check_unknown_adapter_keys(cfg: DictConfig) -> List[str]:
     return problems
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # the loaders of pipeline.data.LOADERS
+
+
 def _check_data(data: DataConfig) -> List[str]:
     problems = []
     if data.max_length < 8:
@@ -379,8 +382,6 @@ def _check_data(data: DataConfig) -> List[str]:
         problems.append(f"data.path={path!r} does not exist")
     return problems
 
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def _check_model(model: ModelConfig) -> List[str]:

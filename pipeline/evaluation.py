@@ -278,7 +278,3 @@ def comparison_table(metrics: Dict[str, float]) -> str:
         base, tuned = metrics[f"base/{n}"], metrics[f"tuned/{n}"]
         lines.append(f"{n:<{width}}  {base:>10.4g}  {tuned:>10.4g}  {tuned - base:>+10.4g}")
     return "\n".join(lines)
-
-
-def finite(values: Dict[str, float]) -> Dict[str, float]:
-    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
