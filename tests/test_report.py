@@ -121,3 +121,34 @@ def test_compare_methods_multirun_and_report_on_tiny_model(tmp_path):
     result = report.write_report(runs, sweep / "report")
     assert {m: row["runs"] for m, row in result["table"].items()} == {
         "full": 2, "lora": 2, "qlora": 2, "bottleneck": 2}
+
+
+def test_runs_from_wandb_reads_group_through_the_api(monkeypatch):
+    import wandb
+
+    class FakeRun:
+        def __init__(self, name, method, seed, state, bleu):
+            self.name, self.state = name, state
+            self.config = {"adapter": {"method": method}, "seed": seed, "data": {"name": "toy"}}
+            self.summary = {"tuned/test/bleu": bleu, "params/trainable": 10, "eval/predictions": {"_type": "table"}}
+
+        def scan_history(self, keys):
+            return [{"_step": 1, "train/loss": 2.0}, {"_step": 2, "train/loss": 1.5}]
+
+    calls = []
+
+    class FakeApi:
+        def runs(self, path, filters):
+            calls.append((path, filters))
+            return [FakeRun("a", "lora", 1, "finished", 10.0), FakeRun("b", "lora", 2, "finished", 12.0),
+                    FakeRun("c", "full", 1, "crashed", 0.0)]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    runs = report.runs_from_wandb("proj", "2026-11-30_10-00-00", entity="team")
+    assert calls == [("team/proj", {"group": "2026-11-30_10-00-00", "jobType": "train"})]
+    assert [(r.method, r.seed, r.status) for r in runs] == [("lora", 1, "success"), ("lora", 2, "success"),
+                                                            ("full", 1, "failed")]
+    assert runs[0].metrics == {"tuned/test/bleu": 10.0, "params/trainable": 10}  # tables dropped
+    assert runs[0].history == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]
+    table = report.summarize(runs)
+    assert table["lora"]["tuned/test/bleu"] == pytest.approx((11.0, math.sqrt(2)))
