@@ -116,6 +116,16 @@ def test_non_finite_loss_stops_and_marks_failed(tmp_path):
     assert not (run_dir / "metrics.json").exists()
 
 
+def test_non_finite_loss_skip_policy_drops_the_steps_and_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*FAST, "adapter=full", "trainer.learning_rate=1e30", "trainer.max_grad_norm=0",
+               "trainer.warmup_ratio=0", "trainer.nan_policy=skip", "evaluation=perplexity",
+               "objective.metric=train/steps"], run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    assert read_json(run_dir / "run.json")["status"] == "success"
+    assert metrics["train/steps"] == 4 and 1 <= metrics["train/skipped_steps"] <= 3
+
+
 def test_validation_error_marks_run_failed(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(C.ConfigError):
