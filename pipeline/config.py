@@ -545,4 +545,9 @@ def load_option(group: str, name: str, **overrides: Any) -> Any:
         raise ConfigError([f"{group} option {name!r} does not exist; available: {', '.join(options)}"])
     node = OmegaConf.load(path)
     node.pop("defaults", None)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node, overrides))
+    return typed(SCHEMAS[group], node, overrides)
+
+
+def typed(schema: type, *nodes: Any) -> Any:
+    """``nodes`` merged onto ``schema`` and checked by it, as a schema object."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), *nodes))

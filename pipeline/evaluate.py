@@ -27,10 +27,9 @@ def _source(cfg: DictConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
         if not (run_dir / "config.yaml").exists():
             raise C.ConfigError([f"run={cfg.run!r} is not a run folder (no config.yaml)"])
         saved = OmegaConf.load(run_dir / "config.yaml")
-        data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(C.DataConfig), saved.data))
-        model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(C.ModelConfig), saved.model))
-        settings = OmegaConf.to_object(OmegaConf.merge(
-            OmegaConf.structured(C.ADAPTERS[saved.adapter.method]), saved.adapter))
+        data_cfg = C.typed(C.DataConfig, saved.data)
+        model_cfg = C.typed(C.ModelConfig, saved.model)
+        settings = C.typed(C.ADAPTERS[saved.adapter.method], saved.adapter)
         artifact = next((run_dir / n for n in ("adapter", "model") if (run_dir / n).exists()), None)
         if artifact is None:
             raise C.ConfigError([f"run={cfg.run!r} has no adapter/ or model/ folder (status: "
@@ -63,13 +62,10 @@ def evaluate(cfg: DictConfig) -> dict:
     run.start(cfg, list(hydra.core.hydra_config.HydraConfig.get().overrides.task))
     try:
         data_cfg, model_cfg, settings, artifact = _source(cfg)
-        tokenizer_cfg = C.load_option("model", model_cfg.tokenizer) if model_cfg.tokenizer else None
-        folder = models.resolve_folder(model_cfg, cfg.paths.cache_dir, data_cfg.seed, tokenizer_cfg)
+        folder = models.resolve_folder(model_cfg, cfg.paths.cache_dir, data_cfg.seed)
         tokenizer = models.load_tokenizer(folder, model_cfg)
         splits = data.build_datasets(data_cfg, tokenizer)
-        extra = {n: data.build_datasets(C.load_option("data", n, seed=data_cfg.seed), tokenizer)
-                 for n in cfg.evaluation.extra_datasets}
-        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, extra, tokenizer,
+        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=data_cfg.seed,
                                                plain_template=data_cfg.template == "plain")
         tuned_model, base_model = _models(folder, model_cfg, settings, artifact)
         args = training.training_arguments(

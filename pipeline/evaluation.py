@@ -223,9 +223,15 @@ class Evaluator:
         self.slice_for_training = slice_for_training
 
     @classmethod
-    def build(cls, cfg: EvaluationConfig, splits: Any, extra: Dict[str, Any], tokenizer: Any,
+    def build(cls, cfg: EvaluationConfig, splits: Any, tokenizer: Any, seed: int,
               plain_template: bool) -> "Evaluator":
-        """Sets from the run's splits (``cfg.splits``) and the extra datasets' test splits."""
+        """Sets from the run's splits (``cfg.splits``) and the test splits of the data options
+        named by ``cfg.extra_datasets`` (split with ``seed``)."""
+        from pipeline.config import load_option
+        from pipeline.data import build_datasets
+
+        extra = {name: build_datasets(load_option("data", name, seed=seed), tokenizer)
+                 for name in cfg.extra_datasets}
         named = {"eval": splits.validation, "test": splits.test}
         unknown = [s for s in cfg.splits if s not in named]
         if unknown:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from pipeline.config import ArchitectureInfo, ModelConfig, PipelineError, TinyModelConfig
+from pipeline.config import ArchitectureInfo, ModelConfig, PipelineError, TinyModelConfig, load_option
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _tiny_config(tiny: TinyModelConfig, tokenizer: Any) -> Any:
                        tie_word_embeddings=True, **special)
 
 
-def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int, tokenizer_cfg: ModelConfig) -> Path:
+def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int) -> Path:
     from omegaconf import OmegaConf
 
     spec = json.dumps({"tiny": OmegaConf.to_container(OmegaConf.structured(cfg.tiny)),
@@ -110,7 +110,8 @@ def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int, tokenizer_cfg: Mo
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_folder(tokenizer_cfg, cache_dir, seed))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_folder(load_option("model", cfg.tokenizer),
+                                                                 cache_dir, seed))
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(_tiny_config(cfg.tiny, tokenizer))
         model.save_pretrained(tmp, safe_serialization=True)
@@ -119,23 +120,20 @@ def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int, tokenizer_cfg: Mo
     return _atomic_folder(target, build)
 
 
-def resolve_folder(cfg: ModelConfig, cache_dir: Path, seed: int = 0,
-                   tokenizer_cfg: Optional[ModelConfig] = None) -> str:
+def resolve_folder(cfg: ModelConfig, cache_dir: Path, seed: int = 0) -> str:
     """Returns what ``from_pretrained`` should read for this model: a folder or a hub id.
 
     Args:
-        cfg: the model config.
+        cfg: the model config (a tiny model borrows the tokenizer of the model option named by
+            ``cfg.tokenizer``).
         cache_dir: where converted and tiny models are cached.
         seed: initialisation seed of tiny models.
-        tokenizer_cfg: the model config whose tokenizer a tiny model uses.
     """
     cache_dir = Path(os.path.expanduser(cache_dir))
     if cfg.source == "gguf":
         return str(_gguf_folder(cfg, cache_dir))
     if cfg.source == "tiny":
-        if tokenizer_cfg is None:
-            raise ModelError(f"model.tokenizer={cfg.tokenizer!r} must name a model config")
-        return str(_tiny_folder(cfg, cache_dir, seed, tokenizer_cfg))
+        return str(_tiny_folder(cfg, cache_dir, seed))
     return os.path.expanduser(cfg.path) if Path(os.path.expanduser(cfg.path)).exists() else cfg.path
 
 

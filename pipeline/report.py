@@ -48,7 +48,9 @@ class Run:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    from pipeline.tracking import read_json
+
+    return read_json(path) if path.exists() else {}
 
 
 def runs_from_folder(folder: Path) -> List[Run]:

@@ -29,8 +29,7 @@ def train(cfg: DictConfig) -> float:
         C.validate(cfg)  # every cheap check, before any model is touched
         if cfg.resume != "never":
             run = _resume_target(cfg, run, overrides)
-        tokenizer_cfg = C.load_option("model", cfg.model.tokenizer) if cfg.model.tokenizer else None
-        folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.seed, tokenizer_cfg)
+        folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.seed)
         architecture = models.describe(folder, cfg.model)
         C.validate(cfg, architecture)  # target modules, quantizability: need the architecture
         settings = OmegaConf.to_object(cfg.adapter)
@@ -46,9 +45,7 @@ def train(cfg: DictConfig) -> float:
         model = models.load_model(folder, cfg.model, settings.quantization())
         model = settings.apply(model, architecture)
         summary = _startup_summary(cfg, model, splits)
-        extra = {name: data.build_datasets(C.load_option("data", name, seed=cfg.seed), tokenizer)
-                 for name in cfg.evaluation.extra_datasets}
-        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, extra, tokenizer,
+        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.seed,
                                                plain_template=cfg.data.template == "plain")
         wandb_run = tracking.start_wandb(cfg, run)
         metrics, base, tuned = training.fit(

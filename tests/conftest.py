@@ -51,7 +51,7 @@ def tiny_folder(tmp_path_factory) -> str:
 
     cfg = C.load_option("model", "tiny_llama")
     cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
-    return models.resolve_folder(cfg, cache, seed=42, tokenizer_cfg=C.load_option("model", "smollm2_135m"))
+    return models.resolve_folder(cfg, cache, seed=42)
 
 
 @pytest.fixture(scope="session")
