@@ -53,7 +53,8 @@ def train(cfg: DictConfig) -> float:
             packing=cfg.data.packing, report_to=["wandb"] if wandb_run else [],
             run_name=run.path.name, resume_from=training.last_checkpoint(run.path / "checkpoints"),
             evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
-            on_base=lambda measured: measured.save(run.path / "eval" / "base.json"))
+            on_base=lambda measured: measured.save(run.path / "eval" / "base.json"),
+            callbacks=_callbacks(cfg, run))
         evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)
@@ -85,6 +86,11 @@ def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) ->
     resumed = tracking.RunFolder(found)
     resumed.start(cfg, overrides)
     return resumed
+
+
+def _callbacks(cfg: DictConfig, run: tracking.RunFolder) -> list:
+    """Trainer callbacks that this run's config asks for."""
+    return []
 
 
 def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:

@@ -167,7 +167,8 @@ def save_artifact(trainer: Any, run_dir: Path, is_peft: bool) -> Path:
 def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Path, *, seed: int,
         trains: bool, packing: bool, report_to: List[str], run_name: str,
         resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
-        on_base: Optional[Callable[[Any], None]] = None) -> Tuple[Dict[str, Any], Any, Any]:
+        on_base: Optional[Callable[[Any], None]] = None,
+        callbacks: Optional[List[Any]] = None) -> Tuple[Dict[str, Any], Any, Any]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -187,6 +188,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
             attempt of this run, or None to measure it now (before training, the fresh adapter
             is an identity: the model is the base model).
         on_base: called with the base measurement once taken (to persist it).
+        callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -201,7 +203,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
                               report_to=report_to, run_name=run_name)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
                             collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
-                            extra_eval=evaluator.during_training)
+                            callbacks=callbacks, extra_eval=evaluator.during_training)
     if base is None:
         base = evaluator.measure(trainer)
         if on_base:
