@@ -40,11 +40,23 @@ def run_task(task: Any, cfg: DictConfig) -> Any:
 
     try:
         return task(cfg)
+    except Interrupted as err:  # in a multirun too: the whole process is being stopped
+        print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except PipelineError as err:
         if HydraConfig.get().mode != RunMode.RUN:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+class Interrupted(Exception):
+    """The run stopped early on request (a preemption signal) and can be resumed; the CLI
+    exits with ``exit_code`` (see ``preemption.exit_code``)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ConfigError(PipelineError, ValueError):
@@ -232,6 +244,21 @@ class PathsConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    """What a preemption signal during training does: finish the step, save a checkpoint,
+    mark the run ``interrupted``, exit with ``exit_code``; ``resume=auto`` continues it."""
+
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # null: 128 + the signal number (143 SIGTERM, 138 SIGUSR1), as a shell reports a job killed
+    # by it; set it to the code your cluster requeues on (slurm.conf RequeueExit).
+    exit_code: Optional[int] = None
+    # Under SLURM (SLURM_JOB_ID set), on SIGUSR1 (`sbatch --signal=USR1@<seconds>` before the
+    # time limit) run `scontrol requeue $SLURM_JOB_ID`. SIGTERM is left to SLURM: it comes
+    # from scancel, or from a preemption that SLURM requeues itself (PreemptMode=REQUEUE).
+    requeue: bool = True
+
+
+@dataclass
 class ObjectiveConfig:
     metric: str = "tuned/eval/loss"
     direction: str = "minimize"  # minimize | maximize
@@ -252,6 +279,7 @@ class TrainConfig:
     paths: PathsConfig = MISSING
     evaluation: EvaluationConfig = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     seed: int = 42
     resume: str = "never"  # never | auto | path to a run folder or checkpoint
     task_name: str = "train"
@@ -388,6 +416,10 @@ def _check_model(model: ModelConfig) -> List[str]:
     problems = []
     if model.source == "hub" and not model.path:
         problems.append("model.path is required with model.source=hub (a hub id or a local folder)")
+    elif model.source == "hub" and model.path.startswith(("/", ".", "~")) \
+            and not Path(os.path.expanduser(model.path)).is_dir():
+        problems.append(f"model.path={model.path!r} is not an existing folder (a local path; "
+                        "a hub id looks like org/name)")
     if model.source == "gguf" and not (model.gguf_package and model.gguf_file):
         problems.append("model.gguf_package and model.gguf_file are required with model.source=gguf")
     if model.source == "tiny":
@@ -417,6 +449,22 @@ def _check_trainer(trainer: TrainerConfig) -> List[str]:
         value = getattr(trainer, key)
         if value is not None and value <= 0:
             problems.append(f"trainer.{key}={value} must be > 0 or null")
+    if trainer.extra:
+        from pipeline.training import unknown_extra_keys
+
+        problems += unknown_extra_keys(trainer.extra)
+    return problems
+
+
+def _check_preemption(preemption: PreemptionConfig) -> List[str]:
+    import signal
+
+    problems = [f"preemption.signals has {name!r}, not a signal name such as SIGTERM or SIGUSR1"
+                for name in preemption.signals
+                if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP")]
+    code = preemption.exit_code
+    if code is not None and not 0 < code < 256:
+        problems.append(f"preemption.exit_code={code} must be in 1..255 (0 would read as success)")
     return problems
 
 
@@ -509,6 +557,7 @@ def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None)
     problems += _check_model(cfg.model)
     problems += _check_trainer(cfg.trainer)
     problems += _check_resume(cfg.resume)
+    problems += _check_preemption(cfg.preemption)
     problems += _check_evaluation(cfg)
     problems += _check_objective(cfg)
     if cfg.adapter.method in ADAPTERS and not any(p.startswith("adapter.") for p in problems):

@@ -23,6 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
+from pipeline.config import PipelineError
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
@@ -39,6 +41,18 @@ def write_json(path: Path, payload: Any) -> None:
             json.dump(payload, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes a text file atomically, as :func:`write_json` does."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -119,6 +133,10 @@ def folder_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+class RunFolderError(PipelineError, OSError):
+    """The run folder cannot be created or written."""
+
+
 class RunFolder:
     """Owns ``run.json`` and ``metrics.json`` of one run folder."""
 
@@ -126,6 +144,7 @@ class RunFolder:
         self.path = Path(path)
         self.info_path = self.path / "run.json"
         self.started = time.time()
+        self.unwritable = False
 
     def start(self, cfg: Any, overrides: list) -> None:
         """Records everything needed to reproduce the run, with status ``running``."""
@@ -138,9 +157,8 @@ class RunFolder:
             resolved = OmegaConf.to_container(cfg, resolve=True)
         except Exception:  # a missing value: validation reports it next; keep what we have
             resolved = OmegaConf.to_container(cfg, resolve=False)
-        self.path.mkdir(parents=True, exist_ok=True)
-        with (self.path / "config.yaml").open("w", encoding="utf-8") as f:
-            yaml.safe_dump(resolved, f, sort_keys=False)
+        self.create()
+        write_text(self.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         info = self.info() if self.info_path.exists() else {}
         info.update({
             "status": "running", "seed": cfg.seed, "overrides": list(overrides),
@@ -151,6 +169,22 @@ class RunFolder:
             "attempts": info.get("attempts", 0) + 1,
         })
         write_json(self.info_path, info)
+
+    def create(self) -> None:
+        """Creates the folder and checks that it is writable.
+
+        Raises:
+            RunFolderError: naming ``paths.run_dir`` and the reason.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test.")
+            probe.close()
+        except OSError as err:
+            self.unwritable = True
+            raise RunFolderError(f"paths.run_dir={str(self.path)!r}: cannot write the run folder "
+                                 f"({err.strerror or err}); choose a writable folder with "
+                                 "hydra.run.dir=... or paths.output_dir=...") from err
 
     def info(self) -> Dict[str, Any]:
         return read_json(self.info_path)
@@ -166,6 +200,8 @@ class RunFolder:
     def finish(self, status: str, error: Optional[BaseException] = None, **fields: Any) -> None:
         """Marks the run ``success`` / ``failed`` / ``pruned`` / ``interrupted``."""
         assert status in STATUSES, status
+        if self.unwritable:
+            return  # the error that brought us here says why nothing can be recorded
         payload = {"status": status, "wall_time_s": self.elapsed(),
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
         if error is not None:
@@ -209,7 +245,9 @@ def find_resumable(run_dir: Path, overrides: Iterable[str]) -> Optional[Path]:
     (ignoring ``resume=``) that holds a checkpoint: re-running the same command continues it.
     """
     def has_checkpoint(folder: Path) -> bool:
-        return any((folder / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+        from pipeline.training import last_checkpoint
+
+        return last_checkpoint(folder / "checkpoints") is not None
 
     if has_checkpoint(run_dir):
         return run_dir
@@ -287,8 +325,11 @@ def finish_wandb(wandb_run: Any, metrics: Dict[str, Any], predictions: Optional[
     wandb_run.finish()
 
 
-def abort_wandb(exit_code: int) -> None:
-    """Closes a W&B run left open by a failure, marking it failed there too."""
+def abort_wandb(exit_code: int, preempted: bool = False) -> None:
+    """Closes a W&B run left open by a failure, marking it failed there too; a ``preempted``
+    one is marked preempting (resumable: ``resume=auto`` continues the same W&B run id)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
+        if preempted:
+            wandb.run.mark_preempting()
         wandb.run.finish(exit_code=exit_code)

@@ -29,6 +29,7 @@ def train(cfg: DictConfig) -> float:
         C.validate(cfg)  # every cheap check, before any model is touched
         if cfg.resume != "never":
             run = _resume_target(cfg, run, overrides)
+        resume_from = _resume_checkpoint(cfg, run)  # before any weights load: a bad one fails now
         folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.seed)
         architecture = models.describe(folder, cfg.model)
         C.validate(cfg, architecture)  # target modules, quantizability: need the architecture
@@ -51,10 +52,10 @@ def train(cfg: DictConfig) -> float:
         metrics, base, tuned = training.fit(
             cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, trains=settings.trains,
             packing=cfg.data.packing, report_to=["wandb"] if wandb_run else [],
-            run_name=run.path.name, resume_from=training.last_checkpoint(run.path / "checkpoints"),
+            run_name=run.path.name, resume_from=resume_from,
             evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
             on_base=lambda measured: measured.save(run.path / "eval" / "base.json"),
-            callbacks=_callbacks(cfg, run))
+            callbacks=_callbacks(cfg, run), best=_best_metric(cfg, splits))
         evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)
@@ -67,6 +68,13 @@ def train(cfg: DictConfig) -> float:
         run.finish("interrupted", err)
         tracking.abort_wandb(exit_code=130)
         raise
+    except training.Preempted as err:
+        run.finish("interrupted", err, signal=err.signal_name, checkpoint=err.checkpoint,
+                   exit_code=err.exit_code)
+        tracking.abort_wandb(exit_code=err.exit_code, preempted=True)
+        if cfg.preemption.requeue and err.signal_name == "SIGUSR1":
+            training.requeue_slurm_job()
+        raise
     except BaseException as err:
         run.finish("failed", err)
         tracking.abort_wandb(exit_code=1)
@@ -78,6 +86,8 @@ def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) ->
     found = Path(cfg.resume) if cfg.resume != "auto" else tracking.find_resumable(run.path, overrides)
     if found is None or found == run.path:
         return run
+    if cfg.resume != "auto":
+        training.resume_checkpoint(found)  # a corrupt one fails here, before the folder is reused
     found = found.parent.parent if found.name.startswith("checkpoint-") else found
     log.info("Resuming the run in %s", found)
     tracking.move_log_handlers(run.path, found)
@@ -88,9 +98,33 @@ def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) ->
     return resumed
 
 
+def _resume_checkpoint(cfg: DictConfig, run: tracking.RunFolder):
+    """The checkpoint to continue from: the one ``resume=<checkpoint>`` names (it must be
+    complete), else the run folder's newest complete one (None: start afresh)."""
+    if cfg.resume not in ("never", "auto") and Path(cfg.resume).name.startswith("checkpoint-"):
+        return training.resume_checkpoint(Path(cfg.resume))
+    return training.last_checkpoint(run.path / "checkpoints")
+
+
+def _best_metric(cfg: DictConfig, splits: data.Splits):
+    """The objective as the Trainer's metric_for_best_model, when evaluations during training
+    measure it (so checkpoint rotation keeps the best checkpoint)."""
+    logged = []
+    if cfg.trainer.eval_steps and splits.validation is not None:
+        logged = ["loss"]
+        if cfg.evaluation.during_training:
+            logged += [m.split("/")[-1] for m in C.metric_names(cfg) if m.startswith("tuned/eval/")
+                       and not m.endswith(("/loss", "/perplexity"))]
+    return training.best_metric(cfg.objective.metric, cfg.objective.direction, logged)
+
+
 def _callbacks(cfg: DictConfig, run: tracking.RunFolder) -> list:
     """Trainer callbacks that this run's config asks for."""
-    return []
+    def record(checkpoint, best, best_value):
+        run.update(last_checkpoint=checkpoint, best_checkpoint=best, best_metric=best_value)
+
+    return [training.preemption_callback(list(cfg.preemption.signals), cfg.preemption.exit_code),
+            training.checkpoint_recorder(record)]
 
 
 def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:

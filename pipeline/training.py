@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pipeline.config import PipelineError, TrainerConfig
+from pipeline.config import ConfigError, Interrupted, PipelineError, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +32,39 @@ def namespaced(logs: Dict[str, Any]) -> Dict[str, Any]:
     return rewrite_logs(logs)
 
 
-def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_eval: bool,
-                       report_to: List[str], run_name: str) -> Any:
-    """Builds ``TrainingArguments``; ``cfg.extra`` keys must be TrainingArguments fields.
-
-    Raises:
-        ValueError: for an unknown ``trainer.extra`` key (listing close matches).
-    """
+def unknown_extra_keys(extra: Dict[str, Any]) -> List[str]:
+    """A problem for each ``trainer.extra`` key that is not a ``TrainingArguments`` field."""
     import difflib
 
-    import torch
     from transformers import TrainingArguments
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in cfg.extra:
+    problems = []
+    for key in extra:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=3)
-            raise ValueError(f"trainer.extra.{key} is not a TrainingArguments field"
-                             + (f"; did you mean {', '.join(close)}?" if close else ""))
+            problems.append(f"trainer.extra.{key} is not a TrainingArguments field"
+                            + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return problems
+
+
+def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_eval: bool,
+                       report_to: List[str], run_name: str,
+                       best: Optional[Tuple[str, bool]] = None) -> Any:
+    """Builds ``TrainingArguments``; ``cfg.extra`` keys must be TrainingArguments fields.
+
+    ``best`` (from :func:`best_metric`) makes the Trainer track the best checkpoint, which
+    ``save_total_limit`` rotation then never deletes.
+
+    Raises:
+        ConfigError: for an unknown ``trainer.extra`` key (listing close matches).
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    problems = unknown_extra_keys(cfg.extra)
+    if problems:
+        raise ConfigError(problems)
     evaluate_every = cfg.eval_steps if has_eval else None
     kwargs: Dict[str, Any] = dict(
         output_dir=str(output_dir), seed=seed, data_seed=seed, run_name=run_name,
@@ -67,23 +84,79 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_e
         include_num_input_tokens_seen="non_padding", report_to=report_to,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )
+    if best and evaluate_every:
+        kwargs.update(metric_for_best_model=best[0], greater_is_better=best[1])
+        if cfg.save_steps and cfg.save_steps % evaluate_every:
+            log.warning("trainer.save_steps=%d is not a multiple of trainer.eval_steps=%d: a "
+                        "checkpoint exists only where both fall, so the best one may not be kept",
+                        cfg.save_steps, evaluate_every)
     kwargs.update(cfg.extra)
     return TrainingArguments(**kwargs)
 
 
 def _recording_callback(path: Path) -> Any:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class RecordMetrics(TrainerCallback):
-        """Appends every logged dict, namespaced as in W&B, to ``history.jsonl``."""
+    class RecordMetrics(TrainerCallback, ExportableState):
+        """Appends every logged dict, namespaced as in W&B, to ``history.jsonl``.
+
+        Its state (the number of rows written) goes into every checkpoint's
+        ``trainer_state.json``, so a resume can cut the history back to that checkpoint.
+        """
+
+        def __init__(self):
+            self.rows = len(_history_lines(path))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
                 row = {"step": state.global_step, **namespaced(logs)}
                 with path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
+                self.rows += 1
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"rows": self.rows}}
 
     return RecordMetrics()
+
+
+def _history_lines(path: Path) -> List[str]:
+    """Complete rows of ``history.jsonl`` (a kill can leave a partial last line: dropped)."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.endswith("\n")]
+
+
+def rewind_history(path: Path, checkpoint: Optional[str]) -> int:
+    """Cuts ``history.jsonl`` back to what it held when ``checkpoint`` was saved.
+
+    Without this, the steps between that checkpoint and a kill would appear twice once the
+    resumed run logs them again. Without a checkpoint (a fresh start), only the base model's
+    rows (step 0) are kept. Written to a temporary file and renamed.
+
+    Returns:
+        The number of rows kept.
+    """
+    lines = _history_lines(path)
+    if not lines:
+        return 0
+    rows = None
+    if checkpoint is not None:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        rows = state.get("stateful_callbacks", {}).get("RecordMetrics", {}).get("attributes", {}).get("rows")
+        step = state["global_step"]
+    else:
+        step = 0
+    if rows is None:  # a checkpoint saved without the row count: cut by step
+        lines = [line for line in lines if json.loads(line)["step"] <= step]
+    else:
+        lines = lines[:rows]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines)
 
 
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
@@ -129,11 +202,235 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
         callbacks=[_recording_callback(history_path), *(callbacks or [])])
 
 
-def last_checkpoint(output_dir: Path) -> Optional[str]:
-    """The newest complete checkpoint folder, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+class CheckpointError(PipelineError, ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file."""
 
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why ``folder`` is not a complete Trainer checkpoint (naming the file), or None.
+
+    The Trainer writes a checkpoint in place, not to a temporary folder: weights, then
+    optimizer, scheduler and RNG state, and ``trainer_state.json`` last. A kill during the save
+    leaves a folder without (or with a truncated) ``trainer_state.json``, or a truncated file
+    before it. Checked cheaply: JSON parsed, safetensors headers and sizes, the zip directory
+    (at the end of the file) of each ``torch.save`` file.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return f"{state} is missing (the save did not finish)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))["global_step"]
+    except (ValueError, KeyError, UnicodeDecodeError) as err:
+        return f"{state} is unreadable ({type(err).__name__}: {err})"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return f"{folder} holds no *.safetensors weights"
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types
+            return f"{path} is unreadable ({err})"
+    for path in sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"{path} is unreadable ({err})"
+    return None
+
+
+def _checkpoints_newest_first(output_dir: Path) -> List[Path]:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+
+
+def last_checkpoint(output_dir: Path) -> Optional[str]:
+    """The newest complete checkpoint folder, or None.
+
+    An incomplete or corrupt newer one (a kill during its save) is skipped with a warning, so
+    the run continues from the previous complete one.
+    """
+    if not output_dir.is_dir():
+        return None
+    for folder in _checkpoints_newest_first(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        log.warning("Skipping checkpoint %s: %s", folder.name, problem)
+    return None
+
+
+def resume_checkpoint(path: Path) -> str:
+    """The checkpoint that ``resume=<path>`` names: the folder itself, or a run folder's newest
+    complete one.
+
+    Raises:
+        CheckpointError: naming the file that makes the checkpoint unusable, or saying that a
+            run folder holds no complete checkpoint.
+    """
+    path = Path(path)
+    if path.name.startswith("checkpoint-"):
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"resume={path}: cannot resume from this checkpoint: {problem}; "
+                                  "name an earlier checkpoint or use resume=auto")
+        return str(path)
+    found = last_checkpoint(path / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"resume={path}: no complete checkpoint in {path / 'checkpoints'}")
+    return found
+
+
+def best_metric(objective: str, direction: str, logged: List[str]) -> Optional[Tuple[str, bool]]:
+    """The Trainer's ``(metric_for_best_model, greater_is_better)`` for the run's objective.
+
+    ``tuned/eval/<name>`` is what the Trainer logs as ``eval_<name>`` at each evaluation during
+    training, so checkpoint rotation then keeps the best checkpoint by the objective.
+
+    Args:
+        objective: ``objective.metric``, e.g. ``tuned/eval/loss``.
+        direction: ``minimize`` or ``maximize``.
+        logged: the metric names evaluations during training log (``loss``, and generation
+            metrics with ``evaluation.during_training``); empty when there are none.
+
+    Returns:
+        None for an objective not measured during training (test metrics, costs).
+    """
+    name = objective[len("tuned/eval/"):] if objective.startswith("tuned/eval/") else None
+    if name not in logged:
+        return None
+    return f"eval_{name}", direction == "maximize"
+
+
+class Preempted(Interrupted):
+    """Training stopped on a preemption signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[str], exit_code: int):
+        self.signal_name = signal.Signals(signum).name
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"{self.signal_name} received: saved {checkpoint} at step {step} and "
+                         "stopped; run the same command with resume=auto to continue", exit_code)
+
+
+def preemption_exit_code(signum: int, configured: Optional[int]) -> int:
+    """``configured``, or else 128 + the signal number: what a shell reports for a process
+    killed by that signal (143 for SIGTERM, 138 for SIGUSR1)."""
+    return configured if configured is not None else 128 + int(signum)
+
+
+def preemption_callback(signals: List[str], exit_code: Optional[int] = None) -> Any:
+    """A ``TrainerCallback`` turning ``signals`` (names, e.g. ``SIGTERM``) during training into:
+    finish the step, save a checkpoint, stop, raise :class:`Preempted`.
+
+    The handlers are installed for the training phase only (``on_train_begin`` to
+    ``on_train_end``) and only record the signal: the Trainer then saves a checkpoint at the end
+    of the current optimizer step and leaves its loop, and ``on_train_end`` raises, so that the
+    run is marked ``interrupted`` instead of being evaluated. ``exit_code`` as in
+    :func:`preemption_exit_code`.
+    """
+    import threading
+
+    from transformers import TrainerCallback
+
+    class Preemption(TrainerCallback):
+        def __init__(self):
+            self.signums = [signal.Signals[name] for name in signals]
+            self.received: Optional[int] = None
+            self.previous: Dict[int, Any] = {}
+
+        def handle(self, signum, frame):
+            if self.received is None:
+                log.warning("%s received: stopping after this step with a checkpoint",
+                            signal.Signals(signum).name)
+            self.received = signum
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+                self.previous = {s: signal.signal(s, self.handle) for s in self.signums}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.received is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+            self.previous = {}
+            if self.received is not None:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                raise Preempted(self.received, state.global_step,
+                                str(checkpoint) if checkpoint.is_dir() else None,
+                                preemption_exit_code(self.received, exit_code))
+
+    return Preemption()
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` when running under SLURM, as Lightning's SLURM
+    environment and submitit do on the time-limit signal: the job goes back to the queue and
+    its next start runs the same command, which continues with ``resume=auto``.
+
+    Returns:
+        Whether the job was requeued (False outside SLURM or when scontrol fails).
+    """
+    import subprocess
+
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}".rstrip("_")
+    job = job or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("could not requeue SLURM job %s: %s", job, err)
+        return False
+    if done.returncode != 0:
+        log.error("scontrol requeue %s failed: %s", job, done.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s", job)
+    return True
+
+
+def checkpoint_recorder(on_save: Callable[[str, Optional[str], Optional[float]], None]) -> Any:
+    """A ``TrainerCallback`` calling ``on_save(checkpoint, best_checkpoint, best_metric)`` after
+    every checkpoint the Trainer saves (to record them in ``run.json``)."""
+    from transformers import TrainerCallback
+
+    class RecordCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                on_save(str(Path(args.output_dir) / f"checkpoint-{state.global_step}"),
+                        state.best_model_checkpoint, state.best_metric)
+
+    return RecordCheckpoints()
+
+
+def whole_run_loss(attempt_loss: float, log_history: List[Dict[str, Any]], start: int, end: int) -> float:
+    """The mean training loss over steps 1..``end`` of a run resumed at step ``start``.
+
+    The Trainer's ``training_loss`` averages only the steps of its own ``train()`` call; the
+    steps before the checkpoint come from the logged losses it restored (``loss`` rows are
+    means over the steps since the previous row). Exact when ``start`` is a logging step.
+    """
+    if start <= 0 or end <= 0:
+        return attempt_loss
+    total, previous = 0.0, 0
+    for row in sorted((r for r in log_history if "loss" in r and r["step"] <= start),
+                      key=lambda r: r["step"]):
+        total += row["loss"] * (row["step"] - previous)
+        previous = row["step"]
+    before = total / previous * start if previous else 0.0
+    return (before + attempt_loss * (end - start)) / end
 
 
 def compare(base: Dict[str, float], tuned: Dict[str, float]) -> Dict[str, float]:
@@ -168,7 +465,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         trains: bool, packing: bool, report_to: List[str], run_name: str,
         resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
         on_base: Optional[Callable[[Any], None]] = None,
-        callbacks: Optional[List[Any]] = None) -> Tuple[Dict[str, Any], Any, Any]:
+        callbacks: Optional[List[Any]] = None,
+        best: Optional[Tuple[str, bool]] = None) -> Tuple[Dict[str, Any], Any, Any]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -189,6 +487,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
             is an identity: the model is the base model).
         on_base: called with the base measurement once taken (to persist it).
         callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
+        best: ``(metric_for_best_model, greater_is_better)`` from :func:`best_metric`, or None.
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -200,7 +499,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     from pipeline.tracking import folder_size_mb
 
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
-                              report_to=report_to, run_name=run_name)
+                              report_to=report_to, run_name=run_name, best=best)
+    rewind_history(run_dir / "history.jsonl", resume_from)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
                             collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
@@ -211,10 +511,15 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     metrics: Dict[str, Any] = {}
     tuned = base
     if trains:
+        # Read now: rotation may delete the checkpoint during training.
+        start = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] \
+            if resume_from else 0
         output = trainer.train(resume_from_checkpoint=resume_from)
         runtime = output.metrics["train_runtime"]
         tokens = trainer.state.num_input_tokens_seen
-        metrics.update({"train/loss": output.training_loss, "train/steps": trainer.state.global_step,
+        loss = whole_run_loss(output.training_loss, trainer.state.log_history, start,
+                              trainer.state.global_step)
+        metrics.update({"train/loss": loss, "train/steps": trainer.state.global_step,
                         "train/tokens": tokens, "perf/train_runtime_s": runtime,
                         "perf/train_tokens_per_s": tokens / runtime if runtime else 0.0,
                         "train/skipped_steps": trainer.skipped_steps})
