@@ -536,6 +536,20 @@ def _check_resume(resume: str) -> List[str]:
     return [f"resume={resume!r} is neither never, auto nor an existing run folder or checkpoint"]
 
 
+def _missing_keys(node: DictConfig, prefix: str = "") -> List[str]:
+    """Dotted keys whose value is ``???``. Unlike ``OmegaConf.missing_keys`` this resolves no
+    interpolation: ``name: ${model.path}`` with ``path: ???`` would raise a type error there."""
+    missing = []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            missing.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not OmegaConf.is_interpolation(node, key):
+            missing += _missing_keys(child, f"{prefix}{key}.")
+    return missing
+
+
 def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None) -> None:
     """Runs every cross-field check and raises one :class:`ConfigError` listing all problems.
 
@@ -547,7 +561,7 @@ def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None)
     Raises:
         ConfigError: when anything is wrong; the message names key, value and fix.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(_missing_keys(cfg))
     if missing:  # the other checks would trip over them
         raise ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..."
                            for key in missing])

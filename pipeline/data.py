@@ -60,6 +60,17 @@ def _jsonl_line_numbers(path: Path) -> List[int]:
         return [n for n, line in enumerate(f, start=1) if line.strip()]
 
 
+def _first_bad_utf8_line(path: Path) -> Optional[str]:
+    """The first line that is not UTF-8, as ``file:line: why``, or None."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"{path}:{n}: not valid UTF-8 (byte {raw[err.start]:#x} at column {err.start + 1})"
+    return None
+
+
 def _first_bad_json_line(path: Path) -> Optional[str]:
     """Where a JSON (one document) or JSON Lines file stops parsing, as ``file:line: why``."""
     if path.suffix == ".json":
@@ -93,9 +104,16 @@ def load_records(cfg: DataConfig) -> Tuple[Any, Callable[[int], str]]:
     path = Path(cfg.path).expanduser()
     if path.exists():
         files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
-        if not files or files[0].suffix not in LOADERS:
+        if not files:
+            raise DataError(f"data.path={cfg.path!r}: the folder holds no {', '.join(LOADERS)} files")
+        if files[0].suffix not in LOADERS:
             raise DataError(f"data.path={cfg.path!r}: unsupported file type; use one of "
                             f"{', '.join(LOADERS)}")
+        if all(not f.read_bytes().strip() for f in files):  # the loaders' own error says nothing
+            raise DataError(f"data.path={cfg.path!r} holds no records (empty file)")
+        bad = next((b for f in files if f.suffix != ".parquet" for b in [_first_bad_utf8_line(f)] if b), None)
+        if bad:
+            raise DataError(bad)
         suffix = files[0].suffix
         try:
             ds = datasets.load_dataset(LOADERS[suffix], data_files=[str(f) for f in files],

@@ -23,6 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
+from hydra.experimental.callback import Callback
+
 from pipeline.config import PipelineError
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,38 @@ def folder_size_mb(path: Path) -> float:
 
 class RunFolderError(PipelineError, OSError):
     """The run folder cannot be created or written."""
+
+
+def unwritable_reason(folder: Path) -> Optional[str]:
+    """Why ``folder`` cannot be created or written (without creating it), or None."""
+    existing = Path(os.path.abspath(os.path.expanduser(folder)))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+class RunFolderCheck(Callback):
+    """A Hydra callback (``hydra.callbacks`` in ``conf/hydra/default.yaml``) that stops with a
+    one-line error when the run folder cannot be written: Hydra itself creates it before the
+    task runs, and its failure would be a traceback."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(key: str, folder: str) -> None:
+        reason = unwritable_reason(Path(folder))
+        if reason:
+            print(f"error: {key}={folder!r}: cannot create the run folder ({reason}); choose a "
+                  f"writable folder with {key}=... or paths.output_dir=...", file=sys.stderr)
+            sys.exit(1)
 
 
 class RunFolder:
