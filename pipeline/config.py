@@ -473,14 +473,13 @@ def _check_evaluation(cfg: DictConfig) -> List[str]:
 
     ev: EvaluationConfig = cfg.evaluation
     problems = []
-    available = {"eval": cfg.data.validation_size > 0, "test": cfg.data.test_size > 0}
+    sizes = {"eval": "validation_size", "test": "test_size"}
     for split in ev.splits:
-        if split not in available:
+        if split not in sizes:
             problems.append(f"evaluation.splits has {split!r}; use eval and/or test")
-        elif not available[split]:
-            size = "validation_size" if split == "eval" else "test_size"
-            problems.append(f"evaluation.splits has {split!r} but data.{size}=0; remove it or "
-                            f"set data.{size}")
+        elif getattr(cfg.data, sizes[split]) == 0:  # a negative size is reported by _check_data
+            problems.append(f"evaluation.splits has {split!r} but data.{sizes[split]}=0; remove it "
+                            f"or set data.{sizes[split]}")
     options = {p.stem for p in (CONF_DIR / "data").glob("*.yaml")}
     for name in ev.extra_datasets:
         if name not in options:
