@@ -456,8 +456,14 @@ def save_artifact(trainer: Any, run_dir: Path, is_peft: bool) -> Path:
     # The Trainer also pickles its arguments; the run folder keeps config.yaml instead, and a
     # folder that serving loads should hold no pickles.
     (tmp / "training_args.bin").unlink(missing_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
+    # A folder cannot be renamed over a non-empty one: move the old one aside first, so that
+    # only the instant between two renames has no complete folder (not a whole rmtree).
+    old = run_dir / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
     tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 
