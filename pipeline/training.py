@@ -518,16 +518,16 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     tuned = base
     if trains:
         # Read now: rotation may delete the checkpoint during training.
-        start = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] \
-            if resume_from else 0
+        start = json.loads((Path(resume_from) / "trainer_state.json").read_text()) if resume_from else {}
         output = trainer.train(resume_from_checkpoint=resume_from)
         runtime = output.metrics["train_runtime"]
         tokens = trainer.state.num_input_tokens_seen
-        loss = whole_run_loss(output.training_loss, trainer.state.log_history, start,
-                              trainer.state.global_step)
+        loss = whole_run_loss(output.training_loss, trainer.state.log_history,
+                              start.get("global_step", 0), trainer.state.global_step)
+        attempt_tokens = tokens - start.get("num_input_tokens_seen", 0)  # the runtime is this attempt's
         metrics.update({"train/loss": loss, "train/steps": trainer.state.global_step,
                         "train/tokens": tokens, "perf/train_runtime_s": runtime,
-                        "perf/train_tokens_per_s": tokens / runtime if runtime else 0.0,
+                        "perf/train_tokens_per_s": attempt_tokens / runtime if runtime else 0.0,
                         "train/skipped_steps": trainer.skipped_steps})
         tuned = evaluator.measure(trainer)
         artifact = save_artifact(trainer, run_dir, isinstance(model, PeftModel))
