@@ -63,6 +63,15 @@ def base_cfg(cfg: DictConfig) -> C.ModelConfig:
     return OmegaConf.to_object(cfg.model)
 
 
+def base_seed(cfg: DictConfig) -> int:
+    """A tiny base model is rebuilt from its seed: the run's, when serving a run."""
+    if cfg.run:
+        from pipeline.evaluate import read_run
+
+        return read_run(cfg.run)[0].seed
+    return cfg.seed
+
+
 def base_name(cfg: DictConfig) -> str:
     return cfg.base_name or (base_cfg(cfg).name if cfg.run else cfg.model.name)
 
@@ -84,7 +93,7 @@ def build_app(cfg: DictConfig):
 
     check(cfg)
     base = base_cfg(cfg)
-    pool = ModelPool(base, base_name(cfg), sources(cfg, base), cfg.paths.cache_dir, cfg.seed)
+    pool = ModelPool(base, base_name(cfg), sources(cfg, base), cfg.paths.cache_dir, base_seed(cfg))
     return create_app(pool, OmegaConf.to_object(cfg.server), api_key(cfg))
 
 

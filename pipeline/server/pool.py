@@ -30,6 +30,7 @@ class Source:
     model_cfg: C.ModelConfig  # the base it was trained on
     artifact: Path  # adapter folder (adapter_config.json) or full model folder (config.json)
     quantization: Optional[Dict[str, Any]] = None  # the base's 4-bit settings (QLoRA), or None
+    seed: Optional[int] = None  # a tiny base's initialisation seed (None: the server's)
 
     @property
     def is_adapter(self) -> bool:
@@ -57,8 +58,8 @@ def source_from_path(name: str, path: str, model_cfg: C.ModelConfig, key: str) -
 
     folder = Path(path)
     if (folder / "config.yaml").exists():
-        _, run_model, settings, artifact = read_run(path)
-        return Source(name, run_model, artifact, settings.quantization())
+        data_cfg, run_model, settings, artifact = read_run(path)
+        return Source(name, run_model, artifact, settings.quantization(), data_cfg.seed)
     if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
         return Source(name, model_cfg, folder)
     raise C.ConfigError([f"{key}={path!r} is neither a run folder (config.yaml) nor an adapter "
@@ -92,7 +93,8 @@ class ModelPool:
     def _check_bases(self, sources: List[Source], cache_dir: str, seed: int) -> None:
         problems = []
         for source in sources:
-            folder = models.resolve_folder(source.model_cfg, cache_dir, seed)
+            folder = models.resolve_folder(source.model_cfg, cache_dir,
+                                           seed if source.seed is None else source.seed)
             if source.is_adapter and folder != self.base_folder:
                 problems.append(f"{source.name}: trained on model {source.model_cfg.name} ({folder}), "
                                 f"but the server's base is {self.base_folder}; serve it from its own "
