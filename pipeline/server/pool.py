@@ -109,15 +109,18 @@ class ModelPool:
 
         peft_type = json.loads((source.artifact / "adapter_config.json").read_text())["peft_type"]
         key = (peft_type, json.dumps(source.quantization, sort_keys=True))
+        # PEFT matches adapter names inside parameter names: a served name such as "a" or "lora"
+        # would collide with the "lora_" prefix, so PEFT gets names of its own.
+        internal = f"adapter{len(self.choices)}"
         if key not in shared:
             base = models.load_model(self.base_folder, base_cfg, source.quantization)
             shared[key] = _for_inference(PeftModel.from_pretrained(base, source.artifact,
-                                                                   adapter_name=source.name))
+                                                                   adapter_name=internal))
         else:
-            shared[key].load_adapter(source.artifact, adapter_name=source.name)
+            shared[key].load_adapter(source.artifact, adapter_name=internal)
             shared[key].eval()
         log.info("adapter %s (%s) from %s", source.name, peft_type, source.artifact)
-        self.choices[source.name] = Choice(source.name, shared[key], source.name, self.base_name)
+        self.choices[source.name] = Choice(source.name, shared[key], internal, self.base_name)
 
     @staticmethod
     @contextlib.contextmanager
