@@ -38,8 +38,8 @@ def check(cfg: DictConfig) -> None:
                         f"server.max_tokens_limit={s.max_tokens_limit}")
     if s.max_wait_ms < 0:
         problems.append(f"server.max_wait_ms={s.max_wait_ms} must be >= 0")
-    adapters = cfg.adapters or {}
-    if not isinstance(adapters, DictConfig) or not all(isinstance(v, str) for v in adapters.values()):
+    adapters = cfg.adapters if cfg.adapters is not None else {}
+    if not isinstance(adapters, (dict, DictConfig)) or not all(isinstance(v, str) for v in adapters.values()):
         raise C.ConfigError([f"adapters={cfg.adapters!r} must map names to folders, e.g. "
                              "adapters='{fr: outputs/runs/a, qa: outputs/runs/b}'"])
     names = ([cfg.run_name] if cfg.run else []) + [str(n) for n in adapters]
@@ -89,7 +89,10 @@ def api_key(cfg: DictConfig) -> Optional[str]:
 
 def build_app(cfg: DictConfig):
     """Loads the models and returns the ASGI app (tests call this, then start uvicorn)."""
-    from pipeline.server.app import create_app
+    try:
+        from pipeline.server.app import create_app
+    except ImportError as err:
+        raise C.PipelineError(f"serving needs FastAPI and uvicorn ({err}): pip install -e '.[serve]'") from err
 
     check(cfg)
     base = base_cfg(cfg)
