@@ -71,6 +71,36 @@ def test_merge_into_a_4bit_base_is_refused_without_dequantize(lora_run, tmp_path
     assert not (run / "export").exists()
 
 
+def test_dequantized_merge_equals_the_adapter_on_the_4bit_base(lora_run, tmp_path):
+    from peft import PeftModel
+
+    from pipeline import model as models
+
+    run = make_run(tmp_path / "qrun", lora_run / "adapter", ["adapter=qlora"])
+    out = E.export(compose_export([f"run={run}", "export.merge=true", "export.dequantize=true"], tmp_path))
+    assert out == run / "export" / "merged"
+    source = E.read_source(compose_export([f"run={run}"], tmp_path))
+    folder = models.resolve_folder(source.model_cfg, source_cache(), source.seed)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 20, 300, 4000, 5]])
+    quantized = PeftModel.from_pretrained(models.load_model(folder, source.model_cfg, source.quantization),
+                                          run / "adapter").eval()
+    with torch.no_grad():
+        expected = quantized(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), run / "adapter")(
+            input_ids=ids).logits
+    assert torch.allclose(merged, expected, atol=1e-3)
+    assert (merged - plain).abs().max() > 1e-3  # the 4-bit weights, not the float originals
+
+
+def source_cache() -> str:
+    import os
+
+    return os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
+
+
 def test_bottleneck_merge_is_refused_with_its_reason(tiny_folder, tmp_path):
     run = make_run(tmp_path / "brun", make_bottleneck(tiny_folder, tmp_path / "bn", seed=2),
                    ["adapter=bottleneck"])

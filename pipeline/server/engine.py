@@ -241,6 +241,7 @@ class RowTracker:
         request, index = self.rows[row]
         self._send(row, text)
         self.done[row] = True
+        request.emitted = True  # a retry after a later failure would repeat this row
         request.emit(Finish(index, reason, self.count[row]))
 
     def finish_all(self) -> None:
