@@ -295,3 +295,30 @@ def test_load_500_requests_16_concurrent(server):
           f"statuses {sorted(set(statuses))}")
     assert all(status < 500 for status in statuses)
     assert statuses.count(200) == 500
+
+
+def test_shutdown_finishes_requests_in_flight(tmp_path):
+    import uvicorn
+
+    from pipeline.serve import build_app
+
+    app = build_app(compose_serve(["model=tiny_llama"], tmp_path))
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.02)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(complete, client, "tiny_llama", max_tokens=24)
+        while app.state.service.metrics.batch_rows.count == 0:  # until generation has started
+            time.sleep(0.01)
+        uv.should_exit = True  # what SIGTERM does
+        response = pending.result(timeout=120)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert response.usage.completion_tokens == 24 and response.choices[0].finish_reason == "length"
+    with pytest.raises(openai.APIConnectionError):
+        complete(client, "tiny_llama")
+
