@@ -140,7 +140,7 @@ def main() -> None:
     single_rate = rates["server, 1 client"]
     print(f"model: {model_cfg.name} + LoRA r=8, {len(prompts)} requests, greedy, max_tokens "
           f"{args.max_tokens}, threads: {torch.get_num_threads()}")
-    print(f"| mode | tokens | seconds | tokens/s | vs 1 client | vs ceiling |\n|---|---:|---:|---:|---:|---:|")
+    print("| mode | tokens | seconds | tokens/s | vs 1 client | vs ceiling |\n|---|---:|---:|---:|---:|---:|")
     for name, (tokens, seconds) in results.items():
         print(f"| {name} | {tokens} | {seconds:.1f} | {rates[name]:.1f} | "
               f"{rates[name] / single_rate:.2f}x | {rates[name] / ceiling_rate:.2f}x |")

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
