@@ -302,6 +302,66 @@ class EvaluateConfig:
     tags: List[str] = field(default_factory=list)
 
 
+@dataclass
+class ServerConfig:
+    """How the OpenAI-compatible server listens, batches and limits requests."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set it deliberately
+    port: int = 8000
+    # The API key is read from this environment variable (unset or empty: no key required);
+    # ``api_key`` in the config is a fallback for tests. Neither is ever logged.
+    api_key_env: str = "PIPELINE_API_KEY"
+    api_key: Optional[str] = None
+    max_batch_size: int = 8  # rows (prompts x n) generated together
+    max_wait_ms: float = 10.0  # how long the first queued request waits for companions
+    max_prompt_tokens: int = 1024
+    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64
+    max_n: int = 8
+    timeout_graceful_shutdown: Optional[float] = 30.0  # seconds in-flight requests get on shutdown
+    log_level: str = "info"
+
+
+@dataclass
+class ServeConfig:
+    """The composed ``serve`` config: a run folder, named adapters, or both, on one base."""
+
+    model: ModelConfig = MISSING
+    paths: PathsConfig = MISSING
+    server: ServerConfig = field(default_factory=ServerConfig)
+    run: Optional[str] = None  # a run folder: its base model and its adapter/ or model/
+    run_name: str = "tuned"  # the ``model`` name under which ``run`` is served
+    # name -> run folder or adapter folder. Typed Any: Hydra cannot add keys to a typed dict
+    # from the command line (`adapters={fr: ...}`); serve.check validates it instead.
+    adapters: Any = None
+    base_name: Optional[str] = None  # the base model's served name (null: model.name)
+    seed: int = 42
+    task_name: str = "serve"
+
+
+@dataclass
+class ExportSettings:
+    merge: bool = False  # true: one merged safetensors model; false: adapter + vLLM command
+    dequantize: bool = False  # merge into a dequantised copy of a 4-bit base (else refused)
+    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the merged weights
+    output: Optional[str] = None  # the export folder (null: <run>/export/merged or .../vllm)
+    lora_name: str = "tuned"  # the name vLLM serves the adapter under
+    overwrite: bool = False
+
+
+@dataclass
+class ExportConfig:
+    """The composed ``export`` config: a finished run, or a model plus an adapter folder."""
+
+    model: ModelConfig = MISSING
+    paths: PathsConfig = MISSING
+    export: ExportSettings = field(default_factory=ExportSettings)
+    run: Optional[str] = None
+    adapter_path: Optional[str] = None
+    seed: int = 42
+    task_name: str = "export"
+
+
 SCHEMAS: Dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -317,6 +377,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     for group, schema in SCHEMAS.items():
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, settings in ADAPTERS.items():

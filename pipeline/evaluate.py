@@ -20,21 +20,31 @@ from pipeline import data, evaluation, model as models, tracking, training
 log = logging.getLogger("pipeline.evaluate")
 
 
+def read_run(run: str) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
+    """Data, base model, adapter settings and artifact folder (adapter/ or model/) of a run
+    folder, from its config.yaml.
+
+    Raises:
+        ConfigError: when ``run`` is not a run folder or has no artifact.
+    """
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").exists():
+        raise C.ConfigError([f"run={run!r} is not a run folder (no config.yaml)"])
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    data_cfg = C.typed(C.DataConfig, saved.data)
+    model_cfg = C.typed(C.ModelConfig, saved.model)
+    settings = C.typed(C.ADAPTERS[saved.adapter.method], saved.adapter)
+    artifact = next((run_dir / n for n in ("adapter", "model") if (run_dir / n).exists()), None)
+    if artifact is None:
+        status = tracking.read_json(run_dir / "run.json").get("status") if (run_dir / "run.json").exists() else None
+        raise C.ConfigError([f"run={run!r} has no adapter/ or model/ folder (status: {status})"])
+    return data_cfg, model_cfg, settings, artifact
+
+
 def _source(cfg: DictConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
     """Data, model, adapter settings and artifact folder: from the run folder when given."""
     if cfg.run:
-        run_dir = Path(cfg.run)
-        if not (run_dir / "config.yaml").exists():
-            raise C.ConfigError([f"run={cfg.run!r} is not a run folder (no config.yaml)"])
-        saved = OmegaConf.load(run_dir / "config.yaml")
-        data_cfg = C.typed(C.DataConfig, saved.data)
-        model_cfg = C.typed(C.ModelConfig, saved.model)
-        settings = C.typed(C.ADAPTERS[saved.adapter.method], saved.adapter)
-        artifact = next((run_dir / n for n in ("adapter", "model") if (run_dir / n).exists()), None)
-        if artifact is None:
-            raise C.ConfigError([f"run={cfg.run!r} has no adapter/ or model/ folder (status: "
-                                 f"{tracking.read_json(run_dir / 'run.json').get('status')})"])
-        return data_cfg, model_cfg, settings, artifact
+        return read_run(cfg.run)
     if not cfg.adapter_path:
         raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter or model folder>"])
     return (OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.model), C.ADAPTERS["lora"](),

@@ -1,0 +1,209 @@
+"""Export entry point: ``python -m pipeline.export run=<run folder> [export.merge=true]``.
+
+``export.merge=true`` merges the adapter into its base and saves a self-contained safetensors
+model with its tokenizer (loadable by ``from_pretrained``, vLLM, TGI or ``pipeline.serve
+model=hub model.path=<folder>``). ``export.merge=false`` keeps the adapter separate, copies it
+into the export folder and writes the exact ``vllm serve ... --enable-lora`` command.
+Every export folder is written in a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import config as C
+from pipeline import model as models
+
+log = logging.getLogger("pipeline.export")
+
+# vLLM accepts only these values of --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+QUANTIZED_MERGE = ("the run's adapter was trained on a 4-bit base (adapter=qlora); merging into 4-bit "
+                   "weights would re-quantise base + adapter and lose most of what the adapter learnt. "
+                   "Set export.dequantize=true to merge into a float copy of the dequantised 4-bit "
+                   "weights (the weights the adapter was trained against), or export.merge=false to "
+                   "keep the adapter separate")
+
+
+class ExportError(C.PipelineError, ValueError):
+    """The export cannot be done as asked; the message says why and what to do instead."""
+
+
+@dataclass
+class ExportSource:
+    model_cfg: C.ModelConfig
+    artifact: Path  # adapter/ or model/
+    quantization: Optional[Dict[str, Any]]
+    run: Optional[Path]
+    seed: int  # a tiny base model's initialisation seed
+
+
+def read_source(cfg: DictConfig) -> ExportSource:
+    if cfg.run:
+        from pipeline.evaluate import read_run
+
+        data_cfg, model_cfg, settings, artifact = read_run(cfg.run)
+        return ExportSource(model_cfg, artifact, settings.quantization(), Path(cfg.run), data_cfg.seed)
+    if not cfg.adapter_path:
+        raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter folder> with model=..."])
+    if not (Path(cfg.adapter_path) / "adapter_config.json").exists():
+        raise C.ConfigError([f"adapter_path={cfg.adapter_path!r} has no adapter_config.json"])
+    return ExportSource(OmegaConf.to_object(cfg.model), Path(cfg.adapter_path), None, None, cfg.seed)
+
+
+def output_folder(cfg: DictConfig, source: ExportSource) -> Path:
+    if cfg.export.output:
+        target = Path(cfg.export.output)
+    else:
+        parent = source.run if source.run else Path(cfg.paths.run_dir)
+        target = parent / "export" / ("merged" if cfg.export.merge else "vllm")
+    if target.exists() and not cfg.export.overwrite:
+        raise C.ConfigError([f"export.output={str(target)!r} exists; set export.overwrite=true or "
+                             "another export.output"])
+    return target
+
+
+def merged_model(source: ExportSource, folder: str, dequantize: bool) -> Any:
+    """The base with the adapter merged in, as a plain transformers model.
+
+    Raises:
+        ExportError: for a 4-bit base without ``dequantize``, or an adapter that cannot merge.
+    """
+    from peft import PeftModel
+
+    import pipeline.adapters.peft_bottleneck  # noqa: F401  (registers the bottleneck type)
+
+    if source.quantization and not dequantize:
+        raise ExportError(f"export.merge=true: {QUANTIZED_MERGE}")
+    base = models.load_model(folder, source.model_cfg)
+    if source.quantization:
+        from pipeline.quantization import dequantized_state_dict, guard_cpu_4bit
+
+        quantized = models.load_model(folder, source.model_cfg, source.quantization)
+        guard_cpu_4bit(quantized)  # keep the layout dequantize_4bit reads
+        dense = dequantized_state_dict(quantized)
+        missing = set(dense) - set(base.state_dict())
+        if missing:
+            raise ExportError(f"dequantised weights {sorted(missing)[:3]} have no place in the float base")
+        base.load_state_dict(dense, strict=False)
+        del quantized
+    tuned = PeftModel.from_pretrained(base, source.artifact)
+    try:
+        return tuned.merge_and_unload()
+    except ValueError as err:  # the bottleneck tuner refuses with the reason
+        raise ExportError(f"export.merge=true: {err}; or export.merge=false") from err
+
+
+def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Path) -> None:
+    import torch
+
+    tokenizer = models.load_tokenizer(folder, source.model_cfg)
+    if not (source.artifact / "adapter_config.json").exists():
+        model = models.load_model(str(source.artifact), source.model_cfg)  # full fine-tuning: as is
+    else:
+        model = merged_model(source, folder, cfg.export.dequantize)
+    model = model.to(getattr(torch, cfg.export.dtype))
+    model.config.use_cache = True  # training turned the KV cache off; serving wants it
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "vllm_command.sh").write_text(f"vllm serve {shlex.quote(str(target.resolve()))}\n")
+        _provenance(tmp, source, folder, merged=True)
+
+    _replace_folder(target, write)
+
+
+def vllm_command(folder: str, model_cfg: C.ModelConfig, name: str, adapter: Path, served: Path) -> str:
+    """``vllm serve <base> --enable-lora --lora-modules <name>=<adapter> --max-lora-rank <r>``.
+
+    The base is what the adapter was trained on: the hub id for a hub model, else the local
+    folder (a converted GGUF or a tiny model), whose weights the hub version may not equal.
+    """
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    if settings.get("peft_type") != "LORA" or settings.get("use_dora"):
+        kind = "DoRA" if settings.get("use_dora") else settings.get("peft_type")
+        raise ExportError(f"vLLM serves LoRA adapters only, and this one is {kind}: use "
+                          "export.merge=true (a merged model vLLM serves as is), or pipeline.serve")
+    base = model_cfg.path if model_cfg.source == "hub" else folder
+    rank = max([settings.get("r", 8), *settings.get("rank_pattern", {}).values()])
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+    return (f"vllm serve {shlex.quote(str(base))} --enable-lora "
+            f"--lora-modules {shlex.quote(f'{name}={served.resolve()}')} --max-lora-rank {max_rank}")
+
+
+def write_adapter(cfg: DictConfig, source: ExportSource, folder: str, target: Path) -> str:
+    if not (source.artifact / "adapter_config.json").exists():
+        raise ExportError(f"{source.artifact} is a fully fine-tuned model, not an adapter: use "
+                          "export.merge=true to export it")
+    command = vllm_command(folder, source.model_cfg, cfg.export.lora_name, source.artifact,
+                           target / "adapter")
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(source.artifact, tmp / "adapter")
+        (tmp / "vllm_command.sh").write_text(command + "\n")
+        _provenance(tmp, source, folder, merged=False)
+
+    _replace_folder(target, write)
+    return command
+
+
+def _provenance(tmp: Path, source: ExportSource, folder: str, merged: bool) -> None:
+    from pipeline import tracking
+
+    tracking.write_json(tmp / "export.json", {
+        "run": str(source.run) if source.run else None, "artifact": str(source.artifact),
+        "base": folder, "base_model": source.model_cfg.name, "merged": merged,
+        "quantized_base": bool(source.quantization), "packages": tracking.package_versions()})
+
+
+def _replace_folder(target: Path, write: Any) -> None:
+    """Writes a fresh ``target`` through a temp folder (replacing an old one only on success)."""
+    if not target.exists():
+        models._atomic_folder(target, write)
+        return
+    new, old = target.with_name(f".{target.name}.new"), target.with_name(f".{target.name}.old")
+    for stale in (new, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    models._atomic_folder(new, write)
+    target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(cfg: DictConfig) -> Path:
+    """Writes the export folder and returns it."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    source = read_source(cfg)
+    target = output_folder(cfg, source)
+    if cfg.export.dtype not in ("float32", "bfloat16", "float16"):
+        raise C.ConfigError([f"export.dtype={cfg.export.dtype!r} is not one of float32, bfloat16, float16"])
+    folder = models.resolve_folder(source.model_cfg, cfg.paths.cache_dir, source.seed)
+    if cfg.export.merge:
+        write_merged(cfg, source, folder, target)
+        print(f"merged model: {target}\nserve it: python -m pipeline.serve model=hub model.path={target}"
+              f"\nor: vllm serve {target}")
+    else:
+        command = write_adapter(cfg, source, folder, target)
+        print(f"adapter: {target / 'adapter'}\nvLLM command (also in {target / 'vllm_command.sh'}):\n{command}")
+    return target
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    C.run_task(export, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Serving entry point: ``python -m pipeline.serve run=<run folder>`` or
+``python -m pipeline.serve model=... adapters='{fr: <run or adapter folder>, qa: ...}'``.
+
+Loads the base once with every adapter attached by name and serves them behind an
+OpenAI-compatible API (plus SageMaker's /ping and /invocations) until interrupted; SIGTERM or
+Ctrl-C stops accepting requests and finishes the ones in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import List, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import config as C
+from pipeline.server.pool import ModelPool, Source, source_from_path
+
+log = logging.getLogger("pipeline.serve")
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+def check(cfg: DictConfig) -> None:
+    """Every problem with the serve settings at once, before any model loads."""
+    s: C.ServerConfig = cfg.server
+    problems = []
+    if not 0 < s.port < 65536:
+        problems.append(f"server.port={s.port} must be in 1..65535 (0 is not allowed: clients need to know it)")
+    for key in ("max_batch_size", "max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_n"):
+        if getattr(s, key) <= 0:
+            problems.append(f"server.{key}={getattr(s, key)} must be > 0")
+    if s.default_max_tokens > s.max_tokens_limit:
+        problems.append(f"server.default_max_tokens={s.default_max_tokens} must be <= "
+                        f"server.max_tokens_limit={s.max_tokens_limit}")
+    if s.max_wait_ms < 0:
+        problems.append(f"server.max_wait_ms={s.max_wait_ms} must be >= 0")
+    adapters = cfg.adapters if cfg.adapters is not None else {}
+    if not isinstance(adapters, (dict, DictConfig)) or not all(isinstance(v, str) for v in adapters.values()):
+        raise C.ConfigError([f"adapters={cfg.adapters!r} must map names to folders, e.g. "
+                             "adapters='{fr: outputs/runs/a, qa: outputs/runs/b}'"])
+    names = ([cfg.run_name] if cfg.run else []) + [str(n) for n in adapters]
+    for name in names:
+        if not NAME.match(str(name)):
+            problems.append(f"served name {name!r} must be letters, digits and . _ : / - (max 128)")
+    if len(set(names)) != len(names):
+        problems.append(f"served names must be unique: run_name={cfg.run_name!r} is also in adapters")
+    if base_name(cfg) in names:
+        problems.append(f"base_name={base_name(cfg)!r} is also an adapter name; set base_name=<other>")
+    if problems:
+        raise C.ConfigError(problems)
+
+
+def base_cfg(cfg: DictConfig) -> C.ModelConfig:
+    """The base model: the run's (from its config.yaml) when ``run`` is given, else ``model``."""
+    if cfg.run:
+        from pipeline.evaluate import read_run
+
+        return read_run(cfg.run)[1]
+    return OmegaConf.to_object(cfg.model)
+
+
+def base_seed(cfg: DictConfig) -> int:
+    """A tiny base model is rebuilt from its seed: the run's, when serving a run."""
+    if cfg.run:
+        from pipeline.evaluate import read_run
+
+        return read_run(cfg.run)[0].seed
+    return cfg.seed
+
+
+def base_name(cfg: DictConfig) -> str:
+    return cfg.base_name or (base_cfg(cfg).name if cfg.run else cfg.model.name)
+
+
+def sources(cfg: DictConfig, base: C.ModelConfig) -> List[Source]:
+    found = [source_from_path(cfg.run_name, cfg.run, base, "run")] if cfg.run else []
+    return found + [source_from_path(str(name), str(path), base, f"adapters.{name}")
+                    for name, path in (cfg.adapters or {}).items()]
+
+
+def api_key(cfg: DictConfig) -> Optional[str]:
+    """From the environment variable ``server.api_key_env``, else ``server.api_key``."""
+    return os.environ.get(cfg.server.api_key_env) or cfg.server.api_key or None
+
+
+def build_app(cfg: DictConfig):
+    """Loads the models and returns the ASGI app (tests call this, then start uvicorn)."""
+    try:
+        from pipeline.server.app import create_app
+    except ImportError as err:
+        raise C.PipelineError(f"serving needs FastAPI and uvicorn ({err}): pip install -e '.[serve]'") from err
+
+    check(cfg)
+    base = base_cfg(cfg)
+    pool = ModelPool(base, base_name(cfg), sources(cfg, base), cfg.paths.cache_dir, base_seed(cfg))
+    return create_app(pool, OmegaConf.to_object(cfg.server), api_key(cfg))
+
+
+def serve(cfg: DictConfig) -> None:
+    """Serves until interrupted."""
+    import uvicorn
+
+    app = build_app(cfg)
+    s = cfg.server
+    log.info("serving %s on http://%s:%d/v1 (API key %s)", ", ".join(app.state.service.pool.choices),
+             s.host, s.port, "required" if api_key(cfg) else "not required")
+    if s.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("server.host=%s: the server is reachable from other machines", s.host)
+    uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level,
+                timeout_graceful_shutdown=s.timeout_graceful_shutdown)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    return C.run_task(serve, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: model pool (one base, many adapters), batching engine, HTTP app."""
