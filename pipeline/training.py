@@ -31,8 +31,12 @@ def namespaced(logs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_eval: bool,
-                       report_to: List[str], run_name: str) -> Any:
+                       report_to: List[str], run_name: str,
+                       distributed: Optional[Dict[str, Any]] = None) -> Any:
     """Builds ``TrainingArguments``; ``cfg.extra`` keys must be TrainingArguments fields.
+
+    ``distributed`` adds the multi-process arguments (``deepspeed``: a config dict,
+    ``ddp_backend``), see :func:`pipeline.distributed.trainer_arguments`.
 
     Raises:
         ValueError: for an unknown ``trainer.extra`` key (listing close matches).
@@ -67,6 +71,7 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_e
         include_num_input_tokens_seen="non_padding", report_to=report_to,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )
+    kwargs.update(distributed or {})
     kwargs.update(cfg.extra)
     return TrainingArguments(**kwargs)
 
@@ -154,13 +159,19 @@ def save_artifact(trainer: Any, run_dir: Path, is_peft: bool) -> Path:
 
     target = run_dir / ("adapter" if is_peft else "model")
     tmp = run_dir / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Every rank calls save_model: under ZeRO-3 it gathers the sharded weights (a collective);
+    # only rank 0 writes, and only rank 0 moves the folder into place.
     trainer.save_model(str(tmp))
-    # The Trainer also pickles its arguments; the run folder keeps config.yaml instead, and a
-    # folder that serving loads should hold no pickles.
-    (tmp / "training_args.bin").unlink(missing_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if main:
+        # The Trainer also pickles its arguments; the run folder keeps config.yaml instead, and
+        # a folder that serving loads should hold no pickles.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    trainer.accelerator.wait_for_everyone()
     return target
 
 
@@ -168,7 +179,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         trains: bool, packing: bool, report_to: List[str], run_name: str,
         resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
         on_base: Optional[Callable[[Any], None]] = None,
-        callbacks: Optional[List[Any]] = None) -> Tuple[Dict[str, Any], Any, Any]:
+        callbacks: Optional[List[Any]] = None,
+        distributed: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], Any, Any]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -189,6 +201,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
             is an identity: the model is the base model).
         on_base: called with the base measurement once taken (to persist it).
         callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
+        distributed: multi-process ``TrainingArguments`` (DeepSpeed config, DDP backend).
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -200,7 +213,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     from pipeline.tracking import folder_size_mb
 
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
-                              report_to=report_to, run_name=run_name)
+                              report_to=report_to, run_name=run_name, distributed=distributed)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
                             collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
