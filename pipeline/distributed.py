@@ -176,8 +176,8 @@ def zero3_init_context(cfg: DistributedConfig, trainer: Any) -> Any:
 
     config = deepspeed_config(cfg)
     micro, accumulation = trainer.per_device_train_batch_size, trainer.gradient_accumulation_steps
+    config.pop("train_batch_size")  # DeepSpeed derives it (its view of the world size may lag)
     config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation,
-                  train_batch_size=micro * accumulation * world_size(),
                   gradient_clipping=trainer.max_grad_norm,
                   bf16={"enabled": trainer.precision == "bf16"}, fp16={"enabled": trainer.precision == "fp16"})
     config.pop("optimizer", None)
