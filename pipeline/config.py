@@ -247,6 +247,7 @@ class DistributedConfig:
 
     strategy: str = "single"  # single | ddp | deepspeed
     nproc_per_node: int = 1
+    nnodes: int = 1  # nodes of a SLURM job (the memory estimate shards over nnodes x nproc_per_node)
     zero_stage: int = 0  # deepspeed only: 1 | 2 | 3
     offload_optimizer: bool = False  # optimizer states in CPU memory (DeepSpeedCPUAdam, compiles once)
     offload_params: bool = False  # stage 3: parameters in CPU memory too

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, distributed, evaluation, model as models, tracking, training
+from pipeline import data, distributed, estimate, evaluation, model as models, tracking, training
 
 log = logging.getLogger("pipeline.train")
 
@@ -49,6 +49,7 @@ def train(cfg: DictConfig) -> float:
         model = models.load_model(folder, cfg.model, settings.quantization())
         model = settings.apply(model, architecture)
         summary = _startup_summary(cfg, model, splits)
+        log.info(estimate.describe(cfg, estimate.count_parameters(model)))
         evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.seed,
                                                plain_template=cfg.data.template == "plain")
         main = distributed.is_main_process()

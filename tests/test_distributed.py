@@ -195,3 +195,38 @@ def test_zero2_run_resumes_from_its_checkpoint(tmp_path):
     assert info["status"] == "success" and info["attempts"] == 2
     assert sorted(_history(tmp_path)) == [1, 2, 3, 4]  # steps 3-4 continued, 1-2 not redone
     assert json.loads((tmp_path / "metrics.json").read_text())["train/steps"] == 4
+
+
+# --------------------------------------------------------------------------- SLURM (submitit)
+
+
+def test_slurm_launcher_runs_one_task_per_gpu(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                                          "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (2, 4, 4, "gpu")
+
+
+@pytest.mark.slow
+def test_submitit_local_multirun_finishes_every_job(tmp_path):
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "-m", "hydra/launcher=local",
+                           "model=tiny_llama", "debug=fast", "evaluation.metrics=[]", "trainer.max_steps=2",
+                           "trainer.save_steps=null", "trainer.eval_steps=null", "adapter=lora,ia3",
+                           f"hydra.sweep.dir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted(p.parent.name for p in tmp_path.glob("*/run.json"))
+    assert runs == ["0_lora", "1_ia3"]
+    for name in runs:
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["status"] == "success", info.get("error")
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["train/steps"] == 2
+    assert list((tmp_path / ".submitit").glob("*/*_result.pkl"))  # submitit ran the jobs
