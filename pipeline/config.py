@@ -251,9 +251,10 @@ class DistributedConfig:
     zero_stage: int = 0  # deepspeed only: 1 | 2 | 3
     offload_optimizer: bool = False  # optimizer states in CPU memory (DeepSpeedCPUAdam, compiles once)
     offload_params: bool = False  # stage 3: parameters in CPU memory too
-    # ZeRO-3: build the model already sharded (deepspeed.zero.Init) instead of whole on every rank;
-    # required for a quantized base under ZeRO-3.
-    zero_init: bool = True
+    # ZeRO-3: build the model already sharded (deepspeed.zero.Init) instead of whole on every
+    # rank's CPU memory; required for a quantized base under ZeRO-3 (the base model is then
+    # gathered whole once, for its evaluation before training).
+    zero_init: bool = False
     # ZeRO-3: gather the full 16-bit weights when saving, else the saved adapter/model is empty.
     gather_16bit_weights_on_save: bool = True
     backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU

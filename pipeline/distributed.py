@@ -38,7 +38,8 @@ def from_slurm_env() -> bool:
 
     ``srun`` (and Hydra's submitit launcher, which runs one task per GPU) sets ``SLURM_PROCID``,
     ``SLURM_LOCALID`` and ``SLURM_NTASKS`` but none of torch's names; the rendezvous address is
-    the first node of the allocation, which submitit resolves.
+    the first node of the allocation and the port derives from the job id (so concurrent jobs
+    sharing a node do not collide); MASTER_ADDR / MASTER_PORT already set win.
 
     Returns:
         Whether the variables were set from SLURM's (a multi-task SLURM step outside torchrun).
@@ -54,9 +55,17 @@ def from_slurm_env() -> bool:
 
 
 def _first_slurm_host() -> str:
-    from submitit.helpers import JobEnvironment  # pragma: no cover - only on a SLURM node
+    """The first host of the job's node list (``scontrol`` expands ranges like ``gpu[01-04]``)."""
+    import subprocess
 
-    return JobEnvironment().hostnames[0]  # pragma: no cover
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as err:
+        raise PipelineError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol ({err}); "
+                            "set MASTER_ADDR to the first node's address") from err
+    return out[0]
 
 
 def rank() -> int:
@@ -184,6 +193,20 @@ def zero3_init_context(cfg: DistributedConfig, trainer: Any) -> Any:
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         config["zero_optimization"].pop(key, None)  # DeepSpeed's defaults; the Trainer tunes them later
     return HfDeepSpeedConfig(config)
+
+
+def gathered(model: Any) -> Any:
+    """A context in which a model built sharded by ``zero.Init`` can run forward before the
+    Trainer has made its DeepSpeed engine (whose hooks gather each layer in turn); a no-op for
+    any other model. It gathers every weight on every rank: only for the base evaluation."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 # --------------------------------------------------------------------------- launching

@@ -218,7 +218,10 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
                             collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
     if base is None:
-        base = evaluator.measure(trainer)
+        from pipeline.distributed import gathered
+
+        with gathered(model):  # no DeepSpeed engine yet: a zero.Init model cannot run alone
+            base = evaluator.measure(trainer)
         if on_base:
             on_base(base)
     metrics: Dict[str, Any] = {}
