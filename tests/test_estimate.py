@@ -9,8 +9,8 @@ import pytest
 from pipeline import estimate as E
 from tests.conftest import compose_train
 
-# SmolLM2-135M's size and its largest layer (the tied embedding), 2 nodes x 8 GPUs.
-TOTAL, LARGEST, PER_NODE, NODES = 134_515_008, 28_311_552, 8, 2
+# Llama-2-7B's size and its largest layer (an embedding), 2 nodes x 8 GPUs.
+TOTAL, LARGEST, PER_NODE, NODES = 6_738_415_616, 131_072_000, 8, 2
 
 
 def _deepspeed_rows(capsys, stage: int) -> dict:
@@ -25,7 +25,8 @@ def _deepspeed_rows(capsys, stage: int) -> dict:
         estimate_zero3_model_states_mem_needs_all_cold(TOTAL, LARGEST, num_gpus_per_node=PER_NODE,
                                                        num_nodes=NODES)
     rows = re.findall(r"^\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.+)$", capsys.readouterr().out, re.M)
-    return {options.replace(" ", ""): float(gpu) for _, gpu, options in rows}
+    # The offload device prints as "cpu " or "OffloadDeviceEnum.cpu" depending on Python's version.
+    return {options.replace("OffloadDeviceEnum.", "").replace(" ", ""): float(gpu) for _, gpu, options in rows}
 
 
 @pytest.mark.parametrize("stage, offload, options", [
@@ -39,7 +40,7 @@ def test_full_finetuning_matches_deepspeeds_estimate(capsys, stage, offload, opt
     ours = E.estimate(counts, stage=stage, processes=PER_NODE * NODES, mixed_precision=True, deepspeed=True,
                       offload_optimizer=offload, offload_params=offload)
     theirs = _deepspeed_rows(capsys, stage)[options]
-    assert round(ours.total / E.GB, 2) == pytest.approx(theirs, abs=0.011)
+    assert ours.total / E.GB == pytest.approx(theirs, abs=0.006)  # DeepSpeed prints 2 decimals
 
 
 def test_sharding_and_adapters_shrink_the_estimate():
