@@ -165,11 +165,18 @@ def for_config(cfg: Any, counts: ParameterCounts) -> MemoryEstimate:
     quantization = settings.quantization() or {}
     weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, 4)
     return estimate(counts, stage=dist.zero_stage if dist.strategy == "deepspeed" else 0,
-                    processes=dist.nproc_per_node * dist.nnodes,
+                    processes=_processes(dist),
                     mixed_precision=cfg.trainer.precision in ("bf16", "fp16"),
                     deepspeed=dist.strategy == "deepspeed", offload_optimizer=dist.offload_optimizer,
                     offload_params=dist.offload_params, quantized_bits=quantization.get("bits", 4),
                     weight_bytes=weight_bytes)
+
+
+def _processes(dist: Any) -> int:
+    """The processes ZeRO shards over: the launcher's world size inside a run, else the config's."""
+    from pipeline.distributed import world_size
+
+    return world_size() if world_size() > 1 else dist.nproc_per_node * dist.nnodes
 
 
 def describe(cfg: Any, counts: ParameterCounts) -> str:
@@ -179,7 +186,7 @@ def describe(cfg: Any, counts: ParameterCounts) -> str:
     if dist.offload_optimizer:
         how += " + optimizer offload" + (" + parameter offload" if dist.offload_params else "")
     head = (f"model-state memory per device (adapter={cfg.adapter.method}, {how}, "
-            f"{dist.nnodes} node(s) x {dist.nproc_per_node} process(es), trainer.precision="
+            f"{_processes(dist)} process(es), trainer.precision="
             f"{cfg.trainer.precision}; {counts.trainable:,} trainable / {counts.total:,} parameters; "
             "activations not included):")
     return head + "\n" + for_config(cfg, counts).table()
