@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,20 +163,24 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("option", ["ddp", "zero2", "zero3"])
-def test_two_processes_match_one_at_the_same_global_batch(reference, tmp_path, option):
-    done = _train_cli([*STEPS, f"distributed={option}", "distributed.nproc_per_node=2"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    info = json.loads((tmp_path / "run.json").read_text())
-    assert info["status"] == "success" and info["attempts"] == 1  # rank 0 alone wrote it
-    ours, single = _history(tmp_path), _history(reference)
+def _assert_matches_single(run_dir: Path, reference: Path) -> None:
+    ours, single = _history(run_dir), _history(reference)
     assert sorted(ours) == [1, 2, 3, 4]
     for step in ours:
         # Equal token counts: the two ranks drew the two halves of the single run's batch, not
         # the same half twice (what happens on CPU without TrainingArguments(use_cpu=True)).
         assert ours[step]["train/num_input_tokens_seen"] == single[step]["train/num_input_tokens_seen"]
         assert ours[step]["train/loss"] == pytest.approx(single[step]["train/loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["ddp", "zero3"])
+def test_two_processes_match_one_at_the_same_global_batch(reference, tmp_path, option):
+    done = _train_cli([*STEPS, f"distributed={option}", "distributed.nproc_per_node=2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "success" and info["attempts"] == 1  # rank 0 alone wrote it
+    _assert_matches_single(tmp_path, reference)
     shapes = _adapter_tensors(tmp_path)
     assert shapes == _adapter_tensors(reference)  # ZeRO-3 gathered every shard before saving
     assert all(0 not in shape for shape in shapes.values())
@@ -183,18 +188,25 @@ def test_two_processes_match_one_at_the_same_global_batch(reference, tmp_path, o
 
 
 @pytest.mark.slow
-def test_zero2_run_resumes_from_its_checkpoint(tmp_path):
-    first = _train_cli([*STEPS, "distributed=zero2", "distributed.nproc_per_node=2", "trainer.max_steps=2"],
-                       tmp_path)
+def test_zero2_matches_one_process_and_resumes_from_its_checkpoint(reference, tmp_path):
+    overrides = [*STEPS, "distributed=zero2", "distributed.nproc_per_node=2"]
+    first = _train_cli(overrides, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
-    again = _train_cli([*STEPS, "distributed=zero2", "distributed.nproc_per_node=2", "trainer.max_steps=4",
-                        f"resume={tmp_path}"], tmp_path)
+    _assert_matches_single(tmp_path, reference)
+    assert json.loads((tmp_path / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    # As if the job had died after step 2: continue from the ZeRO-2 checkpoint of step 2.
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-4")
+    logged = len((tmp_path / "history.jsonl").read_text().splitlines())
+    again = _train_cli([*overrides, f"resume={tmp_path}"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "success" and info["attempts"] == 2
-    assert sorted(_history(tmp_path)) == [1, 2, 3, 4]  # steps 3-4 continued, 1-2 not redone
-    assert json.loads((tmp_path / "metrics.json").read_text())["train/steps"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()[logged:]]
+    resumed = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    single = _history(reference)
+    assert sorted(resumed) == [3, 4]  # steps 1-2 were not redone
+    for step, loss in resumed.items():  # the optimizer state and data order came back too
+        assert loss == pytest.approx(single[step]["train/loss"], rel=1e-3)
 
 
 # --------------------------------------------------------------------------- SLURM (submitit)
