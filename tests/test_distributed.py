@@ -108,8 +108,9 @@ def test_checks_without_deepspeed_or_enough_gpus(monkeypatch):
 
 
 def test_launch_detection_and_slurm_environment(monkeypatch):
-    for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    # A copy: from_slurm_env writes the environment, which later tests' subprocesses inherit.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")})
     ddp = _settings(strategy="ddp", nproc_per_node=2)
     assert distributed.needs_launch(ddp) and not distributed.needs_launch(_settings(strategy="ddp"))
     monkeypatch.setenv("SLURM_NTASKS", "16")
@@ -134,8 +135,15 @@ def test_workers_join_the_launching_run_folder():
 # --------------------------------------------------------------------------- 2-process runs
 
 
+def _clean_env() -> Dict[str, str]:
+    """This environment without any launcher's variables: the command must launch its workers."""
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
+    return {**env, "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+
+
 def _train_cli(overrides: List[str], run_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    env = _clean_env()
     return subprocess.run([sys.executable, "-m", "pipeline.train", *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -228,7 +236,7 @@ def test_slurm_launcher_runs_one_task_per_gpu(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_multirun_finishes_every_job(tmp_path):
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    env = _clean_env()
     done = subprocess.run([sys.executable, "-m", "pipeline.train", "-m", "hydra/launcher=local",
                            "model=tiny_llama", "debug=fast", "evaluation.metrics=[]", "trainer.max_steps=2",
                            "trainer.save_steps=null", "trainer.eval_steps=null", "adapter=lora,ia3",
