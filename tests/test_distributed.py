@@ -184,8 +184,18 @@ def _assert_matches_single(run_dir: Path, reference: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("option", ["ddp", "zero3"])
 def test_two_processes_match_one_at_the_same_global_batch(reference, tmp_path, option):
-    done = _train_cli([*STEPS, f"distributed={option}", "distributed.nproc_per_node=2"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if option == "ddp":  # under torchrun, where Hydra in each rank names its own run folder
+        run_dir = tmp_path
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", "-m", "pipeline.train", *STEPS, "distributed=ddp",
+                               f"hydra.run.dir={tmp_path}/rank${{oc.env:RANK}}"],
+                              cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not (run_dir / "rank1").exists()  # rank 1 adopted rank 0's folder and removed its own
+        tmp_path = run_dir / "rank0"
+    else:  # launched by the command itself
+        done = _train_cli([*STEPS, f"distributed={option}", "distributed.nproc_per_node=2"], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "success" and info["attempts"] == 1  # rank 0 alone wrote it
     _assert_matches_single(tmp_path, reference)
