@@ -243,6 +243,38 @@ class PathsConfig:
     run_dir: str = MISSING
 
 
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistributedConfig:
+    """How many processes train and how DeepSpeed ZeRO shards them (``distributed`` group).
+
+    ``strategy``: ``single`` (one process), ``ddp`` (torch DistributedDataParallel through the
+    Trainer) or ``deepspeed`` (ZeRO ``zero_stage`` 1-3, optionally offloading optimizer states
+    and, at stage 3, parameters to CPU memory). With ``nproc_per_node > 1`` outside a launcher,
+    ``python -m pipeline.train`` starts the workers itself (torch's elastic launcher); under
+    torchrun or srun it joins the processes already started.
+    """
+
+    strategy: str = "single"  # single | ddp | deepspeed
+    nproc_per_node: int = 1
+    nnodes: int = 1  # nodes of a SLURM job (the memory estimate shards over nnodes x nproc_per_node)
+    zero_stage: int = 0  # deepspeed only: 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer states in CPU memory (DeepSpeedCPUAdam, compiles once)
+    offload_params: bool = False  # stage 3: parameters in CPU memory too
+    # ZeRO-3: build the model already sharded (deepspeed.zero.Init) instead of whole on every
+    # rank's CPU memory; required for a quantized base under ZeRO-3 (the base model is then
+    # gathered whole once, for its evaluation before training).
+    zero_init: bool = False
+    # ZeRO-3: gather the full 16-bit weights when saving, else the saved adapter/model is empty.
+    gather_16bit_weights_on_save: bool = True
+    backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU
+    master_port: int = 29500  # rendezvous port of a self-launched single-node run
+    # Anything else DeepSpeed's JSON accepts, merged over the generated config.
+    deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class PreemptionConfig:
     """What a preemption signal during training does: finish the step, save a checkpoint,
@@ -278,6 +310,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
     evaluation: EvaluationConfig = MISSING
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     seed: int = 42
@@ -369,6 +402,7 @@ SCHEMAS: Dict[str, type] = {
     "logger": LoggerConfig,
     "paths": PathsConfig,
     "evaluation": EvaluationConfig,
+    "distributed": DistributedConfig,
 }
 
 
@@ -591,6 +625,19 @@ def _check_objective(cfg: DictConfig) -> List[str]:
             f"{', '.join(metric_names(cfg))}"]
 
 
+def _check_distributed(cfg: DictConfig, settings: AdapterSettings) -> List[str]:
+    """What cannot run under ``distributed`` with this adapter, precision and machine."""
+    import importlib.util
+
+    import torch
+
+    from pipeline import distributed
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else None
+    installed = importlib.util.find_spec("deepspeed") is not None
+    return distributed.check(cfg.distributed, settings, cfg.trainer.precision, cuda, installed)
+
+
 def _check_resume(resume: str) -> List[str]:
     if resume in ("never", "auto") or Path(resume).exists():
         return []
@@ -641,6 +688,7 @@ def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None)
         if settings.quantized and cfg.model.dtype == "float16" and cfg.trainer.precision == "fp32":
             problems.append("model.dtype=float16 with a quantized base trains in fp16 weights "
                             "without loss scaling; use model.dtype=float32 or trainer.precision=fp16")
+        problems += _check_distributed(cfg, settings)
     if problems:
         raise ConfigError(problems)
 

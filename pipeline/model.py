@@ -197,7 +197,10 @@ def load_model(folder: str, cfg: ModelConfig, quantization: Optional[Dict[str, A
         from pipeline.quantization import bnb_config
 
         kwargs["quantization_config"] = bnb_config(**quantization)
-        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (shards) the weights itself
+            kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False  # training: no KV cache (also required by packed batches)
     if cfg.gradient_checkpointing:

@@ -92,7 +92,7 @@ def build_app(cfg: DictConfig):
     try:
         from pipeline.server.app import create_app
     except ImportError as err:
-        raise C.PipelineError(f"serving needs FastAPI and uvicorn ({err}): pip install -e '.[serve]'") from err
+        raise C.PipelineError(f"serving needs FastAPI and uvicorn ({err}): pip install fastapi uvicorn") from err
 
     check(cfg)
     base = base_cfg(cfg)

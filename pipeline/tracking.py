@@ -246,6 +246,19 @@ class RunFolder:
         write_json(self.path / "metrics.json", metrics)
 
 
+class ReplicaRunFolder(RunFolder):
+    """The run folder as a rank other than 0 sees it: it reads, only rank 0 writes."""
+
+    def start(self, cfg: Any, overrides: list) -> None:
+        pass
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+    def write_metrics(self, metrics: Dict[str, Any]) -> None:
+        pass
+
+
 def wandb_init(settings: Any, run_dir: Path, config: Dict[str, Any], name: str,
                group: Optional[str], tags: list, resume_id: Optional[str] = None) -> Any:
     """Starts (or resumes) the W&B run of this run folder; offline needs no account.

@@ -14,15 +14,18 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, evaluation, model as models, tracking, training
+from pipeline import data, distributed, estimate, evaluation, model as models, tracking, training
 
 log = logging.getLogger("pipeline.train")
 
 
 def train(cfg: DictConfig) -> float:
     """Runs one training job described by ``cfg`` and returns its objective value."""
-    run = tracking.RunFolder(Path(cfg.paths.run_dir))
     overrides = list(hydra.core.hydra_config.HydraConfig.get().overrides.task)
+    distributed.from_slurm_env()
+    if distributed.needs_launch(cfg.distributed):
+        return _launch_workers(cfg, overrides)
+    run = _run_folder(cfg)
     try:
         run.start(cfg, overrides)  # recorded even when validation fails
         tracking.reset_peak_memory()  # this run's own peak, also inside a multirun
@@ -43,20 +46,25 @@ def train(cfg: DictConfig) -> float:
         transformers.set_seed(cfg.seed)
         tokenizer = models.load_tokenizer(folder, cfg.model)
         splits = data.build_datasets(cfg.data, tokenizer)
+        zero3_init = distributed.zero3_init_context(cfg.distributed, cfg.trainer)  # noqa: F841 (held)
         model = models.load_model(folder, cfg.model, settings.quantization())
         model = settings.apply(model, architecture)
         summary = _startup_summary(cfg, model, splits)
+        log.info(estimate.describe(cfg, estimate.count_parameters(model)))
         evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.seed,
                                                plain_template=cfg.data.template == "plain")
-        wandb_run = tracking.start_wandb(cfg, run)
+        main = distributed.is_main_process()
+        wandb_run = tracking.start_wandb(cfg, run) if main else None
         metrics, base, tuned = training.fit(
             cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, trains=settings.trains,
             packing=cfg.data.packing, report_to=["wandb"] if wandb_run else [],
             run_name=run.path.name, resume_from=resume_from,
             evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
-            on_base=lambda measured: measured.save(run.path / "eval" / "base.json"),
-            callbacks=_callbacks(cfg, run), best=_best_metric(cfg, splits))
-        evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
+            on_base=lambda measured: main and measured.save(run.path / "eval" / "base.json"),
+            callbacks=_callbacks(cfg, run), best=_best_metric(cfg, splits),
+            distributed=distributed.trainer_arguments(cfg.distributed, run.path))
+        if main:
+            evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)
         log.info("base vs tuned:\n%s", evaluation.comparison_table(metrics))
@@ -81,19 +89,26 @@ def train(cfg: DictConfig) -> float:
         raise
 
 
+def _resume_folder(cfg: DictConfig, run_dir: Path, overrides: list) -> Path:
+    """For ``resume=auto`` / a path: the run folder to continue (``run_dir`` when none is found)."""
+    found = Path(cfg.resume) if cfg.resume != "auto" else tracking.find_resumable(run_dir, overrides)
+    if found is None:
+        return run_dir
+    if cfg.resume != "auto" and found != run_dir:
+        training.resume_checkpoint(found)  # a corrupt one fails here, before the folder is reused
+    return found.parent.parent if found.name.startswith("checkpoint-") else found
+
+
 def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) -> tracking.RunFolder:
     """For ``resume=auto`` / a path: the run folder to continue (this one when none is found)."""
-    found = Path(cfg.resume) if cfg.resume != "auto" else tracking.find_resumable(run.path, overrides)
-    if found is None or found == run.path:
+    found = _resume_folder(cfg, run.path, overrides)
+    if found == run.path:
         return run
-    if cfg.resume != "auto":
-        training.resume_checkpoint(found)  # a corrupt one fails here, before the folder is reused
-    found = found.parent.parent if found.name.startswith("checkpoint-") else found
     log.info("Resuming the run in %s", found)
     tracking.move_log_handlers(run.path, found)
     shutil.rmtree(run.path, ignore_errors=True)  # only Hydra's copy of the config was written
     cfg.paths.run_dir = str(found)
-    resumed = tracking.RunFolder(found)
+    resumed = type(run)(found)
     resumed.start(cfg, overrides)
     return resumed
 
@@ -116,6 +131,41 @@ def _best_metric(cfg: DictConfig, splits: data.Splits):
             logged += [m.split("/")[-1] for m in C.metric_names(cfg) if m.startswith("tuned/eval/")
                        and not m.endswith(("/loss", "/perplexity"))]
     return training.best_metric(cfg.objective.metric, cfg.objective.direction, logged)
+
+
+def _run_folder(cfg: DictConfig) -> tracking.RunFolder:
+    """This process's view of the run folder; every rank of a multi-process run shares rank 0's,
+    and only rank 0 writes it (other ranks also log warnings only)."""
+    if distributed.world_size() == 1:
+        return tracking.RunFolder(Path(cfg.paths.run_dir))
+    cfg.paths.run_dir = str(distributed.join_process_group(cfg.distributed, Path(cfg.paths.run_dir)))
+    if distributed.is_main_process():
+        return tracking.RunFolder(Path(cfg.paths.run_dir))
+    logging.getLogger().setLevel(logging.WARNING)
+    return tracking.ReplicaRunFolder(Path(cfg.paths.run_dir))
+
+
+def _launch_workers(cfg: DictConfig, overrides: list) -> float:
+    """Starts ``distributed.nproc_per_node`` workers running this same command and returns the
+    objective rank 0 recorded. Checks the config first, so a bad one fails before any launch."""
+    run = tracking.RunFolder(Path(cfg.paths.run_dir))
+    target = run.path
+    try:
+        C.validate(cfg)
+        if cfg.resume != "never":  # the workers join the folder to continue
+            target = _resume_folder(cfg, run.path, overrides)
+            if target != run.path:
+                tracking.move_log_handlers(run.path, target)
+                shutil.rmtree(run.path, ignore_errors=True)
+                run = tracking.RunFolder(target)
+        distributed.launch(cfg.distributed, "pipeline.train", overrides, target)
+    except BaseException as err:
+        if not run.info_path.exists():  # failed before rank 0 started: record it here
+            run.start(cfg, overrides)
+        if run.info()["status"] == "running":
+            run.finish("interrupted" if isinstance(err, KeyboardInterrupt) else "failed", err)
+        raise
+    return float(run.info()["objective"][cfg.objective.metric])
 
 
 def _callbacks(cfg: DictConfig, run: tracking.RunFolder) -> list:

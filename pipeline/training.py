@@ -50,11 +50,14 @@ def unknown_extra_keys(extra: Dict[str, Any]) -> List[str]:
 
 def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_eval: bool,
                        report_to: List[str], run_name: str,
-                       best: Optional[Tuple[str, bool]] = None) -> Any:
+                       best: Optional[Tuple[str, bool]] = None,
+                       distributed: Optional[Dict[str, Any]] = None) -> Any:
     """Builds ``TrainingArguments``; ``cfg.extra`` keys must be TrainingArguments fields.
 
     ``best`` (from :func:`best_metric`) makes the Trainer track the best checkpoint, which
-    ``save_total_limit`` rotation then never deletes.
+    ``save_total_limit`` rotation then never deletes. ``distributed`` adds the multi-process
+    arguments (``deepspeed``: a config dict, ``ddp_backend``), see
+    :func:`pipeline.distributed.trainer_arguments`.
 
     Raises:
         ConfigError: for an unknown ``trainer.extra`` key (listing close matches).
@@ -90,6 +93,7 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_e
             log.warning("trainer.save_steps=%d is not a multiple of trainer.eval_steps=%d: a "
                         "checkpoint exists only where both fall, so the best one may not be kept",
                         cfg.save_steps, evaluate_every)
+    kwargs.update(distributed or {})
     kwargs.update(cfg.extra)
     return TrainingArguments(**kwargs)
 
@@ -451,19 +455,25 @@ def save_artifact(trainer: Any, run_dir: Path, is_peft: bool) -> Path:
 
     target = run_dir / ("adapter" if is_peft else "model")
     tmp = run_dir / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Every rank calls save_model: under ZeRO-3 it gathers the sharded weights (a collective);
+    # only rank 0 writes, and only rank 0 moves the folder into place.
     trainer.save_model(str(tmp))
-    # The Trainer also pickles its arguments; the run folder keeps config.yaml instead, and a
-    # folder that serving loads should hold no pickles.
-    (tmp / "training_args.bin").unlink(missing_ok=True)
-    # A folder cannot be renamed over a non-empty one: move the old one aside first, so that
-    # only the instant between two renames has no complete folder (not a whole rmtree).
-    old = run_dir / f".{target.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    if main:
+        # The Trainer also pickles its arguments; the run folder keeps config.yaml instead, and
+        # a folder that serving loads should hold no pickles.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        # A folder cannot be renamed over a non-empty one: move the old one aside first, so
+        # that only the instant between two renames has no complete folder (not a whole rmtree).
+        old = run_dir / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return target
 
 
@@ -472,7 +482,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
         on_base: Optional[Callable[[Any], None]] = None,
         callbacks: Optional[List[Any]] = None,
-        best: Optional[Tuple[str, bool]] = None) -> Tuple[Dict[str, Any], Any, Any]:
+        best: Optional[Tuple[str, bool]] = None,
+        distributed: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], Any, Any]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -494,6 +505,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         on_base: called with the base measurement once taken (to persist it).
         callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
         best: ``(metric_for_best_model, greater_is_better)`` from :func:`best_metric`, or None.
+        distributed: multi-process ``TrainingArguments`` (DeepSpeed config, DDP backend).
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -505,13 +517,17 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     from pipeline.tracking import folder_size_mb
 
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
-                              report_to=report_to, run_name=run_name, best=best)
+                              report_to=report_to, run_name=run_name, best=best,
+                              distributed=distributed)
     rewind_history(run_dir / "history.jsonl", resume_from)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
                             collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
     if base is None:
-        base = evaluator.measure(trainer)
+        from pipeline.distributed import gathered
+
+        with gathered(model):  # no DeepSpeed engine yet: a zero.Init model cannot run alone
+            base = evaluator.measure(trainer)
         if on_base:
             on_base(base)
     metrics: Dict[str, Any] = {}
