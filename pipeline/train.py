@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, evaluation, model as models, tracking, training
+from pipeline import data, evaluation, model as models, sweep, tracking, training
 
 log = logging.getLogger("pipeline.train")
 
@@ -23,8 +23,10 @@ def train(cfg: DictConfig) -> float:
     """Runs one training job described by ``cfg`` and returns its objective value."""
     run = tracking.RunFolder(Path(cfg.paths.run_dir))
     overrides = list(hydra.core.hydra_config.HydraConfig.get().overrides.task)
+    trial = None  # the Optuna trial when this job is one of a sweep (pipeline/sweep.py)
     try:
         run.start(cfg, overrides)  # recorded even when validation fails
+        trial = sweep.start_trial(cfg, run)
         tracking.reset_peak_memory()  # this run's own peak, also inside a multirun
         C.validate(cfg)  # every cheap check, before any model is touched
         if cfg.resume != "never":
@@ -54,12 +56,13 @@ def train(cfg: DictConfig) -> float:
             run_name=run.path.name, resume_from=training.last_checkpoint(run.path / "checkpoints"),
             evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
             on_base=lambda measured: measured.save(run.path / "eval" / "base.json"),
-            callbacks=_callbacks(cfg, run))
+            callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, trial))
         evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)
         log.info("base vs tuned:\n%s", evaluation.comparison_table(metrics))
         tracking.finish_wandb(wandb_run, metrics, run.path / "eval" / "predictions.jsonl")
+        sweep.record_metrics(trial, metrics)
         objective = tracking.objective_value(metrics, cfg.objective.metric)
         run.finish("success", objective={cfg.objective.metric: objective})
         return objective
@@ -68,6 +71,10 @@ def train(cfg: DictConfig) -> float:
         tracking.abort_wandb(exit_code=130)
         raise
     except BaseException as err:
+        if sweep.is_pruned(err):  # the pruner stopped this trial: not a failure
+            run.finish("pruned", err)
+            tracking.abort_wandb(exit_code=0)
+            raise
         run.finish("failed", err)
         tracking.abort_wandb(exit_code=1)
         raise
