@@ -143,9 +143,10 @@ def test_up_front_checks_name_key_and_fix(tmp_path):
 def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
     name, folder = "lora_rank_alpha_lr", tmp_path / "sweeps" / "lora_rank_alpha_lr"
     folder.mkdir(parents=True)
-    # The injected failure: an enqueued learning rate that validation rejects.
+    # The injected failure: an enqueued dropout that validation rejects (Optuna warns that it is
+    # outside the space and passes it on).
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{folder / 'study.db'}")
-    study.enqueue_trial({"trainer.learning_rate": -1.0})
+    study.enqueue_trial({"adapter.lora_dropout": 1.5})
     cmd = sweep_command(name, tmp_path, "sweep.n_trials=12", "sweep.heartbeat_s=1", "sweep.max_failures=4")
 
     first = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -181,7 +182,7 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
         assert t.last_step in (2, 4)
     # The injected trial failed alone, with its error; the rest went on.
     injected = trials[0]
-    assert injected.state.name == "FAIL" and "trainer.learning_rate=-1.0" in injected.user_attrs["error"]
+    assert injected.state.name == "FAIL" and "adapter.lora_dropout=1.5 must be in [0, 1)" in injected.user_attrs["error"]
     assert read_json(folder / "trial_0" / "run.json")["status"] == "failed"
     completed = [t for t in trials if t.state.name == "COMPLETE"]
     for t in completed:
