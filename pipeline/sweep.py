@@ -174,7 +174,17 @@ def make_storage(url: str, heartbeat_s: Optional[int] = None) -> Any:
 
     # SQLite serialises writers; a worker waits for the lock instead of failing at once.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                      failed_trial_callback=_mark_stale_run if heartbeat_s else None)
+
+
+def _mark_stale_run(study: Any, trial: Any) -> None:
+    """A trial whose worker died: its run folder (when this machine sees it) says so too."""
+    run_dir = trial.user_attrs.get("run_dir")
+    run = tracking.RunFolder(Path(run_dir)) if run_dir else None
+    if run is not None and run.info_path.exists() and run.info().get("status") == "running":
+        run.update(status="failed", error="the sweep worker stopped while this trial ran "
+                   "(no heartbeat for 2 x sweep.heartbeat_s)")
 
 
 def _instantiate(node: Optional[Any]) -> Any:
@@ -520,7 +530,8 @@ def report(study: Any, folder: Path, config: DictConfig, passed: Sequence[str]) 
     summary = {"study": config.sweep.name, "objectives": names,
                "directions": [o.direction for o in objectives(config)], "trials": counts,
                "best": rows, "importances": importances, "plots": plots,
-               "failed": {t.number: t.user_attrs.get("error") for t in trials if t.state.name == "FAIL"}}
+               "failed": {t.number: t.user_attrs.get("error", "no error recorded: its worker stopped")
+                          for t in trials if t.state.name == "FAIL"}}
     tracking.write_json(folder / "report.json", summary)
     text = report_markdown(summary)
     tmp = folder / ".report.md"

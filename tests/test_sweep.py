@@ -46,14 +46,20 @@ def load(folder: Path, name: str, url: str = "") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url or f"sqlite:///{folder / 'study.db'}")
 
 
-def finished_runs(folder: Path) -> int:
-    count = 0
+def run_statuses(folder: Path) -> List[str]:
+    statuses = []
     for info in folder.glob("trial_*/run.json"):
         try:
-            count += read_json(info)["status"] in FINISHED
+            statuses.append(read_json(info)["status"])
         except ValueError:  # being replaced this instant
             pass
-    return count
+    return statuses
+
+
+def mid_trial(folder: Path, finished: int) -> bool:
+    """At least ``finished`` trials done and one training right now."""
+    statuses = run_statuses(folder)
+    return sum(s in FINISHED for s in statuses) >= finished and "running" in statuses
 
 
 # --------------------------------------------------------------------------- definitions and checks
@@ -151,12 +157,12 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
 
     first = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
-    while finished_runs(folder) < 5 and first.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
+    while not mid_trial(folder, 4) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
     first.send_signal(signal.SIGKILL)  # no clean-up at all: the harshest stop
     first.wait()
     before = {t.number: t for t in load(folder, name).trials}
-    assert 5 <= len(before) < 12
+    assert 5 <= len(before) < 12  # the injected trial, four finished, one in flight
     done_before = {n: t for n, t in before.items() if t.state.name in ("COMPLETE", "PRUNED")}
     infos_before = {n: read_json(folder / f"trial_{n}" / "run.json") for n in done_before}
 
@@ -168,9 +174,11 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
     for n, old in done_before.items():
         assert trials[n].state == old.state and trials[n].values == old.values
         assert read_json(folder / f"trial_{n}" / "run.json") == infos_before[n]
-    # The trial in flight at the kill failed once its heartbeat went stale; numbers continued.
+    # The trial in flight at the kill failed once its heartbeat went stale, and its run folder
+    # says so; numbers continued.
     killed = [n for n, t in before.items() if t.state.name == "RUNNING"]
-    assert all(states[n] == "FAIL" for n in killed)
+    assert len(killed) == 1 and states[killed[0]] == "FAIL"
+    assert "worker stopped" in read_json(folder / f"trial_{killed[0]}" / "run.json")["error"]
     new = [n for n in states if n not in before]
     assert new and min(new) == max(before) + 1
     # Some trials were pruned, with the run folder saying so and their last reported step.
