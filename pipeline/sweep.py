@@ -456,7 +456,11 @@ def run(config: DictConfig, launcher: Any, arguments: List[str]) -> Any:
             heartbeat.track([])
             launched += len(batch)
             for trial, job in zip(batch, returns):
-                state = _tell(study, trial, job, metric_names)
+                try:
+                    state = _tell(study, trial, job, metric_names)
+                except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it as stale
+                    log.warning("trial %d was already finished by another worker", trial.number)
+                    continue
                 log.info("trial %d: %s %s", trial.number, state, " ".join(trial.user_attrs["overrides"]))
     return report(study, folder, config, passed)
 
@@ -471,13 +475,22 @@ def best_command(config: DictConfig, passed: Sequence[str], trial: Any) -> str:
     return " ".join(["python -m pipeline.train", *base, *trial.user_attrs.get("overrides", [])])
 
 
-def _importances(study: Any, names: List[str]) -> Dict[str, float]:
+def _first_objective(study: Any) -> Optional[Any]:
+    """Importance target of a multi-objective study: its first objective, lower is better."""
+    if len(study.directions) == 1:
+        return None
+    sign = -1.0 if study.directions[0].name == "MAXIMIZE" else 1.0
+    return lambda t: sign * t.values[0]
+
+
+def _importances(study: Any) -> Dict[str, float]:
     import optuna
 
     try:
-        return dict(optuna.importance.get_param_importances(
-            study, target=(lambda t: t.values[0]) if len(names) > 1 else None))
-    except (RuntimeError, ValueError) as err:  # too few finished trials, or one distinct value
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "too few trials": the numbers say it themselves
+            return dict(optuna.importance.get_param_importances(study, target=_first_objective(study)))
+    except (RuntimeError, ValueError) as err:  # no finished trials, or one distinct value
         log.info("parameter importances: not available (%s)", err)
         return {}
 
@@ -497,7 +510,7 @@ def _plots(study: Any, folder: Path, names: List[str], importances: Dict[str, fl
         plots["pareto_front.png"] = lambda: vis.plot_pareto_front(study, target_names=names)
     if importances:
         plots["importances.png"] = lambda: vis.plot_param_importances(
-            study, target=(lambda t: t.values[0]) if len(names) > 1 else None, target_name=names[0])
+            study, target=_first_objective(study), target_name=names[0])
     written = []
     for file, plot in plots.items():
         try:
@@ -525,7 +538,7 @@ def report(study: Any, folder: Path, config: DictConfig, passed: Sequence[str]) 
     rows = [{"number": t.number, "values": dict(zip(names, t.values)), "params": t.params,
              "run_dir": t.user_attrs.get("run_dir"), "command": best_command(config, passed, t)}
             for t in best]
-    importances = _importances(study, names)
+    importances = _importances(study)
     plots = _plots(study, folder, names, importances)
     summary = {"study": config.sweep.name, "objectives": names,
                "directions": [o.direction for o in objectives(config)], "trials": counts,
@@ -554,7 +567,8 @@ def report_markdown(summary: Dict[str, Any]) -> str:
         lines.append("| " + " | ".join([str(row["number"]), *[f"{v:.4g}" for v in row["values"].values()],
                                         params]) + " |")
     for row in summary["best"]:
-        lines += ["", f"Trial {row['number']} ({row['run_dir']}):", "", f"    {row['command']}"]
+        where = f" ({row['run_dir']})" if row["run_dir"] else ""
+        lines += ["", f"Trial {row['number']}{where}:", "", f"    {row['command']}"]
     if summary["importances"]:
         lines += ["", "## Parameter importances", ""]
         lines += [f"- {k}: {v:.3f}" for k, v in summary["importances"].items()]

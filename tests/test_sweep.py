@@ -142,6 +142,34 @@ def test_up_front_checks_name_key_and_fix(tmp_path):
     assert sweep.check(bleu) == [] and sweep.intermediate_metric(bleu) == "eval_bleu"
 
 
+def test_multi_objective_report_shows_the_pareto_front(tmp_path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import create_trial
+
+    cfg = compose_sweep("quality_vs_params", tmp_path)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dists = {"adapter": CategoricalDistribution(["lora", "ia3"]),
+             "trainer.learning_rate": FloatDistribution(1e-4, 3e-3, log=True)}
+    points = [("lora", 1e-3, [2.0, 900.0]), ("ia3", 2e-3, [2.5, 100.0]), ("lora", 3e-4, [3.0, 900.0]),
+              ("ia3", 2e-4, [2.4, 150.0])]
+    for method, lr, values in points:
+        study.add_trial(create_trial(
+            params={"adapter": method, "trainer.learning_rate": lr}, distributions=dists, values=values,
+            user_attrs={"overrides": [f"adapter={method}", f"trainer.learning_rate={lr}"]}))
+    summary = sweep.report(study, tmp_path, cfg, ["sweep=quality_vs_params", "model=tiny_llama"])
+
+    front = {row["number"]: row["values"] for row in summary["best"]}
+    assert front == {0: {"tuned/eval/loss": 2.0, "params/trainable": 900.0},  # 2 is dominated by 0
+                     1: {"tuned/eval/loss": 2.5, "params/trainable": 100.0},
+                     3: {"tuned/eval/loss": 2.4, "params/trainable": 150.0}}
+    assert summary["best"][0]["command"] == ("python -m pipeline.train sweep=quality_vs_params "
+                                            "model=tiny_llama adapter=lora trainer.learning_rate=0.001")
+    assert (tmp_path / "pareto_front.png").stat().st_size > 1000
+    text = (tmp_path / "report.md").read_text()
+    assert "## Pareto front" in text and "| 3 | 2.4 | 150 |" in text
+    assert read_json(tmp_path / "report.json")["trials"] == {"COMPLETE": 4}
+
+
 # --------------------------------------------------------------------------- real sweeps
 
 
