@@ -18,6 +18,7 @@ import collections
 import logging
 import re
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -173,9 +174,20 @@ def make_storage(url: str, heartbeat_s: Optional[int] = None) -> Any:
     import optuna
 
     # SQLite serialises writers; a worker waits for the lock instead of failing at once.
+    import sqlalchemy.exc
+
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
-                                      failed_trial_callback=_mark_stale_run if heartbeat_s else None)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                failed_trial_callback=_mark_stale_run if heartbeat_s else None)
+        except sqlalchemy.exc.IntegrityError:
+            # Workers started together on a fresh storage race to create its tables; the loser
+            # finds them made on its next try.
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _mark_stale_run(study: Any, trial: Any) -> None:

@@ -266,7 +266,7 @@ def postgres_url() -> str:
 def test_two_workers_share_one_study(backend, tmp_path):
     name = f"workers_{backend}_{os.getpid()}_{int(time.time())}"
     url = postgres_url() if backend == "postgresql" else f"sqlite:///{tmp_path / 'shared.db'}"
-    cmd = sweep_command("lora_rank_alpha_lr", tmp_path, f"sweep.name={name}", "sweep.n_trials=4",
+    cmd = sweep_command("lora_rank_alpha_lr", tmp_path, f"sweep.name={name}", "sweep.n_trials=3",
                         f"sweep.storage='{url}'", "sweep.pruner=null")
     workers = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -278,7 +278,7 @@ def test_two_workers_share_one_study(backend, tmp_path):
     # Both worked, never on the same trial; the study holds the trials asked for (a race at the
     # last trial may add one).
     assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(numbers)
-    assert 4 <= len(trials) <= 5 and all(t.state.name == "COMPLETE" for t in trials)
+    assert 3 <= len(trials) <= 4 and all(t.state.name == "COMPLETE" for t in trials)
     for n in numbers:
         assert read_json(tmp_path / "sweeps" / name / f"trial_{n}" / "run.json")["status"] == "success"
 
