@@ -340,6 +340,24 @@ def register_configs() -> None:
     for name, settings in ADAPTERS.items():
         cs.store(group="schema/adapter", name=name, node=settings)
     register_sweeps(cs)
+    expose_sweeper_plugin()
+
+
+def expose_sweeper_plugin() -> None:
+    """Lets Hydra find our sweeper however the project is installed.
+
+    Hydra discovers plugins by listing the ``hydra_plugins`` namespace package's folders; an
+    editable install by setuptools >= 64 serves ours through an import hook that this listing
+    cannot see (hydra issues 2359, 3252), so the sweeper would be missing outside the repository
+    root. Adding the folder to the namespace path is what a plain install amounts to.
+    """
+    try:
+        import hydra_plugins
+    except ImportError:  # no plugin installed at all; ours is then found from the repository root
+        return
+    folder = str(SWEEPS_DIR.parent / "hydra_plugins")
+    if Path(folder).is_dir() and folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
 
 
 def register_sweeps(cs: ConfigStore) -> None:
