@@ -251,11 +251,11 @@ def postgres_url() -> str:
     """The PostgreSQL server .ci/run starts (PIPELINE_TEST_POSTGRES), or skip."""
     url = os.environ.get("PIPELINE_TEST_POSTGRES", "postgresql://pipeline:pipeline@127.0.0.1:5432/pipeline_test")
     try:
-        import psycopg2
+        import psycopg  # SQLAlchemy's driver for postgresql:// URLs
 
-        psycopg2.connect(url, connect_timeout=3).close()
+        psycopg.connect(url, connect_timeout=3).close()
     except ImportError:
-        pytest.skip("psycopg2 is not installed: pip install -e '.[test]'")
+        pytest.skip("psycopg is not installed: pip install -e '.[test]'")
     except Exception as err:
         pytest.skip(f"no PostgreSQL server at {url} ({str(err).strip()}); .ci/run starts one")
     return url
