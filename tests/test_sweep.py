@@ -57,9 +57,11 @@ def run_statuses(folder: Path) -> List[str]:
 
 
 def mid_trial(folder: Path, finished: int) -> bool:
-    """At least ``finished`` trials done and one training right now."""
+    """At least ``finished`` trials done and one training right now (it has logged a step)."""
     statuses = run_statuses(folder)
-    return sum(s in FINISHED for s in statuses) >= finished and "running" in statuses
+    training = [p for p in folder.glob("trial_*/history.jsonl")
+                if read_json(p.parent / "run.json")["status"] == "running"]
+    return sum(s in FINISHED for s in statuses) >= finished and bool(training)
 
 
 # --------------------------------------------------------------------------- definitions and checks
