@@ -14,7 +14,7 @@ from typing import List
 
 import optuna
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from pipeline import config as C
 from pipeline import sweep, tracking
