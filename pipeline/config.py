@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pipeline.adapters import ADAPTERS, AdapterSettings
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"  # the `sweep` config group
 
 
 class PipelineError(Exception):
@@ -296,6 +297,50 @@ class ObjectiveConfig:
     direction: str = "minimize"  # minimize | maximize
 
 
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepParam:
+    """One dimension of a sweep's search space (see sweeps/README.md).
+
+    ``type``: float | int (``low``, ``high``, optional ``log``/``step``) or categorical
+    (``choices``). ``times``: the sampled value is a multiple of this earlier key's value
+    (e.g. alpha as a multiple of rank); the Optuna parameter is then named ``<key>/<times>``.
+    """
+
+    type: str = MISSING  # float | int | categorical
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[List[Any]] = None
+    times: Optional[str] = None
+
+
+@dataclass
+class SweepConfig:
+    """An Optuna study driven by ``python -m pipeline.train -m sweep=<name>``.
+
+    ``objectives`` empty: the run's ``objective`` (single objective). ``sampler``/``pruner``:
+    ``_target_`` an Optuna class plus its arguments (``pruner: null`` never prunes).
+    ``storage`` null: SQLite ``study.db`` in the sweep folder. ``trial`` is set by the
+    sweeper on each job (the trial the job belongs to); never set it by hand.
+    """
+
+    name: str = MISSING  # the study name and the sweep folder's name
+    params: Dict[str, SweepParam] = field(default_factory=dict)
+    objectives: List[ObjectiveConfig] = field(default_factory=list)
+    sampler: Optional[Dict[str, Any]] = None
+    pruner: Optional[Dict[str, Any]] = None
+    n_trials: int = 20  # trials the study should hold (earlier sessions and other workers count)
+    n_jobs: int = 1  # trials launched together (in parallel with a parallel launcher)
+    storage: Optional[str] = None  # an Optuna RDB URL (sqlite:///..., postgresql://...)
+    max_failures: int = 3  # failed trials in the study after which the sweep stops
+    heartbeat_s: int = 60  # trials of a killed worker fail after 2 heartbeats without news
+    trial: Optional[int] = None
+
+
 # --------------------------------------------------------------------------- top level
 
 
@@ -317,6 +362,7 @@ class TrainConfig:
     resume: str = "never"  # never | auto | path to a run folder or checkpoint
     task_name: str = "train"
     tags: List[str] = field(default_factory=list)
+    sweep: Optional[SweepConfig] = None  # set by `sweep=<name>` (sweeps/)
 
 
 @dataclass
@@ -417,6 +463,39 @@ def register_configs() -> None:
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, settings in ADAPTERS.items():
         cs.store(group="schema/adapter", name=name, node=settings)
+    register_sweeps(cs)
+    expose_sweeper_plugin()
+
+
+def expose_sweeper_plugin() -> None:
+    """Lets Hydra find our sweeper however the project is installed.
+
+    Hydra discovers plugins by listing the ``hydra_plugins`` namespace package's folders; an
+    editable install by setuptools >= 64 serves ours through an import hook that this listing
+    cannot see (hydra issues 2359, 3252), so the sweeper would be missing outside the repository
+    root. Adding the folder to the namespace path is what a plain install amounts to.
+    """
+    try:
+        import hydra_plugins
+    except ImportError:  # no plugin installed at all; ours is then found from the repository root
+        return
+    folder = str(SWEEPS_DIR.parent / "hydra_plugins")
+    if Path(folder).is_dir() and folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
+
+
+def register_sweeps(cs: ConfigStore) -> None:
+    """Makes each ``sweeps/<name>.yaml`` the option ``sweep=<name>`` (package ``_global_``).
+
+    The files live beside ``conf/`` rather than in it so that a sweep reads as a project asset
+    of its own; storing them here finds them from any working directory.
+    """
+    for path in sorted(SWEEPS_DIR.glob("*.yaml")):
+        try:
+            node = OmegaConf.load(path)
+        except Exception as err:  # a YAML error would otherwise surface without the file name
+            raise ConfigError([f"{path}: {err}"]) from err
+        cs.store(group="sweep", name=path.stem, node=node, package="_global_", provider="sweeps")
 
 
 def _resolve_asset(relative: str) -> str:

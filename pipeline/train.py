@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, distributed, estimate, evaluation, model as models, tracking, training
+from pipeline import data, distributed, estimate, evaluation, model as models, sweep, tracking, training
 
 log = logging.getLogger("pipeline.train")
 
@@ -26,8 +26,10 @@ def train(cfg: DictConfig) -> float:
     if distributed.needs_launch(cfg.distributed):
         return _launch_workers(cfg, overrides)
     run = _run_folder(cfg)
+    trial = None  # the Optuna trial when this job is one of a sweep (pipeline/sweep.py)
     try:
         run.start(cfg, overrides)  # recorded even when validation fails
+        trial = sweep.start_trial(cfg, run)
         tracking.reset_peak_memory()  # this run's own peak, also inside a multirun
         C.validate(cfg)  # every cheap check, before any model is touched
         if cfg.resume != "never":
@@ -61,7 +63,7 @@ def train(cfg: DictConfig) -> float:
             run_name=run.path.name, resume_from=resume_from,
             evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
             on_base=lambda measured: main and measured.save(run.path / "eval" / "base.json"),
-            callbacks=_callbacks(cfg, run), best=_best_metric(cfg, splits),
+            callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, trial), best=_best_metric(cfg, splits),
             distributed=distributed.trainer_arguments(cfg.distributed, run.path))
         if main:
             evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
@@ -69,6 +71,7 @@ def train(cfg: DictConfig) -> float:
         run.write_metrics(metrics)
         log.info("base vs tuned:\n%s", evaluation.comparison_table(metrics))
         tracking.finish_wandb(wandb_run, metrics, run.path / "eval" / "predictions.jsonl")
+        sweep.record_metrics(trial, metrics)
         objective = tracking.objective_value(metrics, cfg.objective.metric)
         run.finish("success", objective={cfg.objective.metric: objective})
         return objective
@@ -84,6 +87,10 @@ def train(cfg: DictConfig) -> float:
             training.requeue_slurm_job()
         raise
     except BaseException as err:
+        if sweep.is_pruned(err):  # the pruner stopped this trial: not a failure
+            run.finish("pruned", err)
+            tracking.abort_wandb(exit_code=0)
+            raise
         run.finish("failed", err)
         tracking.abort_wandb(exit_code=1)
         raise

@@ -1,0 +1,299 @@
+"""Optuna sweeps: sweep files, the conditional search space, up-front checks, and real sweeps on
+the tiny model (pruning, a failing trial, kill and resume, two workers, PostgreSQL, submitit)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import optuna
+import pytest
+from omegaconf import open_dict
+
+from pipeline import config as C
+from pipeline import sweep, tracking
+from tests.conftest import ROOT, compose_train, read_json
+
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+# Seconds per trial: tiny model, losses only (no generation), no checkpoints.
+FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity", "trainer.save_steps=null",
+        "trainer.max_steps=4", "trainer.eval_steps=2"]
+FINISHED = ("success", "pruned", "failed")
+
+
+def sweep_command(name: str, out: Path, *extra: str) -> List[str]:
+    return [sys.executable, "-m", "pipeline.train", "-m", f"sweep={name}", *FAST,
+            f"paths.output_dir={out}", *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+
+
+def run_sweep(cmd: List[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def load(folder: Path, name: str, url: str = "") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url or f"sqlite:///{folder / 'study.db'}")
+
+
+def run_statuses(folder: Path) -> List[str]:
+    statuses = []
+    for info in folder.glob("trial_*/run.json"):
+        try:
+            statuses.append(read_json(info)["status"])
+        except ValueError:  # being replaced this instant
+            pass
+    return statuses
+
+
+def mid_trial(folder: Path, finished: int) -> bool:
+    """At least ``finished`` trials done and one training right now (it has logged a step)."""
+    statuses = run_statuses(folder)
+    training = [p for p in folder.glob("trial_*/history.jsonl")
+                if read_json(p.parent / "run.json")["status"] == "running"]
+    return sum(s in FINISHED for s in statuses) >= finished and bool(training)
+
+
+# --------------------------------------------------------------------------- definitions and checks
+
+
+def compose_sweep(name: str, tmp_path: Path, *overrides: str):
+    cfg = compose_train([f"sweep={name}", *overrides], tmp_path)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_file_composes_and_passes_checks(name, tmp_path):
+    assert {"lora_rank_alpha_lr", "qlora_rank_alpha_lr", "quality_vs_params"} <= set(SWEEPS)
+    cfg = compose_sweep(name, tmp_path)
+    C.validate(cfg)
+    assert sweep.check(cfg) == []
+    assert cfg.sweep.name == name and cfg.sweep.trial is None
+    header = (ROOT / "sweeps" / f"{name}.yaml").read_text()
+    assert f"python -m pipeline.train -m sweep={name}" in header  # the exact command
+    if cfg.sweep.pruner is not None:
+        assert cfg.trainer.eval_steps and sweep.intermediate_metric(cfg) == "eval_loss"
+
+
+def test_sweep_file_selects_the_sweeper_and_a_stable_folder(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["sweep=qlora_rank_alpha_lr", f"paths.output_dir={tmp_path}",
+                                          "sweep.trial=7"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("PipelineOptunaSweeper")
+    assert cfg.adapter.method == "qlora"
+    # No date or time in the folder: a resumed sweep (and its W&B group) stays the same.
+    assert cfg.hydra.sweep.dir == f"{tmp_path}/sweeps/qlora_rank_alpha_lr"
+    assert cfg.hydra.sweep.subdir == "trial_7"
+    assert tracking.multirun_group(Path(cfg.hydra.sweep.dir)) == "sweeps_qlora_rank_alpha_lr"
+
+
+def test_search_space_is_conditional(tmp_path):
+    cfg = compose_sweep("quality_vs_params", tmp_path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0),
+                                directions=["minimize", "minimize"])
+    seen = set()
+    for _ in range(30):
+        values = sweep.suggest(study.ask(), cfg)
+        seen.add(values["adapter"])
+        if values["adapter"] == "ia3":  # IA3 has no rank, alpha or dropout
+            assert set(values) == {"adapter", "trainer.learning_rate"}
+        else:
+            assert values["adapter.lora_alpha"] / values["adapter.r"] in (1, 2)
+            assert 0 <= values["adapter.lora_dropout"] <= 0.2
+    assert seen == {"lora", "dora", "ia3"}
+    # Optuna samples the multiple, under a name that says so.
+    assert any("adapter.lora_alpha/adapter.r" in t.params for t in study.trials)
+    assert sweep.overrides({"adapter": "lora", "adapter.r": 8, "x": [1, "a b"], "y": None}) == [
+        "adapter=lora", "adapter.r=8", "x=[1,'a b']", "y=null"]
+
+
+def test_up_front_checks_name_key_and_fix(tmp_path):
+    cfg = compose_sweep("lora_rank_alpha_lr", tmp_path, "objective.metric=tuned/test/loss",
+                        "trainer.eval_steps=null", "sweep.n_trials=0")
+    with open_dict(cfg):
+        cfg.sweep.params["trainer.learning_rat"] = C.SweepParam(type="float", low=1e-4, high=1e-3)
+        cfg.sweep.params["adapter.r"] = C.SweepParam(type="categorical", choices=[])
+    problems = "\n".join(sweep.check(cfg))
+    assert "sweep.n_trials=0 must be > 0" in problems
+    assert "sweep.params.trainer.learning_rat: trainer.learning_rat is not a key" in problems
+    assert "sweep.params.adapter.r is categorical: give it choices" in problems
+    assert "'tuned/test/loss' is not measured during training" in problems
+    assert "sweep.pruner needs trainer.eval_steps" in problems
+
+    multi = compose_sweep("quality_vs_params", tmp_path)
+    multi.sweep.pruner = {"_target_": "optuna.pruners.MedianPruner"}
+    assert any("sweep.pruner needs a single objective" in p for p in sweep.check(multi))
+    bleu = compose_sweep("lora_rank_alpha_lr", tmp_path, "objective.metric=tuned/eval/bleu",
+                         "evaluation.during_training=true", "evaluation.splits=[eval,test]")
+    assert sweep.check(bleu) == [] and sweep.intermediate_metric(bleu) == "eval_bleu"
+
+
+def test_multi_objective_report_shows_the_pareto_front(tmp_path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import create_trial
+
+    cfg = compose_sweep("quality_vs_params", tmp_path)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dists = {"adapter": CategoricalDistribution(["lora", "ia3"]),
+             "trainer.learning_rate": FloatDistribution(1e-4, 3e-3, log=True)}
+    points = [("lora", 1e-3, [2.0, 900.0]), ("ia3", 2e-3, [2.5, 100.0]), ("lora", 3e-4, [3.0, 900.0]),
+              ("ia3", 2e-4, [2.4, 150.0])]
+    for method, lr, values in points:
+        study.add_trial(create_trial(
+            params={"adapter": method, "trainer.learning_rate": lr}, distributions=dists, values=values,
+            user_attrs={"overrides": [f"adapter={method}", f"trainer.learning_rate={lr}"]}))
+    summary = sweep.report(study, tmp_path, cfg, ["sweep=quality_vs_params", "model=tiny_llama"])
+
+    front = {row["number"]: row["values"] for row in summary["best"]}
+    assert front == {0: {"tuned/eval/loss": 2.0, "params/trainable": 900.0},  # 2 is dominated by 0
+                     1: {"tuned/eval/loss": 2.5, "params/trainable": 100.0},
+                     3: {"tuned/eval/loss": 2.4, "params/trainable": 150.0}}
+    assert summary["best"][0]["command"] == ("python -m pipeline.train sweep=quality_vs_params "
+                                            "model=tiny_llama adapter=lora trainer.learning_rate=0.001")
+    assert (tmp_path / "pareto_front.png").stat().st_size > 1000
+    text = (tmp_path / "report.md").read_text()
+    assert "## Pareto front" in text and "| 3 | 2.4 | 150 |" in text
+    assert read_json(tmp_path / "report.json")["trials"] == {"COMPLETE": 4}
+
+
+# --------------------------------------------------------------------------- real sweeps
+
+
+@pytest.mark.slow
+def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
+    name, folder = "lora_rank_alpha_lr", tmp_path / "sweeps" / "lora_rank_alpha_lr"
+    folder.mkdir(parents=True)
+    # The injected failure: an enqueued dropout that validation rejects (Optuna warns that it is
+    # outside the space and passes it on).
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{folder / 'study.db'}")
+    study.enqueue_trial({"adapter.lora_dropout": 1.5})
+    cmd = sweep_command(name, tmp_path, "sweep.n_trials=12", "sweep.heartbeat_s=1", "sweep.max_failures=4")
+
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not mid_trial(folder, 4) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # no clean-up at all: the harshest stop
+    first.wait()
+    before = {t.number: t for t in load(folder, name).trials}
+    assert len(before) == 5, "the first run was to be killed in its fifth trial"  # injected, 3 done, 1 running
+    done_before = {n: t for n, t in before.items() if t.state.name in ("COMPLETE", "PRUNED")}
+    infos_before = {n: read_json(folder / f"trial_{n}" / "run.json") for n in done_before}
+
+    output = run_sweep(cmd).stdout + ""
+    trials = load(folder, name).trials
+    states = {t.number: t.state.name for t in trials}
+    assert sorted(states) == list(range(len(trials))) and len(trials) == 12
+    # Finished trials were not re-run: same values, same run folders, one attempt each.
+    for n, old in done_before.items():
+        assert trials[n].state == old.state and trials[n].values == old.values
+        assert read_json(folder / f"trial_{n}" / "run.json") == infos_before[n]
+    # The trial in flight at the kill failed once its heartbeat went stale, and its run folder
+    # says so; numbers continued.
+    killed = [n for n, t in before.items() if t.state.name == "RUNNING"]
+    assert len(killed) == 1 and states[killed[0]] == "FAIL"
+    assert "worker stopped" in read_json(folder / f"trial_{killed[0]}" / "run.json")["error"]
+    new = [n for n in states if n not in before]
+    assert new and min(new) == max(before) + 1
+    # Some trials were pruned, with the run folder saying so and their last reported step.
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned, states
+    for t in pruned:
+        info = read_json(folder / f"trial_{t.number}" / "run.json")
+        assert info["status"] == "pruned" and "TrialPruned" in info["error"]
+        assert t.last_step in (2, 4)
+    # The injected trial failed alone, with its error; the rest went on.
+    injected = trials[0]
+    assert injected.state.name == "FAIL" and "adapter.lora_dropout=1.5 must be in [0, 1)" in injected.user_attrs["error"]
+    assert read_json(folder / "trial_0" / "run.json")["status"] == "failed"
+    completed = [t for t in trials if t.state.name == "COMPLETE"]
+    for t in completed:
+        assert read_json(folder / f"trial_{t.number}" / "run.json")["status"] == "success"
+        assert t.user_attrs["config"]["sweep"]["trial"] == t.number  # resolved config on the trial
+        assert t.user_attrs["metrics"]["tuned/eval/loss"] == t.value
+    # The end-of-sweep report: best trial with a ready command line, importances, plots.
+    report = read_json(folder / "report.json")
+    best = report["best"][0]
+    assert best["number"] == min(completed, key=lambda t: t.value).number
+    assert best["command"].startswith(f"python -m pipeline.train sweep={name} model=tiny_llama")
+    assert "sweep.n_trials" not in best["command"] and "adapter.lora_alpha=" in best["command"]
+    assert set(report["importances"]) >= {"trainer.learning_rate", "adapter.r"}
+    assert (folder / "history.png").stat().st_size > 1000 and (folder / "importances.png").exists()
+    assert "Best trial" in (folder / "report.md").read_text() and "sweep report" in output + ""
+
+
+@pytest.mark.slow
+def test_sweep_stops_at_max_failures(tmp_path):
+    cmd = sweep_command("lora_rank_alpha_lr", tmp_path, "sweep.max_failures=2", "trainer.warmup_ratio=2")
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "2 failed trials reached sweep.max_failures=2" in done.stderr
+    trials = load(tmp_path / "sweeps" / "lora_rank_alpha_lr", "lora_rank_alpha_lr").trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all("trainer.warmup_ratio=2" in t.user_attrs["error"] for t in trials)
+
+
+def postgres_url() -> str:
+    """The PostgreSQL server .ci/run starts (PIPELINE_TEST_POSTGRES), or skip."""
+    url = os.environ.get("PIPELINE_TEST_POSTGRES", "postgresql://pipeline:pipeline@127.0.0.1:5432/pipeline_test")
+    try:
+        import psycopg  # SQLAlchemy's driver for postgresql:// URLs
+
+        psycopg.connect(url, connect_timeout=3).close()
+    except ImportError:
+        pytest.skip("psycopg is not installed: pip install -e '.[test]'")
+    except Exception as err:
+        pytest.skip(f"no PostgreSQL server at {url} ({str(err).strip()}); .ci/run starts one")
+    return url
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_one_study(backend, tmp_path):
+    name = f"workers_{backend}_{os.getpid()}_{int(time.time())}"
+    url = postgres_url() if backend == "postgresql" else f"sqlite:///{tmp_path / 'shared.db'}"
+    cmd = sweep_command("lora_rank_alpha_lr", tmp_path, f"sweep.name={name}", "sweep.n_trials=3",
+                        f"sweep.storage='{url}'", "sweep.pruner=null")
+    workers = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs[0][-2000:] + outputs[1][-2000:]
+    ran = [set(map(int, re.findall(r"trial (\d+): COMPLETE", out))) for out in outputs]
+    trials = load(tmp_path, name, url).trials
+    numbers = [t.number for t in trials]
+    # Both worked, never on the same trial; the study holds the trials asked for (a race at the
+    # last trial may add one).
+    assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(numbers)
+    assert 3 <= len(trials) <= 4 and all(t.state.name == "COMPLETE" for t in trials)
+    for n in numbers:
+        assert read_json(tmp_path / "sweeps" / name / f"trial_{n}" / "run.json")["status"] == "success"
+
+
+@pytest.mark.slow
+def test_sweep_through_submitit_launcher(tmp_path):
+    name = "lora_rank_alpha_lr"
+    run_sweep(sweep_command(name, tmp_path, "hydra/launcher=submitit_local", "sweep.n_trials=2",
+                            "sweep.n_jobs=2", "hydra.launcher.timeout_min=10"))
+    folder = tmp_path / "sweeps" / name
+    trials = load(folder, name).trials
+    assert [t.state.name for t in trials] in (["COMPLETE", "COMPLETE"], ["COMPLETE", "PRUNED"],
+                                              ["PRUNED", "COMPLETE"])
+    for t in trials:  # each trial ran in its own submitit process and reported to the storage
+        assert t.intermediate_values and t.user_attrs["run_dir"] == str(folder / f"trial_{t.number}")
+    assert list((folder / ".submitit").glob("*/*_result.pkl"))
