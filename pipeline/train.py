@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> float:
             run_name=run.path.name, resume_from=training.last_checkpoint(run.path / "checkpoints"),
             evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
             on_base=lambda measured: measured.save(run.path / "eval" / "base.json"),
-            callbacks=_callbacks(cfg, run))
+            callbacks=_callbacks(cfg, run), pack_length=cfg.data.pack_length)
         evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)

@@ -116,6 +116,19 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
             log.warning("non-finite loss at step %d: skipped (%d so far)", step, self.skipped_steps)
             return torch.zeros_like(loss)
 
+        def _track_num_input_tokens(self, inputs):
+            # The Trainer counts non-padding tokens by the attention mask, or else as ids other
+            # than the padding id; packed rows have no mask (it would turn off the block-diagonal
+            # attention), and the padding id is often the end-of-turn token that every example
+            # holds, so count them as the packing collator laid them out.
+            if "attention_mask" in inputs or "position_ids" not in inputs or \
+                    self.args.include_num_input_tokens_seen != "non_padding":
+                return super()._track_num_input_tokens(inputs)
+            from pipeline.data import real_tokens
+
+            count = torch.as_tensor(real_tokens(inputs), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
+
         def evaluation_loop(self, *args, **kwargs):
             output = super().evaluation_loop(*args, **kwargs)
             prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
@@ -168,7 +181,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         trains: bool, packing: bool, report_to: List[str], run_name: str,
         resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
         on_base: Optional[Callable[[Any], None]] = None,
-        callbacks: Optional[List[Any]] = None) -> Tuple[Dict[str, Any], Any, Any]:
+        callbacks: Optional[List[Any]] = None, pack_length: int = 512
+        ) -> Tuple[Dict[str, Any], Any, Any]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -189,6 +203,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
             is an identity: the model is the base model).
         on_base: called with the base measurement once taken (to persist it).
         callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
+        pack_length: with ``packing``, the token budget of one packed row.
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -202,7 +217,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
                               report_to=report_to, run_name=run_name)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
-                            collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
+                            collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
     if base is None:
         base = evaluator.measure(trainer)
