@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import hydra
@@ -90,7 +91,14 @@ def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) ->
 
 def _callbacks(cfg: DictConfig, run: tracking.RunFolder) -> list:
     """Trainer callbacks that this run's config asks for."""
-    return []
+    return [training.first_step_callback(lambda: _first_step(run))]
+
+
+def _first_step(run: tracking.RunFolder) -> None:
+    """Records when training began (``first_step_at`` in run.json): start-up cost."""
+    now = time.time()
+    run.update(first_step_at=now)
+    log.info("first training step begins %.1f s after the run started", now - run.started)
 
 
 def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:

@@ -86,6 +86,22 @@ def _recording_callback(path: Path) -> Any:
     return RecordMetrics()
 
 
+def first_step_callback(on_first_step: Callable[[], None]) -> Any:
+    """A callback that calls ``on_first_step()`` once, as this process's first training step
+    begins (the end of start-up: imports, data, model, base evaluation)."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        seen = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.seen:
+                self.seen = True
+                on_first_step()
+
+    return FirstStep()
+
+
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
                   eval_dataset: Optional[Any], data_collator: Any, nan_policy: str,
                   history_path: Path, callbacks: Optional[List[Any]] = None,
