@@ -305,15 +305,22 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> Splits:
 
 
 def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
-    """First-fit-decreasing bin packing: indices of ``lengths`` grouped into rows whose total
-    length is at most ``capacity``, longest first (few rows, little tail left over).
+    """Indices of ``lengths`` grouped into as few rows of at most ``capacity`` tokens as
+    first-fit decreasing finds, balanced across those rows.
+
+    First-fit decreasing (longest first, each into the first row with room) sets the number of
+    rows; the examples are then dealt, longest first, to the least-filled of those rows, so that
+    the longest row, which sets the batch's width, is as short as it can easily be (FFD alone
+    fills its first rows and leaves the last nearly empty, all padding). When dealing cannot fit
+    every example under ``capacity``, the FFD rows are kept.
 
     Raises:
         ValueError: when one length alone exceeds ``capacity``.
     """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: List[List[int]] = []
     free: List[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for i in order:
         if lengths[i] > capacity:
             raise ValueError(f"an example of {lengths[i]} tokens does not fit in data.pack_length="
                              f"{capacity}; raise data.pack_length to at least data.max_length")
@@ -324,13 +331,21 @@ def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
             row = len(rows) - 1
         rows[row].append(i)
         free[row] -= lengths[i]
-    return rows
+    balanced: List[List[int]] = [[] for _ in rows]
+    fill = [0] * len(rows)
+    for i in order:
+        row = min(range(len(rows)), key=fill.__getitem__)
+        if fill[row] + lengths[i] > capacity:
+            return rows
+        balanced[row].append(i)
+        fill[row] += lengths[i]
+    return balanced
 
 
 class PackingCollator:
     """Padding-free batches of rows of at most ``pack_length`` tokens.
 
-    The examples of a batch are bin-packed (first-fit decreasing) into rows; each row is
+    The examples of a batch are bin-packed (:func:`pack_rows`) into rows; each row is
     transformers' ``DataCollatorWithFlattening`` of its examples (position ids restarting per
     example, the first label of each example ignored so that no example predicts the next one's
     first token), and the rows' tails are a padding segment of its own (pad ids, labels ignored,

@@ -18,6 +18,9 @@ def test_first_fit_decreasing_fills_rows_within_the_budget():
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
     assert len(rows) == 3  # 1080 tokens: 3 rows is the fewest that can hold them
+    # Balanced rows: first-fit decreasing alone would fill one row with 500 tokens and the
+    # other with 40, and the batch would be 2 x 500 wide.
+    assert sorted(sum([250, 250, 20, 20][i] for i in row) for row in pack_rows([250, 250, 20, 20], 512)) == [270, 270]
     with pytest.raises(ValueError, match="data.pack_length=100"):
         pack_rows([120], 100)
 
