@@ -101,6 +101,7 @@ class DataConfig:
     test_size: float = 0.1
     max_examples: Optional[int] = None  # cap before splitting (debug, quick experiments)
     packing: bool = False  # padding-free batches (position ids restart per example)
+    pack_length: int = 512  # packing: the token budget of one packed row (>= max_length)
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -574,6 +575,9 @@ def _check_data(data: DataConfig) -> List[str]:
     if sum(fractions) >= 1:
         problems.append(f"data.validation_size + data.test_size = {sum(fractions)} leaves no "
                         "training examples; make them smaller")
+    if data.packing and data.pack_length < data.max_length:
+        problems.append(f"data.pack_length={data.pack_length} must be >= data.max_length="
+                        f"{data.max_length} (every example must fit in a packed row); raise it")
     if data.max_examples is not None and data.max_examples <= 0:
         problems.append(f"data.max_examples={data.max_examples} must be > 0 or null")
     if data.template == "plain" and data.format == "messages":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import hydra
@@ -64,7 +65,8 @@ def train(cfg: DictConfig) -> float:
             evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
             on_base=lambda measured: main and measured.save(run.path / "eval" / "base.json"),
             callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, trial), best=_best_metric(cfg, splits),
-            distributed=distributed.trainer_arguments(cfg.distributed, run.path))
+            distributed=distributed.trainer_arguments(cfg.distributed, run.path),
+            pack_length=cfg.data.pack_length)
         if main:
             evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
@@ -181,7 +183,15 @@ def _callbacks(cfg: DictConfig, run: tracking.RunFolder) -> list:
         run.update(last_checkpoint=checkpoint, best_checkpoint=best, best_metric=best_value)
 
     return [training.preemption_callback(list(cfg.preemption.signals), cfg.preemption.exit_code),
-            training.checkpoint_recorder(record)]
+            training.checkpoint_recorder(record),
+            training.first_step_callback(lambda: _first_step(run))]
+
+
+def _first_step(run: tracking.RunFolder) -> None:
+    """Records when training began (``first_step_at`` in run.json): start-up cost."""
+    now = time.time()
+    run.update(first_step_at=now)
+    log.info("first training step begins %.1f s after the run started", now - run.started)
 
 
 def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:

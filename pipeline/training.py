@@ -163,6 +163,22 @@ def rewind_history(path: Path, checkpoint: Optional[str]) -> int:
     return len(lines)
 
 
+def first_step_callback(on_first_step: Callable[[], None]) -> Any:
+    """A callback that calls ``on_first_step()`` once, as this process's first training step
+    begins (the end of start-up: imports, data, model, base evaluation)."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        seen = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.seen:
+                self.seen = True
+                on_first_step()
+
+    return FirstStep()
+
+
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
                   eval_dataset: Optional[Any], data_collator: Any, nan_policy: str,
                   history_path: Path, callbacks: Optional[List[Any]] = None,
@@ -192,6 +208,19 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
             self.skipped_steps += 1
             log.warning("non-finite loss at step %d: skipped (%d so far)", step, self.skipped_steps)
             return torch.zeros_like(loss)
+
+        def _track_num_input_tokens(self, inputs):
+            # The Trainer counts non-padding tokens by the attention mask, or else as ids other
+            # than the padding id; packed rows have no mask (it would turn off the block-diagonal
+            # attention), and the padding id is often the end-of-turn token that every example
+            # holds, so count them as the packing collator laid them out.
+            if "attention_mask" in inputs or "position_ids" not in inputs or \
+                    self.args.include_num_input_tokens_seen != "non_padding":
+                return super()._track_num_input_tokens(inputs)
+            from pipeline.data import real_tokens
+
+            count = torch.as_tensor(real_tokens(inputs), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
 
         def evaluation_loop(self, *args, **kwargs):
             output = super().evaluation_loop(*args, **kwargs)
@@ -483,7 +512,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         on_base: Optional[Callable[[Any], None]] = None,
         callbacks: Optional[List[Any]] = None,
         best: Optional[Tuple[str, bool]] = None,
-        distributed: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], Any, Any]:
+        distributed: Optional[Dict[str, Any]] = None,
+        pack_length: int = 512) -> Tuple[Dict[str, Any], Any, Any]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -506,6 +536,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
         best: ``(metric_for_best_model, greater_is_better)`` from :func:`best_metric`, or None.
         distributed: multi-process ``TrainingArguments`` (DeepSpeed config, DDP backend).
+        pack_length: with ``packing``, the token budget of one packed row.
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -521,7 +552,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
                               distributed=distributed)
     rewind_history(run_dir / "history.jsonl", resume_from)
     trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
-                            collator(tokenizer, packing), cfg.nan_policy, run_dir / "history.jsonl",
+                            collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
     if base is None:
         from pipeline.distributed import gathered

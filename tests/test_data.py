@@ -1,14 +1,13 @@
-"""Data stage: formats, loss masking, splits, truncation, packing, and errors naming file:line."""
+"""Data stage: formats, loss masking, splits, truncation, and errors naming file:line."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
 from pipeline import config as C
-from pipeline.data import (IGNORE_INDEX, DataError, build_datasets, collator, render, split_examples,
+from pipeline.data import (IGNORE_INDEX, DataError, build_datasets, render, split_examples,
                            tokenize, Example)
 from tests.conftest import write_jsonl
 
@@ -163,34 +162,3 @@ def test_shipped_datasets_build(tokenizer):
         option = C.load_option("data", name, seed=0)
         splits = build_datasets(option, tokenizer)
         assert len(splits.train) > 300 and splits.validation is not None and splits.test is not None
-
-
-def _loss(model, batch) -> torch.Tensor:
-    return model(**batch, use_cache=False).loss
-
-
-def test_packed_loss_equals_padded_loss_and_sequences_do_not_attend_across(tokenizer, tiny_folder, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    records = [{"prompt": "p" * n, "completion": "word " * (n + 2)} for n in (3, 9, 17, 30)]
-    rows = list(build_datasets(data_cfg(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer).train)
-    features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    model = AutoModelForCausalLM.from_pretrained(tiny_folder, attn_implementation="sdpa").eval()
-    tokenizer.padding_side = "right"
-    padded = collator(tokenizer, packing=False)(features)
-    packed = collator(tokenizer, packing=True)(features)
-    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
-    assert packed["position_ids"][0].tolist() == [i for f in features for i in range(len(f["input_ids"]))]
-    with torch.no_grad():
-        torch.testing.assert_close(_loss(model, packed), _loss(model, padded), rtol=1e-5, atol=1e-5)
-        # The last example's logits inside the packed row equal its logits alone.
-        alone = model(input_ids=torch.tensor([features[-1]["input_ids"]])).logits[0]
-        n = len(features[-1]["input_ids"])
-        def last(use_cache: bool) -> torch.Tensor:
-            return model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                         use_cache=use_cache).logits[0, -n:]
-
-        torch.testing.assert_close(last(use_cache=False), alone, rtol=1e-4, atol=1e-4)
-        # The trap load_model avoids by setting use_cache=False: with a cache, transformers builds
-        # a causal mask over the whole row and the examples attend to each other.
-        assert not torch.allclose(last(use_cache=True), alone, atol=1e-2)
