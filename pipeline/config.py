@@ -712,11 +712,13 @@ def _check_distributed(cfg: DictConfig, settings: AdapterSettings) -> List[str]:
     """What cannot run under ``distributed`` with this adapter, precision and machine."""
     import importlib.util
 
-    import torch
-
     from pipeline import distributed
 
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else None
+    cuda = None
+    if cfg.distributed.nproc_per_node > 1:  # only then does the GPU count matter: torch is slow to import
+        import torch
+
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else None
     installed = importlib.util.find_spec("deepspeed") is not None
     return distributed.check(cfg.distributed, settings, cfg.trainer.precision, cuda, installed)
 
