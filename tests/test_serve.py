@@ -43,6 +43,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(app):
+    """Starts uvicorn on a free 127.0.0.1 port in a thread; returns (server, thread, port)."""
+    import uvicorn
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.02)
+    return uv, thread, port
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_folder, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("serve")
@@ -53,8 +66,6 @@ def adapters(tiny_folder, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(adapters, tmp_path_factory):
-    import uvicorn
-
     from pipeline.serve import build_app
 
     cfg = compose_serve([f"run={adapters['run']}", "model=tiny_llama",
@@ -64,12 +75,7 @@ def server(adapters, tmp_path_factory):
                          "server.max_wait_ms=50"],
                         tmp_path_factory.mktemp("serve_run"))
     app = build_app(cfg)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.02)
+    uv, thread, port = start_server(app)
     yield app, f"http://127.0.0.1:{port}"
     uv.should_exit = True
     thread.join(30)
@@ -297,17 +303,10 @@ def test_load_500_requests_16_concurrent(server):
 
 
 def test_shutdown_finishes_requests_in_flight(tmp_path):
-    import uvicorn
-
     from pipeline.serve import build_app
 
     app = build_app(compose_serve(["model=tiny_llama"], tmp_path))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.02)
+    uv, thread, port = start_server(app)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(complete, client, "tiny_llama", max_tokens=24)
