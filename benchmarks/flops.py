@@ -45,6 +45,8 @@ from typing import Callable, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from pipeline.precision import cpu_kind  # noqa: E402
+
 
 def matmul_peak(dtype, shape, seconds: float, linear: bool = False) -> float:
     """Best FLOP/s of one matmul shape over repeated calls lasting ``seconds`` (at least 2 calls)."""
@@ -203,7 +205,8 @@ def main() -> None:
     peak = {k: max(before[k], after[k]) for k in before}
 
     total = {k: sum(f[k] for f in flops) for k in ("lora", "six_n_t", "tokens")}
-    print(f"\nmodel {args.model}: {flops[0]['matmul_params']:,} matmul weights, "
+    print(f"\ncpu: {cpu_kind()}")
+    print(f"model {args.model}: {flops[0]['matmul_params']:,} matmul weights, "
           f"{flops[0]['adapter_params']:,} adapter weights; {total['tokens']} real tokens in "
           f"{args.steps} steps of {args.batch}")
     print("FLOPs = 4 N T + 2 N_adapter T + 12 d L sum(len^2)  (forward 2NT, backward activation "
@@ -231,7 +234,7 @@ def main() -> None:
               f"{rate / peak['fp32 matmul']:.1%} | {rate / peak['bf16 matmul']:.0%} | "
               f"{rate / peak['bf16 linear']:.1%} | {r['speedup']:.2f}x |")
     print(f"(6 N T would count {total['six_n_t'] / total['lora']:.2f}x the LoRA FLOPs above)")
-    print(json.dumps({"benchmark": "flops", "model": args.model, "steps": args.steps, "batch": args.batch,
+    print(json.dumps({"benchmark": "flops", "cpu": cpu_kind(), "model": args.model, "steps": args.steps, "batch": args.batch,
                       "threads": torch.get_num_threads(), "peak_flops_per_s": peak,
                       "lora_flops_per_step_avg": total["lora"] / len(batches), "settings": rows}))
 

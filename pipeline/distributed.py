@@ -183,12 +183,15 @@ def zero3_init_context(cfg: DistributedConfig, trainer: Any) -> Any:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
+    from pipeline.precision import resolve as resolve_precision
+
     config = deepspeed_config(cfg)
     micro, accumulation = trainer.per_device_train_batch_size, trainer.gradient_accumulation_steps
+    mixed = resolve_precision(trainer.precision).precision
     config.pop("train_batch_size")  # DeepSpeed derives it (its view of the world size may lag)
     config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation,
                   gradient_clipping=trainer.max_grad_norm,
-                  bf16={"enabled": trainer.precision == "bf16"}, fp16={"enabled": trainer.precision == "fp16"})
+                  bf16={"enabled": mixed == "bf16"}, fp16={"enabled": mixed == "fp16"})
     config.pop("optimizer", None)
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         config["zero_optimization"].pop(key, None)  # DeepSpeed's defaults; the Trainer tunes them later

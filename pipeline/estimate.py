@@ -126,7 +126,7 @@ def count_for_config(cfg: Any) -> ParameterCounts:
 
     from pipeline import model as models
 
-    folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
     architecture = models.describe(folder, cfg.model)
     config = AutoConfig.from_pretrained(folder, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
@@ -160,13 +160,15 @@ def for_config(cfg: Any, counts: ParameterCounts) -> MemoryEstimate:
     """The estimate for the ``distributed``, ``trainer`` and ``adapter`` settings of ``cfg``."""
     from omegaconf import OmegaConf
 
+    from pipeline.precision import resolve as resolve_precision
+
     dist = cfg.distributed
     settings = OmegaConf.to_object(cfg.adapter)
     quantization = settings.quantization() or {}
     weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, 4)
     return estimate(counts, stage=dist.zero_stage if dist.strategy == "deepspeed" else 0,
                     processes=_processes(dist),
-                    mixed_precision=cfg.trainer.precision in ("bf16", "fp16"),
+                    mixed_precision=resolve_precision(cfg.trainer.precision).precision in ("bf16", "fp16"),
                     deepspeed=dist.strategy == "deepspeed", offload_optimizer=dist.offload_optimizer,
                     offload_params=dist.offload_params, quantized_bits=quantization.get("bits", 4),
                     weight_bytes=weight_bytes)
@@ -181,13 +183,16 @@ def _processes(dist: Any) -> int:
 
 def describe(cfg: Any, counts: ParameterCounts) -> str:
     """A few lines for the start-up log and the CLI."""
+    from pipeline.precision import resolve as resolve_precision
+
     dist = cfg.distributed
     how = f"ZeRO-{dist.zero_stage}" if dist.strategy == "deepspeed" else dist.strategy
     if dist.offload_optimizer:
         how += " + optimizer offload" + (" + parameter offload" if dist.offload_params else "")
     head = (f"model-state memory per device (adapter={cfg.adapter.method}, {how}, "
             f"{_processes(dist)} process(es), trainer.precision="
-            f"{cfg.trainer.precision}; {counts.trainable:,} trainable / {counts.total:,} parameters; "
+            f"{resolve_precision(cfg.trainer.precision).precision}; {counts.trainable:,} trainable / "
+            f"{counts.total:,} parameters; "
             "activations not included):")
     return head + "\n" + for_config(cfg, counts).table()
 

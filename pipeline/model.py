@@ -202,6 +202,11 @@ def load_model(folder: str, cfg: ModelConfig, quantization: Optional[Dict[str, A
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (shards) the weights itself
             kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if quantization and quantization.get("bits") == 4:
+        from pipeline.quantization import guard_cpu_4bit
+
+        # Every 4-bit load, whether it trains, evaluates, serves or exports: see guard_cpu_4bit.
+        guard_cpu_4bit(model)
     model.config.use_cache = False  # training: no KV cache (also required by packed batches)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

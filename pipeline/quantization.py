@@ -6,8 +6,9 @@ Two things here are easy to get wrong:
   quantisation only happens on the ``from_pretrained`` path. Save the base
   model to a folder first, then load it with :func:`bnb_config`.
 * On CPUs with AVX512-bf16, bitsandbytes silently breaks LoRA gradients after
-  any eval-mode forward (evaluation loop, ``generate``). Call
-  :func:`guard_cpu_4bit` right after loading to prevent it.
+  any eval-mode forward (evaluation loop, ``generate``). :func:`guard_cpu_4bit`
+  prevents it; ``pipeline.model.load_model`` calls it on every 4-bit load, so
+  training, ``pipeline.evaluate``, the server and export all get it.
 """
 
 from __future__ import annotations
@@ -134,9 +135,15 @@ def guard_cpu_4bit(model: nn.Module) -> int:
     repacks ``weight.data`` into an AVX512-bf16 tile layout and marks the
     quant state ``packing_format_for_cpu``. From then on ``matmul_4bit``
     routes every CPU call, training included, to ``gemv_4bit``, which has no
-    autograd formula, so the gradient through the frozen base weight is lost
-    and LoRA gradients of earlier layers are silently wrong. Clearing the flag
-    keeps the weight in the standard layout, whose matmul has a backward.
+    autograd formula, so no gradient flows back through any frozen 4-bit weight.
+    LoRA weights whose output reaches the loss only through such a weight (the
+    attention projections, through ``o_proj``) get no gradient at all; others
+    (an MLP ``down_proj``, through the residual stream) get one that misses the
+    later layers' share, i.e. a wrong one. Only a warning from torch says so.
+    Clearing the flag keeps the weight in the standard layout, whose matmul has
+    a backward; it also keeps inference in the compute dtype (the repacked
+    kernel computes in bf16), so a model answers the same in training's
+    evaluation, ``pipeline.evaluate`` and the server, on any CPU.
 
     Only weights on CPU are affected; on GPU the flag is never read, so
     calling this unconditionally is harmless. Call it after loading (and

@@ -63,24 +63,27 @@ def test_deepspeed_json_leaves_trainer_values_auto():
     assert offload["optimizer"]["params"]["lr"] == "auto"
 
 
-def test_deepspeed_json_is_accepted_by_the_trainer(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_deepspeed_json_is_accepted_by_the_trainer(tmp_path, precision):
     """transformers fills every ``auto`` from TrainingArguments (no process group needed)."""
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from pipeline import training
+    from pipeline import precision as P, training
 
-    cfg = compose_train([*STEPS, "distributed=zero2"], tmp_path)
+    cfg = compose_train([*STEPS, "distributed=zero2", f"trainer.precision={precision}"], tmp_path)
     hf = HfTrainerDeepSpeedConfig(distributed.deepspeed_config(cfg.distributed))
     args = training.training_arguments(cfg.trainer, tmp_path, 0, has_eval=False, report_to=[], run_name="x")
     hf.trainer_config_process(args)
     filled = json.dumps(hf.config)
     assert '"auto"' not in filled.replace('"reduce_bucket_size": "auto"', "")
-    assert hf.config["train_micro_batch_size_per_gpu"] == 4 and hf.config["bf16"]["enabled"] is False
+    bf16 = P.resolve(precision).precision == "bf16"  # auto: what this machine picks
+    assert hf.config["train_micro_batch_size_per_gpu"] == 4 and hf.config["bf16"]["enabled"] is bf16
     assert args.use_cpu  # without it, every CPU rank would train on the same batches
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["distributed=zero3", "adapter=qlora"], "adapter.quant_storage=float32"),
+    (["distributed=zero3", "adapter=qlora", "adapter.compute_dtype=float32"], "adapter.quant_storage=float32"),
+    (["distributed=zero3", "adapter=qlora", "adapter.compute_dtype=bfloat16"], "adapter.quant_storage=bfloat16"),
     (["distributed=zero3", "adapter=qlora", "adapter.bits=8"], "adapter.bits=8 cannot be sharded by ZeRO-3"),
     (["distributed=zero3", "adapter=qlora", "adapter.quant_storage=float32", "distributed.zero_init=false"],
      "distributed.zero_init=true"),

@@ -26,8 +26,11 @@ NUM_LAYERS = 2
 # q, k, v, o, gate, up, down per decoder layer; transformers leaves lm_head dense.
 LINEARS_PER_LAYER = 7
 # The 4-bit and reference paths both dequantise then matmul in fp32, so only
-# summation-order noise separates them; the AVX512 bug gives O(1) relative errors.
+# summation-order noise separates them; the AVX512 bug gives missing or O(1)-wrong gradients.
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-5}
+# Attention projections and the MLP output: after the bitsandbytes repack the first lose their
+# gradient entirely, the second keep one that is wrong (see the negative control).
+TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -67,7 +70,7 @@ def _load_4bit(folder: Path) -> torch.nn.Module:
 
 
 def _add_lora(model: torch.nn.Module) -> torch.nn.Module:
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
     model = get_peft_model(model, config)
     # PEFT zero-initialises B, which would leave A without gradient; use
     # seeded non-zero values for both so each gets a real gradient.
@@ -83,18 +86,25 @@ def _lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def _eval_forward(model: torch.nn.Module, ids: torch.Tensor) -> None:
-    # What an evaluation loop or generate() does between training steps.
+def _eval_forward(model: torch.nn.Module, ids: torch.Tensor, kind: str = "forward") -> None:
+    # What an evaluation loop (forward) or generation does between training steps. generate()
+    # decodes one token at a time, where bitsandbytes takes its gemv_4bit kernel.
     model.eval()
     with torch.no_grad():
-        model(input_ids=ids)
+        if kind == "generate":
+            model.generate(input_ids=ids[:, :4], attention_mask=torch.ones_like(ids[:, :4]),
+                           max_new_tokens=3, do_sample=False, pad_token_id=0)
+        else:
+            model(input_ids=ids)
 
 
-def _lora_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _lora_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Every LoRA parameter's gradient after one training step; None where none arrived."""
     model.train()
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {n: None if p.grad is None else p.grad.detach().clone()
+            for n, p in model.named_parameters() if "lora_" in n}
 
 
 def _quantized_lora(folder: Path, lora: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -126,7 +136,9 @@ def reference(base_dir: Path, batch: torch.Tensor) -> tuple[dict[str, torch.Tens
     ref = _add_lora(ref)
     result = ref.load_state_dict(lora, strict=False)
     assert not result.unexpected_keys
-    return lora, _lora_grads(ref, batch)
+    grads = _lora_grads(ref, batch)
+    assert all(g is not None and g.abs().max() > 0 for g in grads.values())
+    return lora, grads
 
 
 def test_bnb_config_4bit_fields() -> None:
@@ -182,15 +194,20 @@ def test_guard_blocks_cpu_repack(base_dir: Path, batch: torch.Tensor) -> None:
     )
 
 
-def test_guarded_grads_match_reference_after_eval(base_dir: Path, batch: torch.Tensor, reference) -> None:
+@pytest.mark.parametrize("kind", ["forward", "generate"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_guarded_grads_match_reference_after_eval(base_dir: Path, batch: torch.Tensor, reference,
+                                                 kind: str, rows: int) -> None:
     lora, ref_grads = reference
     model = _quantized_lora(base_dir, lora)
     guard_cpu_4bit(model)
-    _eval_forward(model, batch)
+    _eval_forward(model, batch[:rows], kind)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for _, m in linear4bit_modules(model))
     grads = _lora_grads(model, batch)
     assert grads.keys() == ref_grads.keys()
-    assert len(grads) == NUM_LAYERS * 2 * 2  # (q, v) x (A, B) per layer
-    assert all(g.abs().max() > 0 for g in grads.values())
+    assert len(grads) == NUM_LAYERS * len(TARGETS) * 2  # A and B per target per layer
+    assert all(g is not None and g.abs().max() > 0 for g in grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], **GRAD_TOL, msg=name)
 
@@ -199,11 +216,113 @@ def test_guarded_grads_match_reference_after_eval(base_dir: Path, batch: torch.T
     not bnb.functional.has_avx512bf16(),
     reason="CPU lacks AVX512-bf16, so bitsandbytes never takes the repacking path the guard prevents",
 )
-def test_unguarded_grads_are_wrong_after_eval(base_dir: Path, batch: torch.Tensor, reference) -> None:
-    """Negative control: documents the trap that guard_cpu_4bit exists for."""
+def test_unguarded_grads_are_missing_or_wrong_after_eval(base_dir: Path, batch: torch.Tensor, reference) -> None:
+    """Negative control: what happens without guard_cpu_4bit on an AVX512-bf16 CPU.
+
+    The eval forward repacks every 4-bit weight; from then on training calls gemv_4bit, which
+    has no backward, so no gradient flows back through a frozen 4-bit weight. LoRA on the
+    attention projections (whose output only reaches the loss through o_proj) gets no gradient
+    at all; LoRA on the first layer's down_proj still gets one through the residual stream, but
+    without the later layers' share, so it is wrong.
+    """
     lora, ref_grads = reference
     model = _quantized_lora(base_dir, lora)
     _eval_forward(model, batch)
-    assert any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in linear4bit_modules(model))
+    assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in linear4bit_modules(model))
     grads = _lora_grads(model, batch)
-    assert _max_diff(grads, ref_grads) > 100 * GRAD_TOL["atol"]
+    missing = sorted(n for n, g in grads.items() if g is None)
+    assert missing == sorted(n for n in grads if "q_proj" in n or "v_proj" in n)
+    first_down = [n for n in grads if "layers.0.mlp.down_proj" in n]
+    assert len(first_down) == 2
+    for name in first_down:
+        error = (grads[name] - ref_grads[name]).abs().max() / ref_grads[name].abs().max()
+        assert error > 0.2, f"{name}: relative error {error:.3g}, expected the gradient to be wrong"
+
+
+# ----------------------------------------------------------------- every 4-bit load is guarded
+# These force bitsandbytes' AVX512-bf16 detection on, so they check the guard on any CPU.
+
+QUANTIZATION = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32",
+                "quant_storage": None}
+
+
+@pytest.fixture
+def avx512bf16_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Linear4bit built from now on believes the CPU has AVX512-bf16."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    probe = bnb.nn.Linear4bit(8, 8)
+    assert probe.support_avx512bf16_for_cpu is True  # the forcing works
+
+
+@pytest.fixture
+def loaded_models(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every model that ``pipeline.model.load_model`` returns while the test runs."""
+    from pipeline import model as models
+
+    seen: list = []
+    real = models.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(models, "load_model", spy)
+    return seen
+
+
+def _assert_guarded_after_eval(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    modules = linear4bit_modules(model)
+    assert modules, "expected a 4-bit model"
+    assert all(m.support_avx512bf16_for_cpu is False for _, m in modules)
+    for kind in ("forward", "generate"):
+        _eval_forward(model, ids[:1], kind)  # one row: the gemv_4bit decode path
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in modules)
+
+
+def test_load_model_guards_every_4bit_load(base_dir: Path, batch: torch.Tensor, avx512bf16_forced, reference) -> None:
+    """What train() does: load through pipeline.model, evaluate, then train on the same weights."""
+    from pipeline import config as C, model as models
+
+    model_cfg = C.load_option("model", "tiny_llama", dtype="float32", attn_implementation="eager")
+    model = models.load_model(str(base_dir), model_cfg, QUANTIZATION)
+    _assert_guarded_after_eval(model, batch)
+    lora, ref_grads = reference
+    tuned = _add_lora(model)
+    tuned.load_state_dict(lora, strict=False)
+    grads = _lora_grads(tuned, batch)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], **GRAD_TOL, msg=name)
+
+
+@pytest.fixture
+def qlora_run(tiny_folder: str, tmp_path: Path) -> Path:
+    from tests.adapter_factory import make_lora, make_run
+
+    return make_run(tmp_path / "qrun", make_lora(tiny_folder, tmp_path / "lora", seed=1), ["adapter=qlora"])
+
+
+def test_evaluate_loads_a_qlora_run_guarded(qlora_run: Path, batch: torch.Tensor, avx512bf16_forced,
+                                            loaded_models: list, tiny_folder: str) -> None:
+    from pipeline import evaluate
+
+    _, model_cfg, settings, artifact = evaluate.read_run(str(qlora_run))
+    assert settings.quantization()["bits"] == 4
+    tuned, base = evaluate._models(tiny_folder, model_cfg, settings, artifact)
+    assert base is None and len(loaded_models) == 1
+    _assert_guarded_after_eval(tuned, batch)
+
+
+def test_server_loads_a_qlora_run_guarded(qlora_run: Path, batch: torch.Tensor, avx512bf16_forced,
+                                          loaded_models: list) -> None:
+    import os
+
+    from pipeline import config as C
+    from pipeline.server.pool import ModelPool, source_from_path
+
+    base_cfg = C.load_option("model", "tiny_llama")
+    source = source_from_path("tuned", str(qlora_run), base_cfg, "run")
+    pool = ModelPool(base_cfg, "base", [source], os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline"), 42)
+    assert any(linear4bit_modules(m) for m in loaded_models)
+    _assert_guarded_after_eval(pool.choices["tuned"].model, batch)

@@ -79,8 +79,8 @@ class QLoraSettings(LoraSettings):
     bits: int = 4
     quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True
-    # auto: bfloat16 on a GPU that supports it, else float32 (CPUs without AVX512-bf16 run
-    # bfloat16 matmuls hundreds of times slower than float32).
+    # auto: bfloat16 where the device multiplies it natively (AVX512-bf16/AMX CPUs, Ampere+ GPUs),
+    # else float32 (the rule of trainer.precision=auto, pipeline/precision.py).
     compute_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quant_storage: Optional[str] = None  # set to the compute dtype for ZeRO-3 / FSDP sharding
 
@@ -102,21 +102,15 @@ class QLoraSettings(LoraSettings):
         return problems
 
     def quantization(self) -> Dict[str, Any]:
-        compute_dtype = self.compute_dtype
-        if compute_dtype == "auto":
-            import torch
+        from pipeline.precision import compute_dtype
 
-            on_bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            compute_dtype = "bfloat16" if on_bf16_gpu else "float32"
         return {"bits": self.bits, "quant_type": self.quant_type, "double_quant": self.double_quant,
-                "compute_dtype": compute_dtype, "quant_storage": self.quant_storage}
+                "compute_dtype": compute_dtype(self.compute_dtype), "quant_storage": self.quant_storage}
 
     def apply(self, model: Any, architecture: Any) -> Any:
         from peft import prepare_model_for_kbit_training
 
-        from pipeline.quantization import guard_cpu_4bit
-
+        # pipeline.model.load_model has already guarded the 4-bit weights (guard_cpu_4bit).
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=model.is_gradient_checkpointing)
-        guard_cpu_4bit(model)
         return super().apply(model, architecture)
