@@ -99,10 +99,18 @@ class DataConfig:
     truncation: str = "drop"  # drop | truncate | error: what to do with longer examples
     validation_size: float = 0.1  # fraction (< 1) or count (>= 1) of examples
     test_size: float = 0.1
+    # A fraction of a large file is more than evaluation needs (every validation example is
+    # scored at each trainer.eval_steps): fractions are capped at these counts, and the rest
+    # trains. Counts given as validation_size/test_size are kept as they are. null: no cap.
+    max_validation_examples: Optional[int] = 200
+    max_test_examples: Optional[int] = 300
     max_examples: Optional[int] = None  # cap before splitting (debug, quick experiments)
     packing: bool = False  # padding-free batches (position ids restart per example)
     pack_length: int = 512  # packing: the token budget of one packed row (>= max_length)
-    seed: int = "${seed}"  # type: ignore[assignment]
+    # The split's seed (and a tiny model's initialisation). Fixed rather than ${seed}: the runs
+    # of a multirun over seeds then train on the same split and are evaluated on the same
+    # examples, so they compare example by example and share one base measurement.
+    seed: int = 42
 
 
 # --------------------------------------------------------------------------- model
@@ -168,7 +176,9 @@ class TrainerConfig:
     lr_scheduler_type: str = "cosine"
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision autocast)
+    # auto: bf16 autocast where the device multiplies bf16 natively (AVX512-bf16/AMX CPUs,
+    # Ampere+ GPUs), else fp32; see pipeline/precision.py. fp32 | bf16 | fp16 force one.
+    precision: str = "auto"
     logging_steps: int = 10
     eval_steps: Optional[int] = 50  # null: evaluate only at the end
     save_steps: Optional[int] = 100  # null: no intermediate checkpoints
@@ -216,6 +226,9 @@ class EvaluationConfig:
     # optimise and prune on BLEU/ROUGE, not only loss. Off by default: generation is slow.
     during_training: bool = False
     during_training_examples: int = 16
+    # Reuse the base model's measurement across runs that share its fingerprint (same base,
+    # quantisation, tokenizer, examples, decoding and metrics): pipeline/base_cache.py.
+    cache_base: bool = True
 
 
 # --------------------------------------------------------------------------- logger / paths
@@ -243,6 +256,8 @@ class PathsConfig:
     output_dir: str = MISSING
     cache_dir: str = MISSING
     run_dir: str = MISSING
+    # Base-model measurements shared by the runs of sweeps and multiruns (pipeline/base_cache.py).
+    base_cache_dir: str = "${paths.cache_dir}/base_measurements"
 
 
 # --------------------------------------------------------------------------- distributed
@@ -521,7 +536,7 @@ CHOICES = {
     "data.truncation": ("drop", "truncate", "error"),
     "model.source": ("hub", "gguf", "tiny"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
-    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.nan_policy": ("stop", "skip"),
     "trainer.sampling": ("random", "group_by_length", "sequential"),
     "objective.direction": ("minimize", "maximize"),
@@ -578,8 +593,10 @@ def _check_data(data: DataConfig) -> List[str]:
     if data.packing and data.pack_length < data.max_length:
         problems.append(f"data.pack_length={data.pack_length} must be >= data.max_length="
                         f"{data.max_length} (every example must fit in a packed row); raise it")
-    if data.max_examples is not None and data.max_examples <= 0:
-        problems.append(f"data.max_examples={data.max_examples} must be > 0 or null")
+    for key in ("max_examples", "max_validation_examples", "max_test_examples"):
+        value = getattr(data, key)
+        if value is not None and value <= 0:
+            problems.append(f"data.{key}={value} must be > 0 or null")
     if data.template == "plain" and data.format == "messages":
         problems.append("data.format=messages needs data.template=chat (a chat template renders "
                         "the turns); use data.template=chat")
@@ -770,7 +787,7 @@ def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None)
     if cfg.adapter.method in ADAPTERS and not any(p.startswith("adapter.") for p in problems):
         settings: AdapterSettings = OmegaConf.to_object(cfg.adapter)
         problems += settings.check(architecture)
-        if settings.quantized and cfg.model.dtype == "float16" and cfg.trainer.precision == "fp32":
+        if settings.quantized and cfg.model.dtype == "float16" and cfg.trainer.precision != "fp16":
             problems.append("model.dtype=float16 with a quantized base trains in fp16 weights "
                             "without loss scaling; use model.dtype=float32 or trainer.precision=fp16")
         problems += _check_distributed(cfg, settings)

@@ -251,8 +251,17 @@ def tokenize(text: str, spans: List[Tuple[int, int]], tokenizer: Any, template: 
 # --------------------------------------------------------------------------- split
 
 
-def _split_size(size: float, n: int) -> int:
-    return int(round(size * n)) if size < 1 else int(size)
+def _split_size(size: float, n: int, cap: Optional[int], key: str) -> int:
+    """A count as is; a fraction of ``n``, capped at ``cap`` examples (logged when it bites)."""
+    if size >= 1:
+        return int(size)
+    count = int(round(size * n))
+    if cap is not None and count > cap:
+        log.info("data.%s=%g of %d examples is %d: capped at %d by data.max_%s_examples (the rest "
+                 "trains; set it to null for no cap)", key, size, n, count, cap,
+                 key.split("_")[0])
+        return cap
+    return count
 
 
 def split_examples(examples: List[Example], cfg: DataConfig) -> Dict[str, List[Example]]:
@@ -261,8 +270,8 @@ def split_examples(examples: List[Example], cfg: DataConfig) -> Dict[str, List[E
     random.Random(cfg.seed).shuffle(order)
     if cfg.max_examples is not None:
         order = order[: cfg.max_examples]
-    n_test = _split_size(cfg.test_size, len(order))
-    n_val = _split_size(cfg.validation_size, len(order))
+    n_test = _split_size(cfg.test_size, len(order), cfg.max_test_examples, "test_size")
+    n_val = _split_size(cfg.validation_size, len(order), cfg.max_validation_examples, "validation_size")
     if n_test + n_val >= len(order):
         raise DataError(f"data: {len(order)} examples cannot hold data.test_size={cfg.test_size} "
                         f"and data.validation_size={cfg.validation_size} and still train; "

@@ -82,18 +82,18 @@ def evaluate(cfg: DictConfig) -> dict:
             C.TrainerConfig(per_device_eval_batch_size=cfg.evaluation.batch_size), run.path / "tmp",
             cfg.seed, has_eval=False, report_to=[], run_name=run.path.name)
 
-        def measure(model: Any) -> evaluation.Measurement:
+        def measure(model: Any, label: str) -> evaluation.Measurement:
             trainer = training.build_trainer(model, tokenizer, args, None, None,
                                              data.collator(tokenizer, False), "stop",
                                              run.path / "history.jsonl")
-            return evaluator.measure(trainer)
+            return evaluator.measure(trainer, label)
 
         if base_model is None:
             with tuned_model.disable_adapter():
-                base = measure(tuned_model)
+                base = measure(tuned_model, "base")
         else:
-            base = measure(base_model)
-        tuned = measure(tuned_model)
+            base = measure(base_model, "base")
+        tuned = measure(tuned_model, "tuned")
         metrics = training.compare(base.metrics, tuned.metrics)
         evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         run.write_metrics(metrics)

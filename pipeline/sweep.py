@@ -182,10 +182,12 @@ def make_storage(url: str, heartbeat_s: Optional[int] = None) -> Any:
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
                 failed_trial_callback=_mark_stale_run if heartbeat_s else None)
-        except sqlalchemy.exc.IntegrityError:
-            # Workers started together on a fresh storage race to create its tables; the loser
-            # finds them made on its next try.
-            if attempt == 4:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+            # Workers started together on a fresh storage race to create its tables (SQLite
+            # says "table ... already exists", PostgreSQL a unique violation); the loser finds
+            # them made on its next try.
+            raced = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
+            if attempt == 4 or not raced:
                 raise
             time.sleep(1 + attempt)
 
@@ -473,8 +475,26 @@ def run(config: DictConfig, launcher: Any, arguments: List[str]) -> Any:
                 except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it as stale
                     log.warning("trial %d was already finished by another worker", trial.number)
                     continue
-                log.info("trial %d: %s %s", trial.number, state, " ".join(trial.user_attrs["overrides"]))
+                log.info("trial %d: %s %s | %s", trial.number, state, " ".join(trial.user_attrs["overrides"]),
+                         progress_line(study, config.sweep.n_trials, metric_names))
     return report(study, folder, config, passed)
+
+
+def progress_line(study: Any, n_trials: int, metric_names: List[str]) -> str:
+    """``trials 5/12 done (4 complete, 1 pruned, 2 running), best tuned/eval/loss 2.31 (trial 3)``
+    (running: other workers' trials in flight)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = collections.Counter(t.state.name for t in trials)
+    finished = ("COMPLETE", "PRUNED", "FAIL")
+    done = sum(counts[s] for s in finished)
+    states = ", ".join(f"{counts[s]} {s.lower()}" for s in (*finished, "RUNNING") if counts[s])
+    line = f"trials {done}/{n_trials} done ({states or 'none yet'})"
+    if not counts["COMPLETE"]:
+        return line
+    if len(metric_names) > 1:
+        return f"{line}, Pareto front of {len(study.best_trials)} trial(s)"
+    best = study.best_trial
+    return f"{line}, best {metric_names[0]} {best.value:.6g} (trial {best.number})"
 
 
 # --------------------------------------------------------------------------- the end-of-sweep report

@@ -15,7 +15,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, distributed, estimate, evaluation, model as models, sweep, tracking, training
+from pipeline import (base_cache, data, distributed, estimate, evaluation, model as models, precision, sweep,
+                      tracking, training)
 
 log = logging.getLogger("pipeline.train")
 
@@ -36,7 +37,10 @@ def train(cfg: DictConfig) -> float:
         if cfg.resume != "never":
             run = _resume_target(cfg, run, overrides)
         resume_from = _resume_checkpoint(cfg, run)  # before any weights load: a bad one fails now
-        folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.seed)
+        run.update(precision=precision.apply(cfg.trainer).as_record())  # auto -> bf16 or fp32
+        # data.seed, not seed: the base (a tiny model's initialisation) and the split stay fixed
+        # across the seeds of a multirun, as pipeline.evaluate/serve/export rebuild them.
+        folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
         architecture = models.describe(folder, cfg.model)
         C.validate(cfg, architecture)  # target modules, quantizability: need the architecture
         settings = OmegaConf.to_object(cfg.adapter)
@@ -54,16 +58,17 @@ def train(cfg: DictConfig) -> float:
         model = settings.apply(model, architecture)
         summary = _startup_summary(cfg, model, splits)
         log.info(estimate.describe(cfg, estimate.count_parameters(model)))
-        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.seed,
+        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
                                                plain_template=cfg.data.template == "plain")
+        summary.update(evaluator.counts())
         main = distributed.is_main_process()
+        base_source = _BaseMeasurement.find(cfg, run, folder, settings.quantization(), evaluator)
         wandb_run = tracking.start_wandb(cfg, run) if main else None
         metrics, base, tuned = training.fit(
             cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, trains=settings.trains,
             packing=cfg.data.packing, report_to=["wandb"] if wandb_run else [],
             run_name=run.path.name, resume_from=resume_from,
-            evaluator=evaluator, base=evaluation.Measurement.load(run.path / "eval" / "base.json"),
-            on_base=lambda measured: main and measured.save(run.path / "eval" / "base.json"),
+            evaluator=evaluator, base=base_source.measurement, on_base=base_source.save,
             callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, trial), best=_best_metric(cfg, splits),
             distributed=distributed.trainer_arguments(cfg.distributed, run.path),
             pack_length=cfg.data.pack_length)
@@ -96,6 +101,43 @@ def train(cfg: DictConfig) -> float:
         run.finish("failed", err)
         tracking.abort_wandb(exit_code=1)
         raise
+
+
+class _BaseMeasurement:
+    """Where the base model's measurement comes from: an earlier attempt of this run (resumed),
+    the cache of base measurements (cached), or a measurement now (measured). Recorded in
+    ``run.json`` as ``base_measurement`` with the fingerprint."""
+
+    def __init__(self, run: tracking.RunFolder, cache_dir: str, key, measurement, source: str):
+        self.run, self.cache_dir, self.key = run, cache_dir, key
+        self.measurement, self.source = measurement, source
+
+    @classmethod
+    def find(cls, cfg: DictConfig, run: tracking.RunFolder, folder: str, quantization,
+             evaluator: evaluation.Evaluator) -> "_BaseMeasurement":
+        resumed = evaluation.Measurement.load(run.path / "eval" / "base.json")
+        key = None
+        # Several processes measure together (ZeRO-3 gathers weights collectively): they must
+        # agree on measuring, which a cache that another run may fill meanwhile cannot promise.
+        if cfg.evaluation.cache_base and distributed.world_size() == 1:
+            key = base_cache.fingerprint(folder, OmegaConf.to_container(cfg.model, resolve=True),
+                                         quantization, evaluator)
+        cached = base_cache.load(cfg.paths.base_cache_dir, key, evaluator) if key and resumed is None else None
+        source = "resumed" if resumed else "cached" if cached else "measured"
+        if cached:
+            log.info("base model: measurement reused from the cache (fingerprint %s)", key[:12])
+            if distributed.is_main_process():  # the run folder stays self-contained (and resumable)
+                cached.save(run.path / "eval" / "base.json")
+        run.update(base_measurement=source, base_fingerprint=key)
+        return cls(run, cfg.paths.base_cache_dir, key, resumed or cached, source)
+
+    def save(self, measured: evaluation.Measurement) -> None:
+        """Keeps a new measurement in the run folder (for a resume) and in the cache."""
+        if not distributed.is_main_process():
+            return
+        measured.save(self.run.path / "eval" / "base.json")
+        if self.key:
+            base_cache.store(self.cache_dir, self.key, measured)
 
 
 def _resume_folder(cfg: DictConfig, run_dir: Path, overrides: list) -> Path:
@@ -202,6 +244,8 @@ def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:
     train = splits.stats["train"]
     summary = {"params/trainable": trainable, "params/total": total,
                "params/trainable_pct": 100.0 * trainable / total, "data/train_examples": train["examples"],
+               "data/validation_examples": splits.stats["validation"]["examples"],
+               "data/test_examples": splits.stats["test"]["examples"],
                "train/global_batch_size": global_batch}
     log.info("data: %s | train %d examples (%d dropped as longer than %d tokens), eval %s, test %s",
              splits.stats["format"], train["examples"], train["dropped_too_long"], cfg.data.max_length,

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from pipeline import precision, progress
 from pipeline.config import ConfigError, Interrupted, PipelineError, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_e
     if problems:
         raise ConfigError(problems)
     evaluate_every = cfg.eval_steps if has_eval else None
+    mixed = precision.resolve(cfg.precision).precision  # as is, unless auto (train() resolved it)
     kwargs: Dict[str, Any] = dict(
         output_dir=str(output_dir), seed=seed, data_seed=seed, run_name=run_name,
         max_steps=cfg.max_steps, num_train_epochs=cfg.num_train_epochs,
@@ -78,14 +80,15 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_e
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
         max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
-        bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
+        bf16=mixed == "bf16", fp16=mixed == "fp16",
         logging_steps=cfg.logging_steps, logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluate_every else "no", eval_steps=evaluate_every,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit, train_sampling_strategy=cfg.sampling,
         dataloader_num_workers=cfg.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding", report_to=report_to,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress.interactive(),  # a bar on a terminal; else progress_callback
     )
     if best and evaluate_every:
         kwargs.update(metric_for_best_model=best[0], greater_is_better=best[1])
@@ -179,6 +182,31 @@ def first_step_callback(on_first_step: Callable[[], None]) -> Any:
     return FirstStep()
 
 
+def progress_callback() -> Any:
+    """Training progress as log lines (steps done of all, ETA) where no bar can show: SLURM
+    logs, CI, pipes. On a terminal the Trainer's own bar shows instead."""
+    from transformers import TrainerCallback
+
+    class TrainingProgress(TrainerCallback):
+        shown: Optional[progress.Progress] = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and not progress.interactive():
+                self.shown = progress.Progress(state.max_steps - state.global_step, "training", "steps",
+                                               bar=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.shown is not None:
+                self.shown.update(1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.shown is not None:
+                self.shown.close()
+                self.shown = None
+
+    return TrainingProgress()
+
+
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
                   eval_dataset: Optional[Any], data_collator: Any, nan_policy: str,
                   history_path: Path, callbacks: Optional[List[Any]] = None,
@@ -232,7 +260,7 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
     return PipelineTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator, processing_class=tokenizer,
-        callbacks=[_recording_callback(history_path), *(callbacks or [])])
+        callbacks=[_recording_callback(history_path), progress_callback(), *(callbacks or [])])
 
 
 class CheckpointError(PipelineError, ValueError):
@@ -530,8 +558,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         resume_from: a checkpoint folder to continue from, or None.
         evaluator: :class:`pipeline.evaluation.Evaluator` (losses and generation metrics).
         base: the base model's :class:`~pipeline.evaluation.Measurement` from an earlier
-            attempt of this run, or None to measure it now (before training, the fresh adapter
-            is an identity: the model is the base model).
+            attempt of this run or from the base measurement cache, or None to measure it now
+            (before training, the fresh adapter is an identity: the model is the base model).
         on_base: called with the base measurement once taken (to persist it).
         callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
         best: ``(metric_for_best_model, greater_is_better)`` from :func:`best_metric`, or None.
@@ -558,9 +586,11 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         from pipeline.distributed import gathered
 
         with gathered(model):  # no DeepSpeed engine yet: a zero.Init model cannot run alone
-            base = evaluator.measure(trainer)
+            base = evaluator.measure(trainer, "base")
         if on_base:
             on_base(base)
+    elif resume_from is None:  # a cached measurement: the curves still start from the base
+        evaluator.log_losses(trainer, base.metrics)
     metrics: Dict[str, Any] = {}
     tuned = base
     if trains:
@@ -576,7 +606,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
                         "train/tokens": tokens, "perf/train_runtime_s": runtime,
                         "perf/train_tokens_per_s": attempt_tokens / runtime if runtime else 0.0,
                         "train/skipped_steps": trainer.skipped_steps})
-        tuned = evaluator.measure(trainer)
+        tuned = evaluator.measure(trainer, "tuned")
         artifact = save_artifact(trainer, run_dir, isinstance(model, PeftModel))
         metrics["perf/artifact_mb"] = folder_size_mb(artifact)
     metrics.update(compare(base.metrics, tuned.metrics))

@@ -26,7 +26,10 @@ def compose_train(overrides: List[str], run_dir: Path) -> DictConfig:
     Hydra runtime values the task function reads (overrides, mode) set."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
+        # Each test's own base-measurement cache (beside its run folder), so that no test finds
+        # what another measured; tests of the cache itself pass paths.base_cache_dir.
         cfg = compose("train", overrides=[f"paths.run_dir={run_dir}", f"paths.root_dir={ROOT}",
+                                          f"paths.base_cache_dir={Path(run_dir).parent / 'base_cache'}",
                                           *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):

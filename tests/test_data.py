@@ -90,6 +90,23 @@ def test_split_is_deterministic_disjoint_and_sized():
     assert [e.where for e in other["test"]] != [e.where for e in a["test"]]
 
 
+def test_fractions_are_capped_and_counts_kept(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, "pipeline.data")
+    examples = [Example([{"role": "user", "content": str(i)}], f"r{i}") for i in range(1000)]
+    capped = split_examples(examples, data_cfg("x", validation_size=0.1, test_size=0.2,
+                                               max_validation_examples=30, max_test_examples=50))
+    assert (len(capped["train"]), len(capped["validation"]), len(capped["test"])) == (920, 30, 50)
+    assert "data.test_size=0.2 of 1000 examples is 200: capped at 50 by data.max_test_examples" in caplog.text
+    counts = split_examples(examples, data_cfg("x", validation_size=80, test_size=0.02,
+                                               max_validation_examples=30, max_test_examples=50))
+    assert (len(counts["validation"]), len(counts["test"])) == (80, 20)  # a count, and a fraction under the cap
+    uncapped = split_examples(examples, data_cfg("x", validation_size=0.1, test_size=0.2,
+                                                 max_validation_examples=None, max_test_examples=None))
+    assert (len(uncapped["validation"]), len(uncapped["test"])) == (100, 200)
+
+
 def long_records(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", [
         {"prompt": "short", "completion": "ok"},

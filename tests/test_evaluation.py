@@ -159,3 +159,54 @@ def test_loss_is_token_weighted_and_independent_of_batch_size(tiny_model, tokeni
     for other in losses[1:]:
         assert other["test/loss"] == pytest.approx(losses[0]["test/loss"], rel=1e-5)
     assert losses[0]["test/perplexity"] == pytest.approx(2.718281828 ** losses[0]["test/loss"])
+
+
+def test_loss_through_logits_to_keep_equals_the_full_logits(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """Only completion positions go through the output layer; the loss must not change."""
+    from pipeline.data import build_datasets, collator
+    from tests.test_data import data_cfg
+
+    records = [{"prompt": "question " * n, "completion": "yes" if n % 2 else "a longer answer here"}
+               for n in (1, 4, 9, 2, 7, 3)]
+    rows = build_datasets(data_cfg(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer).train
+    calls = []
+    real_forward = tiny_model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("logits_to_keep"))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", spy)
+    kept = {packing: evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, packing), 3, "test")
+            for packing in (False, True)}
+    assert calls and all(c is not None and 0 < len(c) for c in calls)  # the cheap path ran
+    monkeypatch.setattr(evaluation, "_keeps_logits", lambda model: False)
+    full = evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 3, "test")
+    assert calls[-1] is None
+    for packing in (False, True):
+        assert kept[packing]["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
+
+
+def test_measurement_undoes_the_autocast_accelerate_leaves_after_bf16_training(tiny_model):
+    """After a bf16 run, accelerate keeps the model's forward under autocast; the tuned model is
+    measured as it is saved and served (float32), like the base model before it."""
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    ids = torch.tensor([[1, 20, 300, 4000, 5, 6]])
+    with torch.no_grad():
+        expected = tiny_model(input_ids=ids).logits
+    model = copy.deepcopy(tiny_model)
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    finally:
+        AcceleratorState._reset_state(True)  # no bf16 state leaks into later tests' Trainers
+    with torch.no_grad():
+        patched = model(input_ids=ids).logits
+        assert not torch.equal(patched, expected)  # the trap: bf16 logits
+        with evaluation._without_training_autocast(model):
+            assert torch.equal(model(input_ids=ids).logits, expected)
+        assert torch.equal(model(input_ids=ids).logits, patched)  # the training setup is restored

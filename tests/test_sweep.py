@@ -297,3 +297,27 @@ def test_sweep_through_submitit_launcher(tmp_path):
     for t in trials:  # each trial ran in its own submitit process and reported to the storage
         assert t.intermediate_values and t.user_attrs["run_dir"] == str(folder / f"trial_{t.number}")
     assert list((folder / ".submitit").glob("*/*_result.pkl"))
+
+
+def test_progress_line_counts_trials_and_names_the_best(tmp_path):
+    import optuna
+
+    from pipeline.sweep import progress_line
+
+    study = optuna.create_study(direction="minimize")
+    assert progress_line(study, 4, ["tuned/eval/loss"]) == "trials 0/4 done (none yet)"
+    for value in (3.0, 1.5):
+        study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={}, distributions={}))
+    assert progress_line(study, 4, ["tuned/eval/loss"]) == \
+        "trials 3/4 done (2 complete, 1 pruned), best tuned/eval/loss 1.5 (trial 1)"
+
+
+def test_a_sweep_measures_its_base_once(tmp_path):
+    name = "lora_rank_alpha_lr"
+    run_sweep(sweep_command(name, tmp_path, "sweep.n_trials=3", f"paths.base_cache_dir={tmp_path / 'cache'}"))
+    folder = tmp_path / "sweeps" / name
+    infos = [read_json(folder / f"trial_{n}" / "run.json") for n in range(3)]
+    assert [i["base_measurement"] for i in infos] == ["measured", "cached", "cached"]
+    assert len({i["base_fingerprint"] for i in infos}) == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 1
