@@ -1,12 +1,20 @@
-"""Report stage: compare methods on quality and cost across the runs of a multirun or sweep.
+"""Report stage: compare configurations on quality and cost across the runs of a multirun or sweep.
 
     python -m pipeline.report outputs/multirun/<date>/<time>          # run folders, no W&B needed
+    python -m pipeline.report outputs/sweeps/<name>                   # the trial_<N> folders of a sweep
     python -m pipeline.report --wandb-project my-project --group <group>   # from W&B (online)
 
+A row of the report is one configuration: the settings that differ between the runs (read from
+each run's resolved ``config.yaml``, so an override and an experiment overlay count alike),
+except ``seed`` and the ``--ignore`` keys. The seeds of a configuration are aggregated.
+
 Writes ``report/`` in the folder (or ``--out``): ``report.md`` and ``report.csv`` (one row per
-method: mean and standard deviation over seeds of each quality and cost figure), PNG plots
-(quality vs trainable parameters, quality vs peak memory, loss curves, before/after bars) and
-``report.html`` showing them together. Failed, pruned and unfinished runs are listed, not dropped.
+configuration: n and mean and standard deviation over seeds of each quality and cost figure),
+each configuration's difference to a baseline with a paired bootstrap interval over examples
+and seeds, the Pareto front of quality vs cost, retention on the sets the runs do not train on
+(does tuning forget?), PNG plots (:mod:`pipeline.plots`) and ``report.html`` showing them
+together. Failed, pruned and unfinished runs are listed, not dropped. The tables and plots are
+also logged to W&B as a run of job type ``report``.
 """
 
 from __future__ import annotations
@@ -17,10 +25,11 @@ import csv
 import html
 import json
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from pipeline import comparison as C, plots
 
 COST_KEYS = ("params/trainable", "params/trainable_pct", "params/total", "perf/peak_rss_mb",
              "perf/peak_cuda_mb", "perf/train_tokens_per_s", "perf/train_runtime_s",
@@ -28,6 +37,7 @@ COST_KEYS = ("params/trainable", "params/trainable_pct", "params/total", "perf/p
 QUALITY_PREFIXES = ("base/", "tuned/", "delta/")
 PREFERRED_METRICS = ("tuned/test/bleu", "tuned/test/rougeL", "tuned/test/f1", "tuned/test/accuracy",
                      "tuned/test/loss", "tuned/eval/loss")
+PREDICTIONS = Path("eval") / "predictions.jsonl"
 
 
 @dataclass
@@ -42,6 +52,8 @@ class Run:
     metrics: Dict[str, float] = field(default_factory=dict)
     history: List[Dict[str, Any]] = field(default_factory=list)
     error: Optional[str] = None
+    config: Dict[str, Any] = field(default_factory=dict)  # dotted keys: {"adapter.r": 8, ...}
+    path: Optional[Path] = None  # the run folder (None for a run read from W&B)
 
 
 # --------------------------------------------------------------------------- collecting
@@ -53,26 +65,32 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return read_json(path) if path.exists() else {}
 
 
-def runs_from_folder(folder: Path) -> List[Run]:
-    """Every run folder (one with ``run.json``) below ``folder``, the report's own excluded."""
+def _read_run(run_dir: Path, folder: Path) -> Run:
+    """One run folder; its settings from ``config.yaml``, else from the overrides in ``run.json``."""
     import yaml
 
-    runs = []
-    for info_path in sorted(folder.rglob("run.json")):
-        run_dir = info_path.parent
-        if "report" in run_dir.relative_to(folder).parts:
-            continue
-        info = _read_json(info_path)
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-        history_path = run_dir / "history.jsonl"
-        history = ([json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
-                   if history_path.exists() else [])
-        runs.append(Run(
-            name=str(run_dir.relative_to(folder)), method=(config.get("adapter") or {}).get("method", "?"),
-            seed=config.get("seed", info.get("seed")), data=(config.get("data") or {}).get("name", "?"),
-            status=info.get("status", "unknown"), metrics=_read_json(run_dir / "metrics.json"),
-            history=history, error=info.get("error")))
-    return runs
+    info = _read_json(run_dir / "run.json")
+    config_path = run_dir / "config.yaml"
+    nested = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    config = C.flatten(nested) if nested else C.config_from_overrides(info.get("overrides", []))
+    history_path = run_dir / "history.jsonl"
+    history = ([json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+               if history_path.exists() else [])
+    method = next((config[k] for k in C.METHOD_KEYS if k in config), "?")
+    return Run(name=str(run_dir.relative_to(folder)), method=str(method),
+               seed=config.get("seed", info.get("seed")), data=str(config.get("data.name", "?")),
+               status=info.get("status", "unknown"), metrics=_read_json(run_dir / "metrics.json"),
+               history=history, error=info.get("error"), config=config, path=run_dir)
+
+
+def runs_from_folder(folder: Path) -> List[Run]:
+    """Every run folder (one with ``run.json``) below ``folder``, the report's own excluded.
+
+    A multirun's ``<n>_<method>`` folders and a sweep's ``trial_<n>`` folders alike; the
+    sweep's own ``report.json``/``report.md`` are not run folders and are not read.
+    """
+    return [_read_run(info.parent, folder) for info in sorted(folder.rglob("run.json"))
+            if "report" not in info.parent.relative_to(folder).parts]
 
 
 def runs_from_wandb(project: str, group: Optional[str], entity: Optional[str] = None) -> List[Run]:
@@ -84,25 +102,18 @@ def runs_from_wandb(project: str, group: Optional[str], entity: Optional[str] = 
     filters = {"group": group, "jobType": "train"} if group else {"jobType": "train"}
     runs = []
     for r in api.runs(path, filters=filters):
-        config = r.config or {}
+        config = C.flatten(dict(r.config or {}))
         summary = {k: v for k, v in dict(r.summary).items() if isinstance(v, (int, float))}
         history = [row for row in r.scan_history(keys=["train/loss", "_step"])]
         state = {"finished": "success", "failed": "failed", "crashed": "failed"}.get(r.state, r.state)
-        runs.append(Run(name=r.name, method=(config.get("adapter") or {}).get("method", "?"),
-                        seed=config.get("seed"), data=(config.get("data") or {}).get("name", "?"),
-                        status=state, metrics=summary,
+        runs.append(Run(name=r.name, method=str(config.get("adapter.method", "?")),
+                        seed=config.get("seed"), data=str(config.get("data.name", "?")),
+                        status=state, metrics=summary, config=config,
                         history=[{"step": h.get("_step"), "train/loss": h.get("train/loss")} for h in history]))
     return runs
 
 
 # --------------------------------------------------------------------------- aggregating
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def metric_keys(runs: List[Run]) -> List[str]:
@@ -111,19 +122,25 @@ def metric_keys(runs: List[Run]) -> List[str]:
     return quality + [k for k in COST_KEYS if k in keys]
 
 
-def summarize(runs: List[Run]) -> Dict[str, Dict[str, Any]]:
-    """Per method: number of seeds, and mean/std of every quality and cost key."""
-    ok = [r for r in runs if r.status == "success"]
-    keys = metric_keys(ok)
+def summarize_groups(configurations: C.Configurations) -> Dict[str, Dict[str, Any]]:
+    """Per configuration: its method, varied settings, n (runs), seeds, and the mean/std over
+    its runs of every quality and cost key."""
+    keys = metric_keys([r for runs in configurations.groups.values() for r in runs])
     table: Dict[str, Dict[str, Any]] = {}
-    for method in sorted({r.method for r in ok}):
-        group = [r for r in ok if r.method == method]
-        row: Dict[str, Any] = {"runs": len(group), "seeds": sorted(r.seed for r in group if r.seed is not None)}
+    for label, group in configurations.groups.items():
+        row: Dict[str, Any] = {
+            "method": " / ".join(sorted({r.method for r in group})),
+            "config": {k: group[0].config.get(k, C.ABSENT) for k in configurations.varied},
+            "runs": len(group), "seeds": sorted(r.seed for r in group if r.seed is not None)}
         for key in keys:
-            values = [float(r.metrics[key]) for r in group if key in r.metrics]
-            row[key] = mean_std(values)
-        table[method] = row
+            row[key] = C.mean_std([float(r.metrics[key]) for r in group if key in r.metrics])
+        table[label] = row
     return table
+
+
+def summarize(runs: List[Run], ignore: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """:func:`summarize_groups` of :func:`pipeline.comparison.group_runs`: one row per configuration."""
+    return summarize_groups(C.group_runs(runs, ignore))
 
 
 def pick_metric(table: Dict[str, Dict[str, Any]], wanted: Optional[str]) -> str:
@@ -135,18 +152,26 @@ def pick_metric(table: Dict[str, Dict[str, Any]], wanted: Optional[str]) -> str:
     return next((m for m in PREFERRED_METRICS if m in available), sorted(available)[0])
 
 
-def overlaps(table: Dict[str, Dict[str, Any]], metric: str) -> List[str]:
-    """Pairs of methods whose difference in ``metric`` is smaller than their combined spread."""
-    notes = []
-    methods = sorted(table)
-    for i, a in enumerate(methods):
-        for b in methods[i + 1:]:
-            (ma, sa), (mb, sb) = table[a].get(metric, (math.nan, 0)), table[b].get(metric, (math.nan, 0))
-            spread = math.hypot(sa, sb)
-            if spread > 0 and abs(ma - mb) < spread:
-                notes.append(f"{a} vs {b}: the difference in {metric} ({abs(ma - mb):.3g}) is smaller "
-                             f"than their spread over seeds ({spread:.3g}); not a reliable ranking")
-    return notes
+def paired_differences(configurations: C.Configurations, metric: str, baseline: str,
+                       replicates: int) -> Tuple[Dict[str, C.Difference], Optional[str]]:
+    """Each configuration's paired bootstrap difference to ``baseline`` in ``metric``.
+
+    Returns:
+        The differences, and why there are none when they could not be computed.
+    """
+    ref = C.MetricRef.parse(metric)
+    if ref is None:
+        return {}, f"`{metric}` is not a `base/`, `tuned/` or `delta/` evaluation metric"
+    runs = [r for group in configurations.groups.values() for r in group]
+    missing = [r.name for r in runs if r.path is None or not (r.path / PREDICTIONS).exists()]
+    if missing:
+        return {}, f"no {PREDICTIONS.as_posix()} in: {', '.join(missing)}"
+    rows = {label: [C.read_predictions(r.path / PREDICTIONS) for r in group]
+            for label, group in configurations.groups.items()}
+    try:
+        return C.paired_bootstrap(rows, baseline, ref, replicates), None
+    except ValueError as err:
+        return {}, str(err)
 
 
 # --------------------------------------------------------------------------- writing
@@ -161,11 +186,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cell(value: Any) -> str:
+    return _fmt(value).replace("|", "\\|")
+
+
 def headline_keys(table: Dict[str, Dict[str, Any]], metric: str) -> List[str]:
     """The columns a reader compares first: the primary metric before/after, the other tuned
     metrics of its evaluation set, and the cost figures. The CSV keeps every column."""
     present = {k for row in table.values() for k in row if "/" in k}
-    suffix = metric.split("/", 1)[1] if metric.startswith(QUALITY_PREFIXES) else metric
+    suffix = C.metric_suffix(metric)
     evaluation_set = suffix.split("/", 1)[0]
     keys = [k for k in (f"base/{suffix}", f"tuned/{suffix}", f"delta/{suffix}") if k in present]
     keys += sorted(k for k in present if k.startswith(f"tuned/{evaluation_set}/") and k not in keys)
@@ -174,158 +203,284 @@ def headline_keys(table: Dict[str, Dict[str, Any]], metric: str) -> List[str]:
     return keys + [k for k in costs if k in present]
 
 
-def write_tables(table: Dict[str, Dict[str, Any]], out: Path, metric: str) -> List[str]:
-    """``report.csv`` (every key, mean and std columns) and the headline Markdown table lines."""
+def write_csv(table: Dict[str, Dict[str, Any]], varied: List[str], path: Path) -> None:
+    """``report.csv``: configuration, method, every varied setting, n, and every metric's mean and std."""
     keys = sorted({k for row in table.values() for k in row if "/" in k},
                   key=lambda k: (not k.startswith(QUALITY_PREFIXES), k))
-    with (out / "report.csv").open("w", newline="", encoding="utf-8") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "runs", *[c for k in keys for c in (f"{k} mean", f"{k} std")]])
-        for method, row in table.items():
-            writer.writerow([method, row["runs"], *[v for k in keys for v in row.get(k, (math.nan, math.nan))]])
-    keys = headline_keys(table, metric)
-    lines = ["| method | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
-    lines += [f"| {m} | {row['runs']} | " + " | ".join(_fmt(row.get(k, (math.nan, 0))) for k in keys) + " |"
-              for m, row in table.items()]
+        varied = [k for k in varied if k != "adapter.method"]  # the method column has it
+        writer.writerow(["configuration", "method", *varied, "runs",
+                         *[c for k in keys for c in (f"{k} mean", f"{k} std")]])
+        for label, row in table.items():
+            writer.writerow([label, row["method"], *[C.value_text(row["config"][k], True) for k in varied],
+                             row["runs"], *[v for k in keys for v in row.get(k, (math.nan, math.nan))]])
+
+
+def configuration_lines(table: Dict[str, Dict[str, Any]], keys: List[str], metric: str) -> List[str]:
+    """The headline Markdown table: a column per setting that names the configurations (none
+    when that is the method alone), n, then :func:`headline_keys`."""
+    shown = [] if len(keys) == 1 and keys[0] in C.METHOD_KEYS else keys
+    columns = shown + ["n"] + headline_keys(table, metric)
+    lines = ["| configuration | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, row in table.items():
+        cells = [C.value_text(row["config"][k], False) for k in shown] + [row["runs"]]
+        cells += [row.get(k, (math.nan, 0)) for k in headline_keys(table, metric)]
+        lines.append(f"| {_cell(label)} | " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
 
 
-def plot(runs: List[Run], table: Dict[str, Dict[str, Any]], metric: str, out: Path) -> List[Path]:
-    """The four PNG plots; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-
-    def scatter(cost_key: str, label: str, filename: str, log: bool) -> None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, row in table.items():
-            (x, _), (y, yerr) = row.get(cost_key, (math.nan, 0)), row.get(metric, (math.nan, 0))
-            if math.isnan(x) or math.isnan(y):
-                continue
-            ax.errorbar([x], [y], yerr=[yerr], fmt="o", capsize=4)
-            ax.annotate(method, (x, y), textcoords="offset points", xytext=(6, 4))
-        if log:
-            ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs {label}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / filename, dpi=110)
-        plt.close(fig)
-        paths.append(out / filename)
-
-    scatter("params/trainable", "trainable parameters", "quality_vs_params.png", log=True)
-    memory = "perf/peak_cuda_mb" if any("perf/peak_cuda_mb" in r for r in table.values()) else "perf/peak_rss_mb"
-    scatter(memory, f"peak memory (MB, {memory.split('_')[1]})", "quality_vs_memory.png", log=False)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in table:
-        curves = [[(h["step"], h["train/loss"]) for h in r.history if "train/loss" in h and h.get("step")]
-                  for r in runs if r.method == method and r.status == "success"]
-        steps = sorted({s for c in curves for s, _ in c})
-        means = [statistics.fmean([l for c in curves for s2, l in c if s2 == s]) for s in steps]
-        if steps:
-            ax.plot(steps, means, marker=".", label=method)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train/loss (mean over seeds)")
-    ax.set_title("training loss per method")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    paths.append(out / "loss_curves.png")
-
-    suffix = metric.split("/", 1)[1] if metric.startswith(QUALITY_PREFIXES) else metric
-    fig, ax = plt.subplots(figsize=(6, 4))
-    methods = list(table)
-    for offset, side in ((-0.2, "base"), (0.2, "tuned")):
-        values = [table[m].get(f"{side}/{suffix}", (math.nan, 0)) for m in methods]
-        ax.bar([i + offset for i in range(len(methods))], [v[0] for v in values], width=0.4,
-               yerr=[v[1] for v in values], capsize=3, label=side)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel(suffix)
-    ax.set_title(f"before / after: {suffix}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "before_after.png", dpi=110)
-    plt.close(fig)
-    paths.append(out / "before_after.png")
-    return paths
+def paired_lines(differences: Dict[str, C.Difference], note: Optional[str], metric: str,
+                 baseline: str) -> List[str]:
+    """The section of paired differences to the baseline (or why there is none)."""
+    lines = ["", f"## Paired differences to {baseline}", ""]
+    if not differences:
+        return lines + [f"Not computed: {note or 'a single configuration'}."]
+    first = next(iter(differences.values()))
+    lines += [f"Difference in `{metric}` (configuration minus `{baseline}`), with a paired bootstrap "
+              f"95% interval: {first.replicates} resamples of the {first.examples} shared examples, "
+              "the same for both sides, each side the mean over its seeds. `*`: the interval "
+              "excludes 0.", "",
+              "| configuration | difference | 95% interval | significant |", "|---|---:|---:|---|"]
+    for label, d in differences.items():
+        mark = "*" if d.significant else ""
+        lines.append(f"| {_cell(label)} | {d.difference:+.4g}{mark} | [{d.low:+.4g}, {d.high:+.4g}] | "
+                     f"{'yes' if d.significant else 'no'} |")
+    return lines
 
 
-def write_report(runs: List[Run], out: Path, metric: Optional[str] = None) -> Dict[str, Any]:
-    """Writes the tables, plots and HTML page into ``out``; returns what it wrote."""
-    out.mkdir(parents=True, exist_ok=True)
-    table = summarize(runs)
+def pareto_lines(table: Dict[str, Dict[str, Any]], metric: str, costs: List[str], front: List[str]) -> List[str]:
+    """The section listing the non-dominated configurations over quality and cost."""
+    lines = ["", "## Pareto front: quality vs cost", ""]
+    if not costs:
+        return lines + ["Not computed: no cost figure is recorded for every configuration."]
+    direction = "higher" if C.higher_is_better(metric) else "lower"
+    lines += [f"The configurations no other one dominates: none is at least as good on `{metric}` "
+              f"({direction} is better) and on every cost ({', '.join(f'`{c}`' for c in costs)}; lower "
+              "is better) while better on one of them.", "",
+              "| configuration | " + " | ".join([metric, *costs]) + " |", "|---|" + "---:|" * (1 + len(costs))]
+    lines += [f"| {_cell(label)} | " + " | ".join(_cell(table[label][k]) for k in [metric, *costs]) + " |"
+              for label in front]
+    return lines + (["", "![Pareto front](pareto.png)"] if front else [])
+
+
+def not_compared_lines(runs: List[Run]) -> List[str]:
+    others = [r for r in runs if r.status != "success"]
+    lines = ["", "## Runs not compared", ""]
+    return lines + ([f"- `{r.name}` ({r.method}, seed {r.seed}): **{r.status}**" + (f": {r.error}" if r.error else "")
+                     for r in others] or ["- none: every run succeeded"])
+
+
+RETENTION_HOWTO = (
+    "No run measured a set it does not train on. To see whether tuning makes the model forget, "
+    "add `evaluation.extra_datasets=[chatterbot_qa]` to the training command (the test split of "
+    "that data option, or of any other one the runs do not train on, measured before and after "
+    "tuning), as `experiment=compare_methods` does.")
+
+
+def retention_names(metric: str) -> List[str]:
+    """The metrics of the retention section: the loss, and the primary metric's when another."""
+    ref = C.MetricRef.parse(metric)
+    return ["loss"] + ([ref.name] if ref and ref.name != "loss" else [])
+
+
+def _signed(value: Tuple[float, float]) -> str:
+    mean, std = value
+    return f"{mean:+.4g} ± {std:.2g}" if std else f"{mean:+.4g}"
+
+
+def retention_lines(retention: Dict[str, List[C.Retention]]) -> List[str]:
+    """The section on the sets the runs do not train on (or how to measure one)."""
+    lines = ["", "## Retention (does it forget?)", ""]
+    items = [item for rows in retention.values() for item in rows]
+    if not items:
+        return lines + [RETENTION_HOWTO]
+    sets = ", ".join(f"`{s}`" for s in sorted({i.split for i in items}))
+    names = list(dict.fromkeys(i.name for i in items))
+    worse = "; ".join(f"`{n}`: {'lower' if C.higher_is_better(n) else 'higher'} is worse" for n in names)
+    lines += [f"Scores on {sets}, which the runs do not train on (`evaluation.extra_datasets`): the base "
+              "model, the tuned model and the change from base to tuned (per run), mean ± standard deviation "
+              "over the n runs (seeds). A higher loss after tuning (a positive change) means the model forgot "
+              f"some of what it knew ({worse}); worse = yes: the mean change goes the bad way.", "",
+              "| configuration | set | metric | n | base | tuned | change | worse |",
+              "|---|---|---|---:|---:|---:|---:|---|"]
+    for label, rows in retention.items():
+        lines += [f"| {_cell(label)} | {r.split} | {r.name} | {r.runs} | {_cell(r.base)} | {_cell(r.tuned)} "
+                  f"| {_signed(r.change)} | {'yes' if r.worse else 'no'} |" for r in rows]
+    return lines
+
+
+def _choose(runs: List[Run], table: Dict[str, Dict[str, Any]], metric: Optional[str],
+            baseline: Optional[str]) -> Tuple[str, str]:
+    """The primary metric and the baseline configuration, defaulted and checked.
+
+    Raises:
+        SystemExit: No successful run, an unknown metric or an unknown baseline.
+    """
     if not table:
         raise SystemExit("no successful run to compare; statuses: "
                          + ", ".join(sorted({f'{r.name}: {r.status}' for r in runs})))
     metric = pick_metric(table, metric)
-    lines = [f"# Method comparison ({len(runs)} runs)", "",
-             f"Mean ± standard deviation over seeds. Primary metric: `{metric}`; every metric is "
-             "in report.csv.", ""]
-    lines += write_tables(table, out, metric)
-    notes = overlaps(table, metric)
+    baseline = baseline or next(iter(table))
+    if baseline not in table:
+        raise SystemExit(f"--baseline {baseline!r} is not a configuration; choose one of: {', '.join(table)}")
+    return metric, baseline
+
+
+def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignore: Sequence[str] = (),
+                 baseline: Optional[str] = None, replicates: int = 1000) -> Dict[str, Any]:
+    """Writes the tables, plots and HTML page into ``out``; returns what it wrote.
+
+    Args:
+        runs: Every run, whatever its status (only successful ones are compared).
+        out: The report folder.
+        metric: The primary quality metric (default: the first of ``PREFERRED_METRICS`` present).
+        ignore: Settings (keys or prefixes) that do not make runs different configurations.
+        baseline: The configuration the others are compared with (default: the first row).
+        replicates: Bootstrap resamples of the paired differences.
+
+    Raises:
+        SystemExit: No successful run, an unknown metric or an unknown baseline.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    configurations = C.group_runs(runs, ignore)
+    table = summarize_groups(configurations)
+    metric, baseline = _choose(runs, table, metric, baseline)
+    differences, why_not = paired_differences(configurations, metric, baseline, replicates)
+    pareto = C.pareto(table, metric)
+    retention = C.retention(configurations.groups, retention_names(metric))
+    notes = C.overlaps(table, metric)
+    varied = ", ".join(f"`{k}`" for k in configurations.keys) or "nothing (one configuration)"
+    lines = [f"# Comparison of {len(table)} configurations ({len(runs)} runs)", "",
+             f"Configurations differ in {varied}. Mean ± standard deviation over the n runs (seeds) "
+             f"of each. Primary metric: `{metric}`; every metric is in report.csv.", "",
+             "## Configurations", ""]
+    lines += configuration_lines(table, configurations.keys, metric)
+    lines += paired_lines(differences, why_not, metric, baseline)
+    lines += pareto_lines(table, metric, *pareto)
+    lines += retention_lines(retention)
     if notes:
         lines += ["", "## Differences within the spread", ""] + [f"- {n}" for n in notes]
-    others = [r for r in runs if r.status != "success"]
-    lines += ["", "## Runs not compared", ""]
-    lines += [f"- `{r.name}` ({r.method}, seed {r.seed}): **{r.status}**" + (f": {r.error}" if r.error else "")
-              for r in others] or ["- none: every run succeeded"]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    images = plot(runs, table, metric, out)
-    _write_html(out, lines, images)
-    return {"table": table, "metric": metric, "notes": notes, "images": images,
-            "not_compared": [r.name for r in others]}
+    lines += not_compared_lines(runs)
+    write_csv(table, configurations.varied, out / "report.csv")
+    images = plots.plot(configurations.groups, table, metric, pareto, out)
+    lines += ["", "## Plots", ""] + [f"![{title}]({p.name})\n" for title, p in images.items()
+                                     if title != "Pareto front"]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text, encoding="utf-8")
+    write_html(out, text, f"Comparison of {len(table)} configurations")
+    return {"table": table, "metric": metric, "notes": notes, "images": list(images.values()),
+            "keys": configurations.keys, "baseline": baseline, "differences": differences,
+            "pareto": pareto[1], "pareto_costs": pareto[0], "retention": retention,
+            "not_compared": [r.name for r in runs if r.status != "success"]}
 
 
-def _write_html(out: Path, markdown_lines: List[str], images: List[Path]) -> None:
-    rows = [l for l in markdown_lines if l.startswith("|") and not l.startswith("|---")]
-    cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
-    table = "<table>" + "".join(
-        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
-        for i, row in enumerate(cells)) + "</table>"
-    prose = "".join(f"<p>{html.escape(l)}</p>" for l in markdown_lines if l and not l.startswith("|"))
-    pictures = "".join(f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" '
-                       f'alt="{p.stem}">' for p in images)
+STYLE = """
+body{margin:0;background:#f6f7f9;color:#1f2328;font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
+main{max-width:72rem;margin:0 auto;padding:1.5rem 2rem 3rem;background:#fff;min-height:100vh}
+h1{font-size:1.6rem;border-bottom:2px solid #d0d7de;padding-bottom:.3rem}
+h2{font-size:1.2rem;margin-top:2.2rem;border-bottom:1px solid #eaeef2;padding-bottom:.2rem}
+table{display:block;max-width:100%;overflow-x:auto;border-collapse:collapse;font-size:13px;margin:.6rem 0 1rem}
+th,td{border:1px solid #d0d7de;padding:4px 9px;white-space:nowrap}
+th{background:#f3f4f6}
+tbody tr:nth-child(even){background:#fafbfc}
+code{background:#f3f4f6;padding:1px 4px;border-radius:4px;font-size:90%}
+img{display:block;max-width:100%;height:auto;margin:1rem auto}
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def write_html(out: Path, markdown_text: str, title: str) -> None:
+    """``report.html``: the Markdown rendered (raw HTML in it escaped, e.g. an error message
+    with ``<...>``), its PNG images embedded, so the page is one self-contained file."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(markdown_text)
+    for token in tokens:
+        for child in token.children or []:
+            if child.type == "image":
+                child.attrSet("src", _data_uri(out / str(child.attrGet("src"))))
+    body = md.renderer.render(tokens, md.options, {})
     (out / "report.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>Method comparison</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:48%;margin:1%}</style>"
-        f"{table}{prose}<div>{pictures}</div>", encoding="utf-8")
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
+        f"<body><main>\n{body}</main></body></html>\n", encoding="utf-8")
+
+
+WandbRows = Tuple[List[str], List[List[Any]]]  # a W&B table's columns and rows
+
+
+def _configuration_rows(result: Dict[str, Any]) -> WandbRows:
+    table = result["table"]
+    settings = [k for k in result["keys"] if k not in C.METHOD_KEYS]  # the method has its column
+    keys = sorted({k for row in table.values() for k in row if "/" in k})
+    columns = ["configuration", "method", *settings, "runs", *[f"{k} mean" for k in keys],
+               *[f"{k} std" for k in keys]]
+    return columns, [[label, row["method"], *[C.value_text(row["config"][k], True) for k in settings],
+                      row["runs"], *[row.get(k, (math.nan, 0))[0] for k in keys],
+                      *[row.get(k, (math.nan, 0))[1] for k in keys]] for label, row in table.items()]
+
+
+def wandb_tables(result: Dict[str, Any]) -> Dict[str, WandbRows]:
+    """The report's tables as W&B columns and rows, by their W&B key: the configurations, and
+    the paired differences, Pareto view and retention when the report has them."""
+    metric, costs = result["metric"], result["pareto_costs"]
+    tables = {"report/comparison": _configuration_rows(result)}
+    if result["differences"]:
+        tables["report/paired_differences"] = (
+            ["configuration", "baseline", "metric", "difference", "low", "high", "significant", "examples"],
+            [[label, result["baseline"], metric, d.difference, d.low, d.high, d.significant, d.examples]
+             for label, d in result["differences"].items()])
+    if costs:  # not report/pareto: that is the Pareto plot's key
+        tables["report/pareto_front"] = (["configuration", metric, *costs, "non_dominated"], [
+            [label, row.get(metric, (math.nan, 0))[0], *[row[k][0] for k in costs], label in result["pareto"]]
+            for label, row in result["table"].items()])
+    retention = [(label, r) for label, rows in result["retention"].items() for r in rows]
+    if retention:
+        tables["report/retention"] = (
+            ["configuration", "set", "metric", "runs", "base mean", "base std", "tuned mean", "tuned std",
+             "change mean", "change std", "worse"],
+            [[label, r.split, r.name, r.runs, *r.base, *r.tuned, *r.change, r.worse] for label, r in retention])
+    return tables
 
 
 def log_to_wandb(result: Dict[str, Any], out: Path, project: str, group: Optional[str], mode: str) -> None:
-    """Logs the report as its own W&B run (job type ``report``): the table and the plots."""
+    """Logs the report as its own W&B run (job type ``report``): every table of
+    :func:`wandb_tables` as a ``wandb.Table`` and every plot as a ``wandb.Image``."""
     import wandb
 
-    table = result["table"]
-    keys = sorted({k for row in table.values() for k in row if "/" in k})
-    wb_table = wandb.Table(columns=["method", "runs", *[f"{k} mean" for k in keys], *[f"{k} std" for k in keys]],
-                           data=[[m, row["runs"], *[row.get(k, (math.nan, 0))[0] for k in keys],
-                                  *[row.get(k, (math.nan, 0))[1] for k in keys]] for m, row in table.items()])
+    tables = {key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in wandb_tables(result).items()}
+    images = {f"report/{p.stem}": wandb.Image(str(p)) for p in result["images"]}
     run = wandb.init(project=project, group=group, job_type="report", mode=mode, dir=str(out),
                      name=f"report-{group}", settings=wandb.Settings(x_disable_stats=True))
-    run.log({"report/comparison": wb_table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in result["images"]}})
+    run.log({**tables, **images})
     run.finish()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Compare methods across the runs of a multirun or sweep.")
+    parser = argparse.ArgumentParser(description="Compare configurations across the runs of a multirun or sweep.")
     parser.add_argument("folder", nargs="?", help="a multirun or sweep folder of run folders")
     parser.add_argument("--wandb-project", help="read runs from this W&B project instead (online)")
     parser.add_argument("--wandb-entity")
     parser.add_argument("--group", help="the W&B group of the runs")
     parser.add_argument("--out", help="where to write (default: <folder>/report)")
     parser.add_argument("--metric", help="primary quality metric (default: tuned/test/bleu if present)")
+    parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                        help="a setting (a key or a prefix: data.seed, trainer) whose differences do not "
+                             "make another configuration, as seed's never do (repeatable)")
+    parser.add_argument("--baseline", help="the configuration the others are compared with (default: the first row)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples of the paired differences (default 1000)")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
                         help="log the report as a W&B run of job type report (default offline)")
     args = parser.parse_args(argv)
+    if args.bootstrap < 1:
+        parser.error(f"--bootstrap {args.bootstrap}: give at least 1 resample (1000 is usual)")
     if args.wandb_project:
         runs = runs_from_wandb(args.wandb_project, args.group, args.wandb_entity)
         out = Path(args.out or f"report-{args.group or args.wandb_project}")
@@ -337,7 +492,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         out = Path(args.out) if args.out else folder / "report"
     else:
         parser.error("give a folder, or --wandb-project")
-    result = write_report(runs, out, args.metric)
+    result = write_report(runs, out, args.metric, args.ignore, args.baseline, args.bootstrap)
     print((out / "report.md").read_text())
     if args.wandb_mode != "disabled":
         project = args.wandb_project or "pipeline"

@@ -1,0 +1,469 @@
+"""Which runs are one configuration, and how configurations compare: paired bootstrap
+differences, retention on sets the runs do not train on, and the Pareto front of quality vs cost.
+
+Configurations. A row of a comparison is one configuration: the settings (dotted keys of the
+resolved config) whose values differ between the runs, except seeds, where a run writes and how
+it is tracked. A setting that follows from the method (``adapter.r`` is absent for ``full``, a
+per-method learning rate) does not split a method into more rows.
+
+Paired bootstrap (Koehn 2004). It asks whether configuration B beats configuration A on *these*
+prompts by more than the luck of which prompts were drawn. Each replicate resamples example
+indices with replacement, the same indices for both configurations, and scores each
+configuration on them as the mean over its seeds. sacrebleu's own ``significance`` module does
+the same resampling, but for one output per system and for corpus metrics only; here a
+configuration has several seeds and sentence-level metrics (ROUGE, exact match, F1, accuracy)
+are resampled too, as means of their per-example scores. Corpus-level metrics (BLEU, chrF) are
+recomputed on each resample from sacrebleu's per-sentence sufficient statistics: summing them
+over a resample and scoring the sum is exactly the corpus score of that resample (the route
+``sacrebleu.significance`` takes), without re-tokenising the text a thousand times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+from sacrebleu.metrics import BLEU, CHRF
+
+from pipeline.metrics import reference_streams
+
+METHOD_KEYS = ("adapter.method", "adapter")  # from config.yaml; from the overrides
+# Settings that differ between runs without making them different configurations: where a run
+# writes, how it is logged and tracked, which sweep trial it is, whether it resumed.
+NOT_A_SETTING = ("paths.", "hydra.", "logger.", "sweep.", "_")
+NOT_A_SETTING_KEYS = ("seed", "resume", "task_name", "run_name")
+ABSENT = "-"  # the value of a key a run's config does not have (e.g. adapter.r of full)
+# The same settings as pipeline.metrics.corpus_bleu / corpus_chrf (sacrebleu's defaults).
+CORPUS_METRICS = {"bleu": BLEU, "chrf": CHRF}
+SIDES = ("base", "tuned", "delta")
+RUN_SPLITS = ("eval", "test")  # a run's own splits; any other evaluation set is an extra dataset
+LOWER_IS_BETTER = ("loss", "perplexity", "unparsable_rate")
+Rows = List[Dict[str, Any]]  # one run's rows of eval/predictions.jsonl
+
+
+class Configured(Protocol):
+    """What grouping needs of a run (``pipeline.report.Run`` has it)."""
+
+    method: str
+    seed: Optional[int]
+    status: str
+    config: Dict[str, Any]
+
+
+class Measured(Configured, Protocol):
+    """A run with its final metrics (``metrics.json``)."""
+
+    metrics: Dict[str, float]
+
+
+# --------------------------------------------------------------------------- configurations
+
+
+def flatten(nested: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"adapter": {"r": 8}}`` as ``{"adapter.r": 8}``; lists stay values."""
+    flat: Dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def config_from_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["adapter=lora", "adapter.r=8"]`` as ``{"adapter": "lora", "adapter.r": 8}``."""
+    pairs = (o.lstrip("+~").partition("=") for o in overrides)
+    return {key: _number(value) for key, sep, value in pairs if sep}
+
+
+@dataclass
+class Configurations:
+    """Successful runs grouped by the settings that varied between them.
+
+    Attributes:
+        keys: The settings that tell the configurations apart (the label's keys).
+        varied: Every setting that varied, also those that follow from the method (its
+            learning rate in ``experiment=compare_methods``, ``adapter.r`` absent for full).
+        groups: Per configuration label, its runs (seeds), in the order of the settings.
+    """
+
+    keys: List[str]
+    varied: List[str]
+    groups: Dict[str, List[Configured]]
+
+
+def _value_key(run: Configured, key: str) -> str:
+    return json.dumps(run.config.get(key, ABSENT), sort_keys=True, default=str)
+
+
+def _is_setting(key: str, runs: Sequence[Configured], ignore: Sequence[str]) -> bool:
+    if key in NOT_A_SETTING_KEYS or key.startswith(NOT_A_SETTING) or key.endswith("_dir"):
+        return False
+    if any(key == i or key.startswith(f"{i}.") for i in ignore):
+        return False
+    # evaluation.decoding.seed: ${seed} follows the run's seed; a user-set data.seed does not.
+    return not (key.endswith("seed") and all(r.config.get(key) == r.seed for r in runs))
+
+
+def varied_keys(runs: Sequence[Configured], ignore: Sequence[str] = ()) -> List[str]:
+    """The settings whose value differs between ``runs``, except seeds and ``ignore`` keys
+    (a key or a prefix: ``--ignore trainer`` ignores every ``trainer.*``)."""
+    keys = sorted({k for r in runs for k in r.config})
+    return [k for k in keys if _is_setting(k, runs, ignore)
+            and len({_value_key(r, k) for r in runs}) > 1]
+
+
+def _follows_method(key: str, runs: Sequence[Configured]) -> bool:
+    values: Dict[str, set] = {}
+    for run in runs:
+        values.setdefault(run.method, set()).add(_value_key(run, key))
+    return all(len(v) == 1 for v in values.values())
+
+
+def label_keys(runs: Sequence[Configured], varied: Sequence[str]) -> List[str]:
+    """The varied settings that name a configuration: the method first when it varies, then
+    the settings that do not follow from the method (its defaults, a per-method rate)."""
+    method = [k for k in METHOD_KEYS if k in varied][:1]
+    if not method:
+        return list(varied)
+    return method + [k for k in varied if k not in METHOD_KEYS and not _follows_method(k, runs)]
+
+
+def _order(value: Any) -> Tuple[int, Any]:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, value) if numeric else (1, str(value))
+
+
+def value_text(value: Any, exact: bool) -> str:
+    if isinstance(value, float) and not exact:
+        return f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _labels(values: List[Tuple[Any, ...]], keys: Sequence[str], exact: bool = False) -> List[str]:
+    """Labels ``k=v, ...`` (the method alone when it is the only key); floats are shortened
+    unless two configurations would then read alike."""
+    if len(keys) == 1 and keys[0] in METHOD_KEYS:
+        return [str(v[0]) for v in values]
+    labels = [", ".join(f"{k}={value_text(v, exact)}" for k, v in zip(keys, vs)) for vs in values]
+    return labels if exact or len(set(labels)) == len(labels) else _labels(values, keys, exact=True)
+
+
+def group_runs(runs: Sequence[Configured], ignore: Sequence[str] = ()) -> Configurations:
+    """The successful runs grouped into configurations (see :class:`Configurations`).
+
+    A single configuration is labelled with its method.
+    """
+    ok = [r for r in runs if r.status == "success"]
+    varied = varied_keys(ok, ignore)
+    keys = label_keys(ok, varied)
+    groups: Dict[Tuple[str, ...], List[Configured]] = {}
+    for run in ok:  # keyed by JSON text: a setting's value may be a list
+        groups.setdefault(tuple(_value_key(run, k) for k in keys), []).append(run)
+    ordered = sorted(groups.values(), key=lambda g: tuple(_order(g[0].config.get(k, ABSENT)) for k in keys))
+    values = [tuple(g[0].config.get(k, ABSENT) for k in keys) for g in ordered]
+    labels = _labels(values, keys) if keys else [" / ".join(sorted({r.method for r in ok}))]
+    return Configurations(keys, varied, dict(zip(labels, ordered)))
+
+
+# --------------------------------------------------------------------------- spread over seeds
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def overlaps(table: Dict[str, Dict[str, Any]], metric: str) -> List[str]:
+    """Pairs of configurations whose difference in ``metric`` is smaller than their combined spread."""
+    notes = []
+    labels = sorted(table)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            (ma, sa), (mb, sb) = table[a].get(metric, (math.nan, 0)), table[b].get(metric, (math.nan, 0))
+            spread = math.hypot(sa, sb)
+            if spread > 0 and abs(ma - mb) < spread:
+                notes.append(f"{a} vs {b}: the difference in {metric} ({abs(ma - mb):.3g}) is smaller "
+                             f"than their spread over seeds ({spread:.3g}); not a reliable ranking")
+    return notes
+
+
+# --------------------------------------------------------------------------- paired bootstrap
+
+
+@dataclass(frozen=True)
+class MetricRef:
+    """A metric name such as ``tuned/test/bleu`` split into side, evaluation set and metric."""
+
+    side: str
+    split: str
+    name: str
+
+    @classmethod
+    def parse(cls, metric: str) -> Optional["MetricRef"]:
+        """The parts of ``<base|tuned|delta>/<set>/<metric>``, or None for any other name."""
+        parts = metric.split("/", 2)
+        if len(parts) != 3 or parts[0] not in SIDES:
+            return None
+        return cls(*parts)
+
+
+def metric_suffix(metric: str) -> str:
+    """``test/bleu`` of ``tuned/test/bleu`` (of any side); other names unchanged."""
+    return metric.split("/", 1)[1] if MetricRef.parse(metric) else metric
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A configuration's difference to the baseline, with its paired bootstrap interval."""
+
+    difference: float
+    low: float
+    high: float
+    examples: int
+    replicates: int
+
+    @property
+    def significant(self) -> bool:
+        """Whether the 95% interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+
+def read_predictions(path: Path) -> Rows:
+    """The rows of one run's ``eval/predictions.jsonl`` (see ``evaluation.write_predictions``)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _example_key(row: Dict[str, Any]) -> Tuple[int, str]:
+    # Index and prompt together: a different data split would reuse the indices for other prompts.
+    return row["index"], row["prompt"]
+
+
+def align(configs: Mapping[str, Sequence[Rows]], split: str) -> Dict[str, List[Rows]]:
+    """Every run's rows of evaluation set ``split``, restricted to the examples all runs share
+    and put in one order, so that index ``i`` is the same prompt in every run.
+
+    Args:
+        configs: Per configuration label, the prediction rows of each of its runs (seeds).
+        split: The evaluation set (``test``, ``eval`` or an extra dataset's name).
+
+    Returns:
+        The same structure with aligned rows.
+
+    Raises:
+        ValueError: When no example is shared by every run.
+    """
+    by_key = [[{_example_key(r): r for r in rows if r["set"] == split} for rows in runs]
+              for runs in configs.values()]
+    shared = set.intersection(*(set(run) for runs in by_key for run in runs))
+    if not shared:
+        raise ValueError(f"no example of set {split!r} is in the predictions of every run")
+    order = sorted(shared)
+    return {label: [[run[k] for k in order] for run in runs] for label, runs in zip(configs, by_key)}
+
+
+def _sentence_scores(rows: Rows, side: str, name: str, indices: np.ndarray) -> np.ndarray:
+    values = np.array([float(r[f"{side}_scores"][name]) for r in rows])
+    return values[indices].mean(axis=1)
+
+
+def _corpus_scores(rows: Rows, side: str, name: str, indices: np.ndarray) -> np.ndarray:
+    metric = CORPUS_METRICS[name]()
+    references = [r["reference"] if isinstance(r["reference"], list) else [r["reference"]] for r in rows]
+    # Private sacrebleu API, used the way sacrebleu.significance uses it (see the module docstring).
+    stats = np.asarray(metric._extract_corpus_statistics([r[side] for r in rows],
+                                                         reference_streams(references)), dtype=float)
+    sums = stats[indices].sum(axis=1)
+    return np.array([metric._compute_score_from_stats(s.tolist()).score for s in sums])
+
+
+def run_scores(rows: Rows, metric: MetricRef, indices: np.ndarray) -> np.ndarray:
+    """One run's ``metric`` on each resample.
+
+    Args:
+        rows: The run's aligned prediction rows.
+        metric: What to score; ``delta`` is tuned minus base on the same resample.
+        indices: One row of example indices per resample.
+
+    Returns:
+        One score per row of ``indices``.
+
+    Raises:
+        ValueError: When the rows hold no per-example score for the metric.
+    """
+    if metric.side == "delta":
+        return (run_scores(rows, MetricRef("tuned", metric.split, metric.name), indices)
+                - run_scores(rows, MetricRef("base", metric.split, metric.name), indices))
+    if metric.name in CORPUS_METRICS:
+        return _corpus_scores(rows, metric.side, metric.name, indices)
+    if metric.name not in rows[0][f"{metric.side}_scores"]:
+        raise ValueError(f"eval/predictions.jsonl has no per-example {metric.name!r} score; "
+                         f"it has: {', '.join(sorted(rows[0][f'{metric.side}_scores']))}")
+    return _sentence_scores(rows, metric.side, metric.name, indices)
+
+
+def config_scores(runs: Sequence[Rows], metric: MetricRef, indices: np.ndarray) -> np.ndarray:
+    """A configuration's score on each resample: the mean over its runs (seeds)."""
+    return np.mean([run_scores(rows, metric, indices) for rows in runs], axis=0)
+
+
+def paired_bootstrap(configs: Mapping[str, Sequence[Rows]], baseline: str, metric: MetricRef,
+                     replicates: int = 1000, seed: int = 0) -> Dict[str, Difference]:
+    """Each configuration's difference to ``baseline`` with a paired bootstrap 95% interval.
+
+    Replicate ``b`` scores every configuration on the examples
+    ``np.random.default_rng(seed).integers(0, n, size=(replicates, n))[b]``: the same resample
+    for all, so the interval reflects the difference, not each score's own spread.
+
+    Args:
+        configs: Per configuration label, the prediction rows of each of its runs (seeds).
+        baseline: The label every other configuration is compared with.
+        metric: The metric compared (its evaluation set selects the rows).
+        replicates: Number of bootstrap resamples.
+        seed: Seed of the resampling RNG; fixed so that a report is reproducible.
+
+    Returns:
+        Per configuration other than the baseline, its :class:`Difference`.
+
+    Raises:
+        ValueError: When the runs share no example or hold no per-example score for the metric.
+    """
+    aligned = align(configs, metric.split)
+    n = len(aligned[baseline][0])
+    indices = np.random.default_rng(seed).integers(0, n, size=(replicates, n))
+    everything = np.arange(n)[None, :]
+    base_resampled = config_scores(aligned[baseline], metric, indices)
+    base_score = config_scores(aligned[baseline], metric, everything)[0]
+    differences = {}
+    for label, runs in aligned.items():
+        if label == baseline:
+            continue
+        resampled = config_scores(runs, metric, indices) - base_resampled
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        point = config_scores(runs, metric, everything)[0] - base_score
+        differences[label] = Difference(float(point), float(low), float(high), n, replicates)
+    return differences
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def extra_sets(keys: Iterable[str]) -> List[str]:
+    """The evaluation sets among metric names that are not the run's own splits: those of
+    ``evaluation.extra_datasets``, which the runs do not train on."""
+    refs = (MetricRef.parse(k) for k in keys)
+    return sorted({r.split for r in refs if r is not None and r.split not in RUN_SPLITS})
+
+
+@dataclass(frozen=True)
+class Retention:
+    """One metric of a configuration on a set it does not train on, before and after tuning.
+
+    Each figure is the mean and standard deviation over the configuration's runs (seeds);
+    ``change`` is tuned minus base per run, so the base model's own spread cancels.
+    """
+
+    split: str
+    name: str
+    runs: int
+    base: Tuple[float, float]
+    tuned: Tuple[float, float]
+    change: Tuple[float, float]
+
+    @property
+    def worse(self) -> bool:
+        """Whether the mean change goes the bad way (a higher loss: the model forgot)."""
+        return self.change[0] < 0 if higher_is_better(self.name) else self.change[0] > 0
+
+
+def _retention(runs: Sequence[Measured], split: str, name: str) -> Optional[Retention]:
+    base, tuned = f"base/{split}/{name}", f"tuned/{split}/{name}"
+    pairs = [(float(r.metrics[base]), float(r.metrics[tuned])) for r in runs
+             if base in r.metrics and tuned in r.metrics]
+    if not pairs:
+        return None
+    return Retention(split, name, len(pairs), mean_std([b for b, _ in pairs]),
+                     mean_std([t for _, t in pairs]), mean_std([t - b for b, t in pairs]))
+
+
+def retention(groups: Mapping[str, Sequence[Measured]], names: Sequence[str]) -> Dict[str, List[Retention]]:
+    """Per configuration, ``names`` (``loss``, ``bleu`` ...) on every extra set of its runs.
+
+    Args:
+        groups: Per configuration label, its runs.
+        names: The metrics to show; one a set lacks is left out for that set.
+
+    Returns:
+        Per label, one :class:`Retention` per extra set and metric measured (empty lists
+        when no run has an extra set).
+    """
+    sets = extra_sets(k for runs in groups.values() for r in runs for k in r.metrics)
+    return {label: [item for split in sets for name in names if (item := _retention(runs, split, name))]
+            for label, runs in groups.items()}
+
+
+# --------------------------------------------------------------------------- Pareto front
+
+
+def higher_is_better(metric: str) -> bool:
+    """False for losses, perplexities and the unparsable rate; True for quality scores."""
+    return not metric.rsplit("/", 1)[-1].startswith(LOWER_IS_BETTER)
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether point ``a`` is at least as good as ``b`` everywhere and better somewhere.
+
+    Args:
+        a: Quality first (higher is better), then costs (lower is better).
+        b: The same for the other point.
+    """
+    no_worse = a[0] >= b[0] and all(x <= y for x, y in zip(a[1:], b[1:]))
+    return no_worse and tuple(a) != tuple(b)
+
+
+def pareto_front(points: Mapping[str, Sequence[float]], maximize: bool = True) -> List[str]:
+    """The labels of the non-dominated points, in the order given.
+
+    Args:
+        points: Per label, quality then each cost (lower cost is better).
+        maximize: Whether higher quality is better (False for a loss).
+
+    Returns:
+        Labels no other point dominates; equal points are all kept.
+    """
+    signed = {k: (v[0] if maximize else -v[0], *v[1:]) for k, v in points.items()}
+    return [k for k, p in signed.items() if not any(dominates(q, p) for q in signed.values())]
+
+
+def pareto_costs(table: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The cost keys of the Pareto view every configuration has: trainable parameters, peak
+    memory (CUDA when measured, else RSS) and wall time."""
+    def everywhere(key: str) -> bool:
+        return all(not math.isnan(row.get(key, (math.nan, 0))[0]) for row in table.values())
+
+    memory = "perf/peak_cuda_mb" if everywhere("perf/peak_cuda_mb") else "perf/peak_rss_mb"
+    return [k for k in ("params/trainable", memory, "perf/wall_time_s") if everywhere(k)]
+
+
+def pareto(table: Dict[str, Dict[str, Any]], metric: str) -> Tuple[List[str], List[str]]:
+    """The cost keys used and the non-dominated configurations over ``metric`` and those costs."""
+    costs = pareto_costs(table)
+    points = {label: (row[metric][0], *(row[k][0] for k in costs)) for label, row in table.items()
+              if not math.isnan(row.get(metric, (math.nan, 0))[0])}
+    return costs, pareto_front(points, maximize=higher_is_better(metric))

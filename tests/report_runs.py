@@ -1,0 +1,123 @@
+"""Fake run folders for the report tests, written by the real writers.
+
+The config is composed from conf/ as ``pipeline.train`` composes it, ``run.json`` and
+``config.yaml`` come from :class:`pipeline.tracking.RunFolder`, the predictions from
+:func:`pipeline.evaluation.write_predictions` with scores from :func:`pipeline.metrics.compute`;
+only the model outputs and the cost figures are made up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from tests.conftest import compose_train
+
+METRICS = ["bleu", "exact_match"]
+RETENTION_SET = "chatterbot_qa"  # a shipped data option the fake runs "do not train on"
+QUESTIONS = ["What is AI?", "Who are you?", "Do you like music?", "What time is it?",
+             "Can you help me?", "What is your name?"]
+ANSWERS = ["a branch of computer science", "i am a chat bot", "yes i like jazz", "i do not have a clock",
+           "of course i can", "my name is bot"]
+REFERENCES = [
+    "le chat dort", "il pleut encore", "ouvrez la porte", "la maison est grande",
+    "nous mangeons du pain", "le train part demain", "elle lit un livre", "fermez la fenêtre",
+    "le ciel est bleu", "ils jouent au parc", "je bois du café", "la route est longue",
+]
+PROMPTS = [f"Translate to French: sentence {i}" for i in range(len(REFERENCES))]
+WRONG = "je ne sais pas"
+
+
+def outputs(correct: int, references: Sequence[str] = REFERENCES) -> List[str]:
+    """Model outputs that reproduce the first ``correct`` references and miss the rest."""
+    return [ref if i < correct else WRONG for i, ref in enumerate(references)]
+
+
+@dataclass
+class Retained:
+    """A run's made-up outputs and losses on :data:`RETENTION_SET`, before and after tuning.
+
+    Attributes:
+        base_correct: Answers the base model gets right.
+        tuned_correct: Answers the tuned model gets right.
+        base_loss: The base model's loss on the set.
+        tuned_loss: The tuned model's loss on the set.
+    """
+
+    base_correct: int
+    tuned_correct: int
+    base_loss: float
+    tuned_loss: float
+
+
+def write_run(folder: Path, overrides: Sequence[str], correct: int, costs: Dict[str, float],
+              status: str = "success", retained: Optional[Retained] = None) -> Path:
+    """A finished run folder of ``python -m pipeline.train <overrides>``.
+
+    Args:
+        folder: The run folder to create.
+        overrides: The command-line overrides (``model=tiny_llama`` is added to compose fast).
+        correct: How many test examples the tuned model gets right (the base model gets none).
+        costs: ``params/*`` and ``perf/*`` figures for ``metrics.json``.
+        status: The final status; only a successful run gets metrics and predictions.
+        retained: The run's figures on :data:`RETENTION_SET`, measured as an extra dataset
+            (``evaluation.extra_datasets``), or None for a run without one.
+    """
+    from pipeline import evaluation, tracking
+
+    cfg = compose_train(["model=tiny_llama", *overrides], folder)
+    run = tracking.RunFolder(folder)
+    run.start(cfg, list(overrides))
+    if status != "success":
+        run.finish(status, RuntimeError("trial stopped"))
+        return folder
+    sets = [evaluation.EvalSet("test", PROMPTS, [[r] for r in REFERENCES])]
+    base_texts, tuned_texts = {"test": outputs(0)}, {"test": outputs(correct)}
+    losses: Dict[str, Dict[str, float]] = {"base": {}, "tuned": {}}
+    if retained:
+        sets.append(evaluation.EvalSet(RETENTION_SET, QUESTIONS, [[a] for a in ANSWERS]))
+        base_texts[RETENTION_SET] = outputs(retained.base_correct, ANSWERS)
+        tuned_texts[RETENTION_SET] = outputs(retained.tuned_correct, ANSWERS)
+        losses = {"base": {f"{RETENTION_SET}/loss": retained.base_loss},
+                  "tuned": {f"{RETENTION_SET}/loss": retained.tuned_loss}}
+    base = _measure(sets, base_texts, losses["base"])
+    tuned = _measure(sets, tuned_texts, losses["tuned"])
+    evaluation.write_predictions(folder / "eval" / "predictions.jsonl", sets, base, tuned)
+    values = {**{f"base/{k}": v for k, v in base.metrics.items()},
+              **{f"tuned/{k}": v for k, v in tuned.metrics.items()}}
+    values.update({f"delta/{k}": tuned.metrics[k] - base.metrics[k] for k in base.metrics})
+    run.write_metrics({**values, **costs})
+    (folder / "history.jsonl").write_text("".join(
+        json.dumps({"step": s, "train/loss": 3.0 - 0.1 * s * correct}) + "\n" for s in (2, 4, 6)))
+    run.finish("success")
+    return folder
+
+
+def _measure(sets: List, texts: Dict[str, List[str]], losses: Dict[str, float]):
+    """A :class:`pipeline.evaluation.Measurement` of ``texts`` (per set), scored for real."""
+    from pipeline import evaluation, metrics as M
+
+    values, per_example = dict(losses), {}
+    for s in sets:
+        corpus, per_example[s.name] = M.compute(METRICS, texts[s.name], s.references)
+        values.update({f"{s.name}/{k}": v for k, v in corpus.items()})
+    return evaluation.Measurement(values, texts, per_example)
+
+
+# Per method and seed: test examples right after tuning, then the retention set's answers right
+# (base 4 of 6) and loss (base 2.0) after tuning: full fine-tuning forgets the most.
+METHOD_RUNS = {("full", 1): (10, Retained(4, 1, 2.0, 2.9)), ("full", 2): (11, Retained(4, 2, 2.0, 2.7)),
+               ("lora", 1): (8, Retained(4, 4, 2.0, 2.1)), ("lora", 2): (9, Retained(4, 3, 2.0, 2.2))}
+
+
+def write_methods_multirun(root: Path) -> Path:
+    """``-m experiment=compare_methods adapter=full,lora seed=1,2`` as :data:`METHOD_RUNS` says,
+    with :data:`RETENTION_SET` measured as an extra dataset; full costs more of everything."""
+    for job, ((method, seed), (correct, retained)) in enumerate(sorted(METHOD_RUNS.items())):
+        costs = {"params/trainable": 1e6 if method == "full" else 1e4,
+                 "perf/peak_rss_mb": 4000.0 if method == "full" else 3000.0, "perf/wall_time_s": 60.0 + seed}
+        write_run(root / f"{job}_{method}", ["experiment=compare_methods", f"adapter={method}", f"seed={seed}"],
+                  correct, costs, retained=retained)
+    return root
