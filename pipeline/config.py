@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.adapters import ADAPTERS, AdapterSettings
+from pipeline.precision import PRECISIONS
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"  # the `sweep` config group
@@ -536,7 +537,7 @@ CHOICES = {
     "data.truncation": ("drop", "truncate", "error"),
     "model.source": ("hub", "gguf", "tiny"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
-    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "trainer.precision": PRECISIONS,
     "trainer.nan_policy": ("stop", "skip"),
     "trainer.sampling": ("random", "group_by_length", "sequential"),
     "objective.direction": ("minimize", "maximize"),

@@ -86,10 +86,10 @@ def merged_model(source: ExportSource, folder: str, dequantize: bool) -> Any:
         raise ExportError(f"export.merge=true: {QUANTIZED_MERGE}")
     base = models.load_model(folder, source.model_cfg)
     if source.quantization:
-        from pipeline.quantization import dequantized_state_dict, guard_cpu_4bit
+        from pipeline.quantization import dequantized_state_dict
 
+        # load_model guards every 4-bit load, which keeps the layout dequantize_4bit reads.
         quantized = models.load_model(folder, source.model_cfg, source.quantization)
-        guard_cpu_4bit(quantized)  # keep the layout dequantize_4bit reads
         dense = dequantized_state_dict(quantized)
         missing = set(dense) - set(base.state_dict())
         if missing:

@@ -108,9 +108,8 @@ class _BaseMeasurement:
     the cache of base measurements (cached), or a measurement now (measured). Recorded in
     ``run.json`` as ``base_measurement`` with the fingerprint."""
 
-    def __init__(self, run: tracking.RunFolder, cache_dir: str, key, measurement, source: str):
-        self.run, self.cache_dir, self.key = run, cache_dir, key
-        self.measurement, self.source = measurement, source
+    def __init__(self, run: tracking.RunFolder, cache_dir: str, key, measurement):
+        self.run, self.cache_dir, self.key, self.measurement = run, cache_dir, key, measurement
 
     @classmethod
     def find(cls, cfg: DictConfig, run: tracking.RunFolder, folder: str, quantization,
@@ -129,7 +128,7 @@ class _BaseMeasurement:
             if distributed.is_main_process():  # the run folder stays self-contained (and resumable)
                 cached.save(run.path / "eval" / "base.json")
         run.update(base_measurement=source, base_fingerprint=key)
-        return cls(run, cfg.paths.base_cache_dir, key, resumed or cached, source)
+        return cls(run, cfg.paths.base_cache_dir, key, resumed or cached)
 
     def save(self, measured: evaluation.Measurement) -> None:
         """Keeps a new measurement in the run folder (for a resume) and in the cache."""
