@@ -3,6 +3,11 @@ in-process batched ``model.generate`` (the ceiling), on the default model with a
 
     python benchmarks/serve_throughput.py                       # 32 requests, 32 tokens, greedy
     python benchmarks/serve_throughput.py --requests 48 --max-tokens 32 --concurrency 8
+    python benchmarks/serve_throughput.py --max-wait-ms 10 50 100 --rounds 3
+
+The concurrent-client mode runs once per ``server.max_wait_ms`` setting in each of ``--rounds``
+alternating rounds (one server per setting over the same loaded model), so the settings are
+compared side by side in one run.
 
 Every mode generates the same prompts (django_en_fr test prompts) with the same adapter and
 greedy decoding, up to ``--max-tokens`` new tokens or EOS; tokens/s counts the generated tokens
@@ -90,17 +95,35 @@ def timed(fn, *args) -> tuple:
     return tokens, time.perf_counter() - start
 
 
+def start_server(pool, args, max_wait_ms: float) -> tuple:
+    """A server on a free port over ``pool`` with its own engine; returns (server, url)."""
+    import uvicorn
+
+    from pipeline.server.app import create_app
+
+    server_cfg = C.ServerConfig(max_batch_size=args.concurrency, max_wait_ms=max_wait_ms,
+                                max_tokens_limit=args.max_tokens, default_max_tokens=args.max_tokens)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(pool, server_cfg, None), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-wait-ms", type=float, nargs="+", default=[10.0, 100.0],
+                        help="server.max_wait_ms settings compared side by side (concurrent clients)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per setting")
     args = parser.parse_args()
 
-    import uvicorn
-
-    from pipeline.server.app import create_app
     from pipeline.server.pool import ModelPool, Source
 
     cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
@@ -112,40 +135,38 @@ def main() -> None:
     prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])[: args.requests]
     adapter = fresh_lora(folder, Path(tempfile.mkdtemp()) / "lora")
     pool = ModelPool(model_cfg, model_cfg.name, [Source("tuned", model_cfg, adapter)], cache, 0)
+    # One server (and engine) per setting over the same loaded model; only one works at a time.
+    servers = {wait: start_server(pool, args, wait) for wait in args.max_wait_ms}
+    first_url = servers[args.max_wait_ms[0]][1]
+    for _, url in servers.values():
+        clients(url, prompts[:2], 4, 1)  # warm-up
 
-    server_cfg = C.ServerConfig(max_batch_size=args.concurrency, max_wait_ms=args.max_wait_ms,
-                                max_tokens_limit=args.max_tokens, default_max_tokens=args.max_tokens)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(pool, server_cfg, None), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
-
-    clients(url, prompts[:2], 4, 1)  # warm-up
-    concurrent = f"server, {args.concurrency} concurrent clients"
-    results = {
-        "in-process generate, batch 8 (ceiling)": timed(ceiling, pool, prompts, args.max_tokens, 8),
-        "server, 1 client": timed(clients, url, prompts, args.max_tokens, 1),
-    }
-    rows, calls = batch_rows(url)
-    results[concurrent] = timed(clients, url, prompts, args.max_tokens, args.concurrency)
-    rows_after, calls_after = batch_rows(url)
-    server.should_exit = True
-    rates = {name: tokens / seconds for name, (tokens, seconds) in results.items()}
+    results = {"in-process generate, batch 8 (ceiling)": [timed(ceiling, pool, prompts, args.max_tokens, 8)],
+               f"server, 1 client (max_wait_ms={args.max_wait_ms[0]:g})":
+                   [timed(clients, first_url, prompts, args.max_tokens, 1)]}
+    batches = {wait: [0.0, 0.0] for wait in args.max_wait_ms}
+    for _ in range(args.rounds):  # alternating, so that load drift hits every setting alike
+        for wait, (_, url) in servers.items():
+            rows, calls = batch_rows(url)
+            results.setdefault(f"server, {args.concurrency} concurrent clients (max_wait_ms={wait:g})", []).append(
+                timed(clients, url, prompts, args.max_tokens, args.concurrency))
+            rows_after, calls_after = batch_rows(url)
+            batches[wait][0] += rows_after - rows
+            batches[wait][1] += calls_after - calls
+    for server, _ in servers.values():
+        server.should_exit = True
+    rates = {name: sum(t for t, _ in runs) / sum(s for _, s in runs) for name, runs in results.items()}
     ceiling_rate = rates["in-process generate, batch 8 (ceiling)"]
-    single_rate = rates["server, 1 client"]
+    single_rate = rates[f"server, 1 client (max_wait_ms={args.max_wait_ms[0]:g})"]
     print(f"model: {model_cfg.name} + LoRA r=8, {len(prompts)} requests, greedy, max_tokens "
-          f"{args.max_tokens}, threads: {torch.get_num_threads()}")
-    print("| mode | tokens | seconds | tokens/s | vs 1 client | vs ceiling |\n|---|---:|---:|---:|---:|---:|")
-    for name, (tokens, seconds) in results.items():
-        print(f"| {name} | {tokens} | {seconds:.1f} | {rates[name]:.1f} | "
-              f"{rates[name] / single_rate:.2f}x | {rates[name] / ceiling_rate:.2f}x |")
-    print(f"{concurrent}: {rows_after - rows:.0f} requests in {calls_after - calls:.0f} generate calls "
-          f"(mean batch {(rows_after - rows) / max(calls_after - calls, 1):.1f})")
+          f"{args.max_tokens}, threads: {torch.get_num_threads()}, {args.rounds} alternating rounds")
+    print("| mode | runs | tokens/s | vs 1 client | vs ceiling |\n|---|---:|---:|---:|---:|")
+    for name, runs in results.items():
+        print(f"| {name} | {len(runs)} | {rates[name]:.1f} | {rates[name] / single_rate:.2f}x | "
+              f"{rates[name] / ceiling_rate:.2f}x |")
+    for wait, (rows, calls) in batches.items():
+        print(f"max_wait_ms={wait:g}, {args.concurrency} clients: {rows:.0f} requests in {calls:.0f} generate "
+              f"calls (mean batch {rows / max(calls, 1):.1f})")
 
 
 if __name__ == "__main__":

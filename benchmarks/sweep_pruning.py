@@ -1,13 +1,19 @@
-"""Compute that pruning saves in a sweep: the same sweep with its pruner and without.
+"""What pruning buys a sweep: the shipped sweep with its pruner and without, same wall-clock budget.
 
-    python benchmarks/sweep_pruning.py                          # tiny model, 10 trials, 12 steps
-    python benchmarks/sweep_pruning.py --trials 20 --steps 40 --eval-steps 5 model=smollm2_135m
+    python benchmarks/sweep_pruning.py                               # embedded default, 30 min each
+    python benchmarks/sweep_pruning.py --budget-min 12
+    python benchmarks/sweep_pruning.py --budget-min 2 model=tiny_llama debug=fast   # a smoke test
 
-Both sweeps run `python -m pipeline.train -m sweep=<sweep>` with the same sampler and seed on the
-same data; the second one with `sweep.pruner=null`. Training steps of a trial are its final step
-(complete) or the step at which it was pruned. The sampler sees the pruned trials' last values,
-so after the first pruning the two sweeps may sample different points: the comparison is of
-whole sweeps (cost and best objective), not of trial pairs.
+Both sweeps run `python -m pipeline.train -m sweep=<sweep> sweep.timeout_min=<budget>` with the
+same sampler seed on the same data, everything else as shipped; the second with
+`sweep.pruner=null`. Each has its own base-measurement cache, so each pays for measuring the base
+once. Then the default config (`python -m pipeline.train`) runs once for its test BLEU.
+
+Reported per sweep: trials finished, training steps (a complete trial's final step, a pruned
+trial's last reported step), the same over the first N trials of each (N: the smaller count,
+an equal-trials comparison), seconds spent in the evaluations that pruning reads, the best
+validation objective, and the best trial's test BLEU next to the default config's. The sweep
+only ever sees the validation split; the test figures are read afterwards.
 """
 
 from __future__ import annotations
@@ -27,49 +33,71 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_sweep(name: str, out: Path, args: argparse.Namespace, extra: list) -> dict:
     cmd = [sys.executable, "-m", "pipeline.train", "-m", f"sweep={args.sweep}", f"sweep.name={name}",
-           f"sweep.n_trials={args.trials}", "model=tiny_llama", "debug=fast", "evaluation=perplexity",
-           "trainer.save_steps=null", f"trainer.max_steps={args.steps}",
-           f"trainer.eval_steps={args.eval_steps}", f"paths.output_dir={out}", *args.overrides, *extra]
+           f"sweep.n_trials={args.max_trials}", f"sweep.timeout_min={args.budget_min}",
+           f"paths.output_dir={out}", f"paths.base_cache_dir={out / ('cache_' + name)}",
+           *args.overrides, *extra]
     started = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
     folder = out / "sweeps" / name
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'study.db'}")
-    steps, states = 0, {}
-    for trial in study.trials:
-        states[trial.state.name] = states.get(trial.state.name, 0) + 1
-        if trial.state.name == "COMPLETE":
-            steps += int(trial.user_attrs["metrics"]["train/steps"])
-        elif trial.state.name == "PRUNED":
-            steps += trial.last_step
-    return {"steps": steps, "states": states, "best": study.best_value,
-            "wall_s": time.time() - started}
+    trials = sorted((t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")), key=lambda t: t.number)
+    steps = [int(t.user_attrs["metrics"]["train/steps"]) if t.state.name == "COMPLETE" else t.last_step
+             for t in trials]
+    best = study.best_trial
+    return {"trials": len(trials), "complete": sum(t.state.name == "COMPLETE" for t in trials),
+            "steps": steps, "eval_s": sum(t.user_attrs.get("intermediate_evaluations", {}).get("seconds", 0.0)
+                                          for t in trials),
+            "best": study.best_value, "best_trial": best.number, "best_params": best.params,
+            "best_test": {k: v for k, v in best.user_attrs["metrics"].items() if k.startswith("tuned/test/")},
+            "wall_s": time.time() - started, "budget_used_min": study.user_attrs.get("budget_used_s", 0) / 60}
+
+
+def run_default(out: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.train", f"paths.output_dir={out / 'default'}",
+           f"paths.base_cache_dir={out / 'cache_default'}", *args.overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"the default run failed:\n{proc.stderr[-3000:]}")
+    metrics = json.loads(next((out / "default").rglob("metrics.json")).read_text())
+    return {k: v for k, v in metrics.items() if k.startswith(("tuned/test/", "tuned/eval/loss"))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="lora_rank_alpha_lr")
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--eval-steps", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every trial")
+    parser.add_argument("--budget-min", type=float, default=30.0, help="wall-clock budget of each sweep")
+    parser.add_argument("--max-trials", type=int, default=500, help="sweep.n_trials (the budget ends it first)")
+    parser.add_argument("--metric", default="tuned/test/bleu", help="the test metric to compare")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        pruned = run_sweep("bench_pruned", Path(tmp), args, [])
-        full = run_sweep("bench_unpruned", Path(tmp), args, ["sweep.pruner=null"])
-    print(f"sweep={args.sweep}: {args.trials} trials x {args.steps} steps (evaluation every "
-          f"{args.eval_steps}), same sampler seed")
-    print("| run | trials | training steps | wall s | best objective |")
-    print("|---|---|---:|---:|---:|")
+        out = Path(tmp)
+        pruned = run_sweep("bench_pruned", out, args, [])
+        full = run_sweep("bench_unpruned", out, args, ["sweep.pruner=null"])
+        default = run_default(out, args)
+    n = min(pruned["trials"], full["trials"])
+    print(f"sweep={args.sweep}, budget {args.budget_min:g} min each, same sampler seed; "
+          f"overrides: {' '.join(args.overrides) or 'none (embedded default)'}")
+    print("| sweep | trials (complete) | training steps | steps, first %d trials | pruning evals s "
+          "| best validation objective | best trial's %s |" % (n, args.metric))
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, r in (("with pruner", pruned), ("without", full)):
-        states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(r["states"].items()))
-        print(f"| {label} | {states} | {r['steps']} | {r['wall_s']:.0f} | {r['best']:.5f} |")
-    print(f"training steps with / without pruning: {pruned['steps'] / full['steps']:.2f} "
-          f"(saved {1 - pruned['steps'] / full['steps']:.0%}); wall time ratio "
-          f"{pruned['wall_s'] / full['wall_s']:.2f}; best objective difference "
-          f"{pruned['best'] - full['best']:+.5f} ({(pruned['best'] - full['best']) / abs(full['best']):+.3%})")
-    print(json.dumps({"pruned": pruned, "unpruned": full}))
+        print(f"| {label} | {r['trials']} ({r['complete']}) | {sum(r['steps'])} | {sum(r['steps'][:n])} "
+              f"| {r['eval_s']:.0f} | {r['best']:.5f} (trial {r['best_trial']}) "
+              f"| {r['best_test'].get(args.metric, float('nan')):.2f} |")
+    print(f"| default config | - | - | - | - | {default.get('tuned/eval/loss', float('nan')):.5f} "
+          f"| {default.get(args.metric, float('nan')):.2f} |")
+    first_n = sum(pruned["steps"][:n]) / max(sum(full["steps"][:n]), 1)
+    print(f"training steps over the first {n} trials, with / without pruning: {first_n:.2f}x")
+    print(f"trials in the same budget, with / without pruning: {pruned['trials'] / max(full['trials'], 1):.2f}x")
+    print(f"best validation objective, with vs without: {pruned['best']:.5f} vs {full['best']:.5f} "
+          f"({(pruned['best'] - full['best']) / abs(full['best']):+.2%})")
+    print(f"{args.metric}: best pruned trial {pruned['best_test'].get(args.metric, float('nan')):.2f}, "
+          f"best unpruned trial {full['best_test'].get(args.metric, float('nan')):.2f}, "
+          f"default config {default.get(args.metric, float('nan')):.2f}")
+    print(json.dumps({"pruned": pruned, "unpruned": full, "default": default}))
 
 
 if __name__ == "__main__":

@@ -350,14 +350,19 @@ def paired_bootstrap(configs: Mapping[str, Sequence[Rows]], baseline: str, metri
     everything = np.arange(n)[None, :]
     base_resampled = config_scores(aligned[baseline], metric, indices)
     base_score = config_scores(aligned[baseline], metric, everything)[0]
+    from pipeline.progress import Progress
+
     differences = {}
-    for label, runs in aligned.items():
-        if label == baseline:
-            continue
-        resampled = config_scores(runs, metric, indices) - base_resampled
-        low, high = np.percentile(resampled, [2.5, 97.5])
-        point = config_scores(runs, metric, everything)[0] - base_score
-        differences[label] = Difference(float(point), float(low), float(high), n, replicates)
+    with Progress(len(aligned) - 1, f"report: paired bootstrap of {metric.side}/{metric.split}/{metric.name} ({replicates} resamples "
+                  f"of {n} examples)", "configurations") as shown:
+        for label, runs in aligned.items():
+            if label == baseline:
+                continue
+            resampled = config_scores(runs, metric, indices) - base_resampled
+            low, high = np.percentile(resampled, [2.5, 97.5])
+            point = config_scores(runs, metric, everything)[0] - base_score
+            differences[label] = Difference(float(point), float(low), float(high), n, replicates)
+            shown.update()
     return differences
 
 

@@ -182,6 +182,10 @@ class TrainerConfig:
     precision: str = "auto"
     logging_steps: int = 10
     eval_steps: Optional[int] = 50  # null: evaluate only at the end
+    # Evaluations during training (every eval_steps: the loss curve, pruning, best checkpoint)
+    # score the first eval_examples validation examples, a fixed slice; null: all of them. The
+    # base and tuned measurements always use the whole validation split.
+    eval_examples: Optional[int] = None
     save_steps: Optional[int] = 100  # null: no intermediate checkpoints
     save_total_limit: Optional[int] = 2
     sampling: str = "random"  # random | group_by_length (less padding) | sequential
@@ -340,7 +344,8 @@ class SweepConfig:
     """An Optuna study driven by ``python -m pipeline.train -m sweep=<name>``.
 
     ``objectives`` empty: the run's ``objective`` (single objective). ``sampler``/``pruner``:
-    ``_target_`` an Optuna class plus its arguments (``pruner: null`` never prunes).
+    ``_target_`` an Optuna class plus its arguments; ``pruner`` may also name a preset of
+    ``pipeline.sweep.PRUNERS`` (asha, hyperband, median); ``pruner: null`` never prunes.
     ``storage`` null: SQLite ``study.db`` in the sweep folder. ``trial`` is set by the
     sweeper on each job (the trial the job belongs to); never set it by hand.
     """
@@ -349,12 +354,18 @@ class SweepConfig:
     params: Dict[str, SweepParam] = field(default_factory=dict)
     objectives: List[ObjectiveConfig] = field(default_factory=list)
     sampler: Optional[Dict[str, Any]] = None
-    pruner: Optional[Dict[str, Any]] = None
+    pruner: Any = None  # a preset name, {_target_: ..., ...} or null
     n_trials: int = 20  # trials the study should hold (earlier sessions and other workers count)
     n_jobs: int = 1  # trials launched together (in parallel with a parallel launcher)
     storage: Optional[str] = None  # an Optuna RDB URL (sqlite:///..., postgresql://...)
     max_failures: int = 3  # failed trials in the study after which the sweep stops
     heartbeat_s: int = 60  # trials of a killed worker fail after 2 heartbeats without news
+    # Wall-clock budget of the study in minutes (null: none): no new trial starts once it is
+    # spent; trials in flight finish. Kept in the storage, so a resumed sweep continues it.
+    timeout_min: Optional[float] = None
+    # Per-device memory limit in GiB (null: none): a sampled configuration whose model states
+    # (pipeline.estimate) exceed it is recorded as pruned, with the estimate, and never starts.
+    max_memory_gb: Optional[float] = None
     trial: Optional[int] = None
 
 
@@ -427,6 +438,9 @@ class ServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     run: Optional[str] = None  # a run folder: its base model and its adapter/ or model/
     run_name: str = "tuned"  # the ``model`` name under which ``run`` is served
+    # A sweep's name (outputs/sweeps/<name>) or folder: serves its best trial as ``run``, or every
+    # Pareto-front trial of a multi-objective sweep as ``trial_<n>`` (from its report.json).
+    sweep: Optional[str] = None
     # name -> run folder or adapter folder. Typed Any: Hydra cannot add keys to a typed dict
     # from the command line (`adapters={fr: ...}`); serve.check validates it instead.
     adapters: Any = None
@@ -453,6 +467,7 @@ class ExportConfig:
     paths: PathsConfig = MISSING
     export: ExportSettings = field(default_factory=ExportSettings)
     run: Optional[str] = None
+    sweep: Optional[str] = None  # a sweep's name or folder: exports its best trial's run
     adapter_path: Optional[str] = None
     seed: int = 42
     task_name: str = "export"
@@ -515,14 +530,53 @@ def register_sweeps(cs: ConfigStore) -> None:
         cs.store(group="sweep", name=path.stem, node=node, package="_global_", provider="sweeps")
 
 
+def forget_sweeps() -> None:
+    """Drops the ``sweep`` config group, for entry points (serve, export) whose own ``sweep``
+    key names a finished sweep: Hydra reads ``sweep=<name>`` as a group choice while the group
+    exists, and these configs have no such group."""
+    ConfigStore.instance().repo.pop("sweep", None)
+
+
 def _resolve_asset(relative: str) -> str:
     return str(ASSETS_DIR / relative)
 
 
+_CLAIMED: Dict[str, str] = {}
+
+
+def unique_dir(base: str) -> str:
+    """``${unique_dir:<folder>}``: ``<folder>``, or ``<folder>_2``, ``_3``... when another run
+    already has it, claimed by creating it (``mkdir`` is atomic: of runs started in the same
+    second, e.g. a SLURM job array, each gets its own folder). The same base resolves to the
+    same folder within a process. An uncreatable folder is returned as is, for the run folder
+    check to report."""
+    if base in _CLAIMED:
+        return _CLAIMED[base]
+    parent = Path(base).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return base
+    for n in range(1, 10_000):
+        candidate = base if n == 1 else f"{base}_{n}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        except OSError:
+            return base
+        _CLAIMED[base] = candidate
+        return candidate
+    return base
+
+
 def register_resolvers() -> None:
-    """``${asset:data/x.jsonl}`` points into the installed package's assets folder."""
+    """``${asset:data/x.jsonl}`` points into the installed package's assets folder;
+    ``${unique_dir:...}`` claims a run folder of its own."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _resolve_asset)
+    if not OmegaConf.has_resolver("unique_dir"):
+        OmegaConf.register_new_resolver("unique_dir", unique_dir)
 
 
 register_resolvers()
@@ -642,7 +696,7 @@ def _check_trainer(trainer: TrainerConfig) -> List[str]:
         problems.append("trainer.max_steps or trainer.num_train_epochs must be > 0")
     if not 0 <= trainer.warmup_ratio < 1:
         problems.append(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
-    for key in ("eval_steps", "save_steps", "save_total_limit"):
+    for key in ("eval_steps", "eval_examples", "save_steps", "save_total_limit"):
         value = getattr(trainer, key)
         if value is not None and value <= 0:
             problems.append(f"trainer.{key}={value} must be > 0 or null")

@@ -195,6 +195,7 @@ def zero3_init_context(cfg: DistributedConfig, trainer: Any) -> Any:
     config.pop("optimizer", None)
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         config["zero_optimization"].pop(key, None)  # DeepSpeed's defaults; the Trainer tunes them later
+    log.info("ZeRO-3: the base model loads already sharded (deepspeed.zero.Init)")
     return HfDeepSpeedConfig(config)
 
 

@@ -140,14 +140,12 @@ def score(sets: List[EvalSet], predictions: Predictions, cfg: EvaluationConfig
 def write_predictions(path: Path, sets: List[EvalSet], base: Measurement, tuned: Measurement) -> int:
     """``eval/predictions.jsonl``: prompt, reference, base and tuned output and their scores.
 
-    Written to a temporary file and renamed. Returns the number of rows.
+    Written atomically (:mod:`pipeline.atomic`). Returns the number of rows.
     """
-    import os
+    from pipeline.atomic import open_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     rows = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with open_atomic(path) as f:
         for s in sets:
             if s.name not in tuned.outputs:
                 continue
@@ -159,7 +157,6 @@ def write_predictions(path: Path, sets: List[EvalSet], base: Measurement, tuned:
                        "tuned_scores": tuned.per_example[s.name][i]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 rows += 1
-    os.replace(tmp, path)
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Export entry point: ``python -m pipeline.export run=<run folder> [export.merge=true]``.
+"""Export entry point: ``python -m pipeline.export run=<run folder>|sweep=<sweep name> [export.merge=true]``.
 
 ``export.merge=true`` merges the adapter into its base and saves a self-contained safetensors
 model with its tokenizer (loadable by ``from_pretrained``, vLLM, TGI or ``pipeline.serve
@@ -47,7 +47,25 @@ class ExportSource:
     seed: int  # a tiny base model's initialisation seed
 
 
+def resolve_sweep(cfg: DictConfig) -> None:
+    """``sweep=<name>``: exports the sweep's best trial (a multi-objective sweep has no single
+    best: the error lists its Pareto front, to pick one with ``run=``)."""
+    if not cfg.sweep:
+        return
+    from pipeline.sweep_report import best_runs
+
+    if cfg.run or cfg.adapter_path:
+        raise C.ConfigError([f"sweep={cfg.sweep} chooses the run to export: drop run= and adapter_path="])
+    runs, _ = best_runs(cfg.sweep, cfg.paths.output_dir)
+    if len(runs) > 1:
+        raise C.ConfigError([f"sweep={cfg.sweep} has {len(runs)} trials on its Pareto front; export one "
+                             "of them with run=<folder>: " + ", ".join(f"trial {n}: run={d}" for n, d in runs.items())])
+    cfg.run = next(iter(runs.values()))
+    log.info("sweep %s: exporting its best trial, %s", cfg.sweep, cfg.run)
+
+
 def read_source(cfg: DictConfig) -> ExportSource:
+    resolve_sweep(cfg)
     if cfg.run:
         from pipeline.evaluate import read_run
 
@@ -98,7 +116,9 @@ def merged_model(source: ExportSource, folder: str, dequantize: bool) -> Any:
         del quantized
     tuned = PeftModel.from_pretrained(base, source.artifact)
     try:
-        return tuned.merge_and_unload()
+        from pipeline.progress import interactive
+
+        return tuned.merge_and_unload(progressbar=interactive())  # a bar over the layers on a terminal
     except ValueError as err:  # the bottleneck tuner refuses with the reason
         raise ExportError(f"export.merge=true: {err}; or export.merge=false") from err
 
@@ -106,6 +126,11 @@ def merged_model(source: ExportSource, folder: str, dequantize: bool) -> Any:
 def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Path) -> None:
     import torch
 
+    import time
+
+    from pipeline.tracking import folder_size_mb
+
+    started = time.monotonic()
     tokenizer = models.load_tokenizer(folder, source.model_cfg)
     if not (source.artifact / "adapter_config.json").exists():
         model = models.load_model(str(source.artifact), source.model_cfg)  # full fine-tuning: as is
@@ -113,6 +138,9 @@ def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Pat
         model = merged_model(source, folder, cfg.export.dequantize)
     model = model.to(getattr(torch, cfg.export.dtype))
     model.config.use_cache = True  # training turned the KV cache off; serving wants it
+    size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    log.info("export: loaded and merged in %.0f s; saving %.0f MB (%s) to %s", time.monotonic() - started,
+             size_mb, cfg.export.dtype, target)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -120,7 +148,9 @@ def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Pat
         (tmp / "vllm_command.sh").write_text(f"vllm serve {shlex.quote(str(target.resolve()))}\n")
         _provenance(tmp, source, folder, merged=True)
 
+    saving = time.monotonic()
     _replace_folder(target, write)
+    log.info("export: saved %.0f MB in %.0f s", folder_size_mb(target), time.monotonic() - saving)
 
 
 def vllm_command(folder: str, model_cfg: C.ModelConfig, name: str, adapter: Path, served: Path) -> str:
@@ -168,16 +198,9 @@ def _provenance(tmp: Path, source: ExportSource, folder: str, merged: bool) -> N
 
 def _replace_folder(target: Path, write: Any) -> None:
     """Writes a fresh ``target`` through a temp folder (replacing an old one only on success)."""
-    if not target.exists():
-        models._atomic_folder(target, write)
-        return
-    new, old = target.with_name(f".{target.name}.new"), target.with_name(f".{target.name}.old")
-    for stale in (new, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    models._atomic_folder(new, write)
-    target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    from pipeline import atomic
+
+    atomic.replace_folder(target, write)
 
 
 def export(cfg: DictConfig) -> Path:
@@ -201,8 +224,13 @@ def export(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     C.run_task(export, cfg)
+
+
+def main() -> None:
+    C.forget_sweeps()  # sweep=<name> is this config's key, not the train config's group
+    _main()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -32,18 +30,9 @@ def _atomic_folder(target: Path, write) -> Path:
     A killed conversion leaves no half-written cache behind; concurrent writers of the same
     folder both succeed and one result wins.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    from pipeline import atomic
+
+    return atomic.write_folder(target, write, accept_existing=lambda t: (t / "config.json").exists())
 
 
 def _package_dir(package: str) -> Path:

@@ -29,8 +29,11 @@ def _figure(width: float = 6.0, columns: int = 1) -> Tuple[Any, Any]:
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    from pipeline.atomic import open_atomic
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with open_atomic(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110)
     plt.close(fig)
     return path
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipeline import comparison as C, plots
+from pipeline import atomic, comparison as C, plots
 
 COST_KEYS = ("params/trainable", "params/trainable_pct", "params/total", "perf/peak_rss_mb",
              "perf/peak_cuda_mb", "perf/train_tokens_per_s", "perf/train_runtime_s",
@@ -89,8 +89,16 @@ def runs_from_folder(folder: Path) -> List[Run]:
     A multirun's ``<n>_<method>`` folders and a sweep's ``trial_<n>`` folders alike; the
     sweep's own ``report.json``/``report.md`` are not run folders and are not read.
     """
-    return [_read_run(info.parent, folder) for info in sorted(folder.rglob("run.json"))
-            if "report" not in info.parent.relative_to(folder).parts]
+    from pipeline.progress import Progress
+
+    infos = [info for info in sorted(folder.rglob("run.json"))
+             if "report" not in info.parent.relative_to(folder).parts]
+    runs = []
+    with Progress(len(infos), "report: reading run folders", "runs") as shown:
+        for info in infos:
+            runs.append(_read_run(info.parent, folder))
+            shown.update()
+    return runs
 
 
 def runs_from_wandb(project: str, group: Optional[str], entity: Optional[str] = None) -> List[Run]:
@@ -207,7 +215,7 @@ def write_csv(table: Dict[str, Dict[str, Any]], varied: List[str], path: Path) -
     """``report.csv``: configuration, method, every varied setting, n, and every metric's mean and std."""
     keys = sorted({k for row in table.values() for k in row if "/" in k},
                   key=lambda k: (not k.startswith(QUALITY_PREFIXES), k))
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         varied = [k for k in varied if k != "adapter.method"]  # the method column has it
         writer.writerow(["configuration", "method", *varied, "runs",
@@ -367,7 +375,7 @@ def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignor
     lines += ["", "## Plots", ""] + [f"![{title}]({p.name})\n" for title, p in images.items()
                                      if title != "Pareto front"]
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text, encoding="utf-8")
+    atomic.write_text(out / "report.md", text)
     write_html(out, text, f"Comparison of {len(table)} configurations")
     return {"table": table, "metric": metric, "notes": notes, "images": list(images.values()),
             "keys": configurations.keys, "baseline": baseline, "differences": differences,
@@ -405,11 +413,12 @@ def write_html(out: Path, markdown_text: str, title: str) -> None:
             if child.type == "image":
                 child.attrSet("src", _data_uri(out / str(child.attrGet("src"))))
     body = md.renderer.render(tokens, md.options, {})
-    (out / "report.html").write_text(
+    atomic.write_text(
+        out / "report.html",
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
-        f"<body><main>\n{body}</main></body></html>\n", encoding="utf-8")
+        f"<body><main>\n{body}</main></body></html>\n")
 
 
 WandbRows = Tuple[List[str], List[List[Any]]]  # a W&B table's columns and rows

@@ -1,4 +1,5 @@
-"""Serving entry point: ``python -m pipeline.serve run=<run folder>`` or
+"""Serving entry point: ``python -m pipeline.serve run=<run folder>``,
+``python -m pipeline.serve sweep=<sweep name>`` (its best trial, or its Pareto front) or
 ``python -m pipeline.serve model=... adapters='{fr: <run or adapter folder>, qa: ...}'``.
 
 Loads the base once with every adapter attached by name and serves them behind an
@@ -54,6 +55,24 @@ def check(cfg: DictConfig) -> None:
         raise C.ConfigError(problems)
 
 
+def resolve_sweep(cfg: DictConfig) -> None:
+    """``sweep=<name>``: its best trial becomes ``run``; a multi-objective sweep's Pareto-front
+    trials are each served as ``trial_<n>`` (the first as ``run``: the base comes from its config)."""
+    if not cfg.sweep:
+        return
+    from pipeline.sweep_report import best_runs
+
+    if cfg.run or cfg.adapters:
+        raise C.ConfigError([f"sweep={cfg.sweep} chooses the runs to serve: drop run= and adapters="])
+    runs, multi = best_runs(cfg.sweep, cfg.paths.output_dir)
+    first, *rest = runs
+    cfg.run = runs[first]
+    if multi:
+        cfg.run_name = f"trial_{first}"
+        cfg.adapters = {f"trial_{n}": runs[n] for n in rest} or None
+    log.info("sweep %s: serving %s", cfg.sweep, ", ".join(f"trial {n} ({runs[n]})" for n in runs))
+
+
 def base_cfg(cfg: DictConfig) -> C.ModelConfig:
     """The base model: the run's (from its config.yaml) when ``run`` is given, else ``model``."""
     if cfg.run:
@@ -94,6 +113,7 @@ def build_app(cfg: DictConfig):
     except ImportError as err:
         raise C.PipelineError(f"serving needs FastAPI and uvicorn ({err}): pip install fastapi uvicorn") from err
 
+    resolve_sweep(cfg)
     check(cfg)
     base = base_cfg(cfg)
     pool = ModelPool(base, base_name(cfg), sources(cfg, base), cfg.paths.cache_dir, base_seed(cfg))
@@ -115,8 +135,13 @@ def serve(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     return C.run_task(serve, cfg)
+
+
+def main() -> None:
+    C.forget_sweeps()  # sweep=<name> is this config's key, not the train config's group
+    _main()
 
 
 if __name__ == "__main__":

@@ -21,16 +21,26 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import tracking
+from pipeline import sweep_report, tracking
 
 log = logging.getLogger("pipeline.sweep")
 
 PARAM_TYPES = ("float", "int", "categorical")
+# sweep.pruner=<name>: pruners whose first decision is at the first evaluation (min_resource =
+# trainer.eval_steps). Successive halving suits short budgets: a trial goes on only while it
+# ranks in the top 1/reduction_factor of the trials that reached the same step.
+PRUNERS = {
+    "asha": lambda cfg: {"_target_": "optuna.pruners.SuccessiveHalvingPruner",
+                         "min_resource": cfg.trainer.eval_steps, "reduction_factor": 3},
+    "hyperband": lambda cfg: {"_target_": "optuna.pruners.HyperbandPruner",
+                              "min_resource": cfg.trainer.eval_steps, "reduction_factor": 3},
+    "median": lambda cfg: {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 3},
+}
 # Trials that use up the budget of sweep.n_trials (WAITING ones are enqueued, not yet run).
 COUNTED = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 
@@ -116,6 +126,9 @@ def check(cfg: DictConfig) -> List[str]:
     for key in ("n_trials", "n_jobs", "max_failures", "heartbeat_s"):
         if sweep[key] <= 0:
             problems.append(f"sweep.{key}={sweep[key]} must be > 0")
+    for key in ("timeout_min", "max_memory_gb"):
+        if sweep[key] is not None and not sweep[key] > 0:
+            problems.append(f"sweep.{key}={sweep[key]} must be > 0 or null (no limit)")
     if sweep.trial is not None:
         problems.append("sweep.trial is set by the sweeper for each job; remove it")
     if not sweep.params:
@@ -131,9 +144,15 @@ def check(cfg: DictConfig) -> List[str]:
         if objective.metric not in names and not any(m.startswith("evaluate:") for m in cfg.evaluation.metrics):
             problems.append(f"objective metric {objective.metric!r} is not a metric a run reports; "
                             f"available: {', '.join(names)}")
-    for key in ("sampler", "pruner"):
-        if sweep[key] is not None and "_target_" not in sweep[key]:
-            problems.append(f"sweep.{key} needs _target_ (an Optuna class, e.g. optuna.pruners.MedianPruner)")
+    if sweep.sampler is not None and "_target_" not in sweep.sampler:
+        problems.append("sweep.sampler needs _target_ (an Optuna class, e.g. optuna.samplers.TPESampler)")
+    if isinstance(sweep.pruner, str) and sweep.pruner not in PRUNERS:
+        problems.append(f"sweep.pruner={sweep.pruner!r} is not one of {', '.join(PRUNERS)}; or give "
+                        "{_target_: <an optuna.pruners class>, ...}, or null")
+    elif sweep.pruner is not None and not isinstance(sweep.pruner, str) and \
+            (not isinstance(sweep.pruner, DictConfig) or "_target_" not in sweep.pruner):
+        problems.append(f"sweep.pruner needs _target_ (an Optuna class, e.g. optuna.pruners.MedianPruner) "
+                        f"or a preset name ({', '.join(PRUNERS)})")
     if sweep.pruner is not None:
         problems += _check_pruning(cfg)
     return problems
@@ -177,11 +196,16 @@ def make_storage(url: str, heartbeat_s: Optional[int] = None) -> Any:
     import sqlalchemy.exc
 
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    # Optuna 4.9 renamed the stale-trial callback; the old name still works there, with a warning.
+    import inspect
+
+    renamed = "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+    stale = {("heartbeat_stale_trial_callback" if renamed else "failed_trial_callback"): _mark_stale_run} \
+        if heartbeat_s else {}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
-                failed_trial_callback=_mark_stale_run if heartbeat_s else None)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                              **stale)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
             # Workers started together on a fresh storage race to create its tables (SQLite
             # says "table ... already exists", PostgreSQL a unique violation); the loser finds
@@ -207,6 +231,14 @@ def _instantiate(node: Optional[Any]) -> Any:
     from hydra.utils import instantiate
 
     return instantiate(OmegaConf.to_container(node, resolve=True))
+
+
+def make_pruner(cfg: DictConfig) -> Any:
+    """The Optuna pruner of ``sweep.pruner`` (a preset name or ``{_target_: ...}``), or None."""
+    spec = cfg.sweep.pruner
+    if isinstance(spec, str):
+        return _instantiate(OmegaConf.create(PRUNERS[spec](cfg)))
+    return _instantiate(spec)
 
 
 def _format(value: Any) -> str:
@@ -260,7 +292,7 @@ def job_trial(cfg: DictConfig) -> Optional[Any]:
 
     study = optuna.load_study(study_name=cfg.sweep.name, storage=make_storage(cfg.sweep.storage),
                               sampler=optuna.samplers.RandomSampler(),  # the job never samples
-                              pruner=_instantiate(cfg.sweep.pruner) or optuna.pruners.NopPruner())
+                              pruner=make_pruner(cfg) or optuna.pruners.NopPruner())
     # Optuna has no public lookup from a trial number to the id a Trial is built from.
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, cfg.sweep.trial)
     return optuna.trial.Trial(study, trial_id)
@@ -276,6 +308,20 @@ def start_trial(cfg: DictConfig, run: tracking.RunFolder) -> Optional[Any]:
     return trial
 
 
+def record_wandb(trial: Optional[Any], wandb_run: Optional[Any]) -> None:
+    """Puts the trial's W&B run on it (optuna-dashboard shows user attributes next to the
+    trial, so it leads back to the run): ``wandb_run_id``, and ``wandb_run``, the run's URL
+    when it syncs online, else its offline folder (``wandb sync <folder>`` uploads it)."""
+    if trial is None or wandb_run is None:
+        return
+    try:
+        url = wandb_run.url  # None (or an error, depending on the version) when offline
+    except Exception:
+        url = None
+    trial.set_user_attr("wandb_run_id", wandb_run.id)
+    trial.set_user_attr("wandb_run", url or str(Path(wandb_run.dir).parent))
+
+
 def record_metrics(trial: Optional[Any], metrics: Dict[str, Any]) -> None:
     """Stores the run's final metrics on its trial (the sweeper reads the objectives there)."""
     if trial is not None:
@@ -289,6 +335,8 @@ def pruning_callback(trial: Any, metric: str) -> Any:
     from transformers import TrainerCallback
 
     class Pruning(TrainerCallback):
+        evaluations, seconds = 0, 0.0  # what reporting cost: kept on the trial
+
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if metrics is None or not state.is_world_process_zero:
                 return
@@ -296,6 +344,10 @@ def pruning_callback(trial: Any, metric: str) -> Any:
                 raise C.PipelineError(f"the evaluation logged no {metric} to report for pruning; "
                                       f"it logged {', '.join(sorted(metrics))}")
             value = float(metrics[metric])
+            self.evaluations += 1
+            self.seconds += float(metrics.get("eval_runtime", 0.0))
+            trial.set_user_attr("intermediate_evaluations", {"count": self.evaluations,
+                                                             "seconds": round(self.seconds, 3)})
             trial.report(value, state.global_step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {state.global_step}: {metric}={value:.4g}")
@@ -371,13 +423,63 @@ def open_study(cfg: DictConfig, folder: Path) -> Any:
     directions = [o.direction for o in objectives(cfg)]
     study = optuna.create_study(
         study_name=cfg.sweep.name, storage=make_storage(url, cfg.sweep.heartbeat_s),
-        sampler=_instantiate(cfg.sweep.sampler), pruner=_instantiate(cfg.sweep.pruner),
+        sampler=_instantiate(cfg.sweep.sampler), pruner=make_pruner(cfg),
         directions=directions, load_if_exists=True)
     found = [d.name.lower() for d in study.directions]
     if found != directions:
         raise C.ConfigError([f"study {cfg.sweep.name!r} in {url} has directions {found}, this sweep "
                              f"{directions}: give the sweep another sweep.name"])
+    names = [o.metric for o in objectives(cfg)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if study.metric_names != names:  # optuna-dashboard shows these instead of "Objective 0"
+            study.set_metric_names(names)
     return study, url
+
+
+class Budget:
+    """The study's wall-clock budget (``sweep.timeout_min``), kept in the study's user
+    attributes (``budget_used_s``, ``budget_mark``), so a resumed sweep continues it and every
+    worker spends the same one.
+
+    Used time grows by the wall time during which at least one worker was running: at each
+    check a worker adds the time since the last check by any worker or since its own start,
+    whichever is later (gaps between sessions do not count; parallel workers do not count twice).
+    """
+
+    def __init__(self, study: Any, timeout_min: Optional[float]):
+        self.study, self.timeout_min = study, timeout_min
+        self.mark = time.time()
+
+    def used_s(self) -> float:
+        """Adds this worker's time since the last mark and returns the study's total."""
+        attrs = self.study.user_attrs  # read from the storage: other workers' marks included
+        now = time.time()
+        used = float(attrs.get("budget_used_s", 0.0)) + max(0.0, now - max(self.mark, attrs.get("budget_mark", 0.0)))
+        self.study.set_user_attr("budget_used_s", used)
+        self.study.set_user_attr("budget_mark", now)
+        self.mark = now
+        return used
+
+    def spent(self) -> bool:
+        return self.timeout_min is not None and self.used_s() >= 60 * self.timeout_min
+
+    def summary(self) -> Dict[str, Any]:
+        used = self.used_s()
+        return {"used_min": used / 60, "timeout_min": self.timeout_min,
+                "spent": self.timeout_min is not None and used >= 60 * self.timeout_min}
+
+
+def memory_rejection(trial_cfg: DictConfig, max_gb: float) -> Optional[str]:
+    """Why a trial's configuration cannot fit in ``max_gb`` GiB per device (model states, as
+    ``python -m pipeline.estimate`` computes them), or None when it fits."""
+    from pipeline import estimate
+
+    needed = estimate.for_config(trial_cfg, estimate.count_for_config(trial_cfg)).total / estimate.GB
+    if needed <= max_gb:
+        return None
+    return (f"model states need an estimated {needed:.3f} GiB per device (weights, gradients, optimizer; "
+            f"activations not included) > sweep.max_memory_gb={max_gb:g}")
 
 
 def _tell(study: Any, trial: Any, job: Any, metric_names: List[str]) -> str:
@@ -405,8 +507,26 @@ def _tell(study: Any, trial: Any, job: Any, metric_names: List[str]) -> str:
     return "FAIL"
 
 
-def run(config: DictConfig, launcher: Any, arguments: List[str]) -> Any:
-    """The sweep: ask, launch, tell until the study holds ``sweep.n_trials`` trials.
+def _rejection(compose: Optional[Callable[[List[str]], DictConfig]], job: List[str], trial: Any,
+               max_gb: Optional[float]) -> Optional[str]:
+    """With ``sweep.max_memory_gb``: why the trial's composed config would not fit, or None."""
+    if max_gb is None or compose is None:
+        return None
+    try:
+        return memory_rejection(compose(job), max_gb)
+    except Exception as err:  # the trial itself will fail with the full error, if it is one
+        log.warning("trial %d: no memory estimate (%s: %s); launching it", trial.number,
+                    type(err).__name__, err)
+        return None
+
+
+def run(config: DictConfig, launcher: Any, arguments: List[str],
+        compose: Optional[Callable[[List[str]], DictConfig]] = None) -> Any:
+    """The sweep: ask, launch, tell until the study holds ``sweep.n_trials`` trials or its
+    wall-clock budget (``sweep.timeout_min``) is spent.
+
+    ``compose(overrides)`` returns a job's composed config (Hydra's config loader): with
+    ``sweep.max_memory_gb`` each sampled configuration is estimated before it launches.
 
     Raises:
         ConfigError: a bad sweep definition (before any trial runs).
@@ -428,7 +548,7 @@ def run(config: DictConfig, launcher: Any, arguments: List[str]) -> Any:
     metric_names = [o.metric for o in objectives(config)]
     log.info("sweep %s: study in %s, %d trials wanted", config.sweep.name, url.split("@")[-1],
              config.sweep.n_trials)
-    launched = 0
+    launched, budget = 0, Budget(study, config.sweep.timeout_min)
     with Heartbeat(study._storage, config.sweep.heartbeat_s) as heartbeat:
         while True:
             with warnings.catch_warnings():
@@ -436,13 +556,17 @@ def run(config: DictConfig, launcher: Any, arguments: List[str]) -> Any:
                 optuna.storages.fail_stale_trials(study)  # trials of killed workers
             counts = collections.Counter(t.state.name for t in study.get_trials(deepcopy=False))
             if counts["FAIL"] >= config.sweep.max_failures:
-                report(study, folder, config, passed)
+                sweep_report.report(study, folder, config, passed, budget.summary())
                 raise C.PipelineError(
                     f"sweep {config.sweep.name} stopped: {counts['FAIL']} failed trials reached "
                     f"sweep.max_failures={config.sweep.max_failures}; see the error user attribute "
                     f"of each failed trial in {folder / 'report.md'}")
             remaining = config.sweep.n_trials - sum(counts[s] for s in COUNTED)
             if remaining <= 0:
+                break
+            if budget.spent():
+                log.info("sweep %s: wall-clock budget sweep.timeout_min=%g spent; no new trials "
+                         "(raise it to continue the study)", config.sweep.name, config.sweep.timeout_min)
                 break
             batch, jobs = [], []
             for trial in [study.ask() for _ in range(min(config.sweep.n_jobs, remaining))]:
@@ -454,9 +578,17 @@ def run(config: DictConfig, launcher: Any, arguments: List[str]) -> Any:
                     log.warning("trial %d failed while sampling: %s", trial.number, err)
                     continue
                 trial.set_user_attr("overrides", trial_overrides)
+                job = [*passed, *trial_overrides, f"sweep.name={config.sweep.name}",
+                       f"sweep.storage={_format(url)}", f"sweep.trial={trial.number}"]
+                rejected = _rejection(compose, job, trial, config.sweep.max_memory_gb)
+                if rejected:  # told as pruned: the sampler learns to avoid it, no failure counts
+                    trial.set_user_attr("rejected", rejected)
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    log.info("trial %d: rejected before launch, %s | %s", trial.number, rejected,
+                             " ".join(trial_overrides))
+                    continue
                 batch.append(trial)
-                jobs.append([*passed, *trial_overrides, f"sweep.name={config.sweep.name}",
-                             f"sweep.storage={_format(url)}", f"sweep.trial={trial.number}"])
+                jobs.append(job)
             if not jobs:
                 continue
             heartbeat.track([t._trial_id for t in batch])
@@ -475,9 +607,11 @@ def run(config: DictConfig, launcher: Any, arguments: List[str]) -> Any:
                 except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it as stale
                     log.warning("trial %d was already finished by another worker", trial.number)
                     continue
-                log.info("trial %d: %s %s | %s", trial.number, state, " ".join(trial.user_attrs["overrides"]),
-                         progress_line(study, config.sweep.n_trials, metric_names))
-    return report(study, folder, config, passed)
+                spent = (f", {budget.used_s() / 60:.1f} of {config.sweep.timeout_min:g} min"
+                         if config.sweep.timeout_min else "")
+                log.info("trial %d: %s %s | %s%s", trial.number, state, " ".join(trial.user_attrs["overrides"]),
+                         progress_line(study, config.sweep.n_trials, metric_names), spent)
+    return sweep_report.report(study, folder, config, passed, budget.summary())
 
 
 def progress_line(study: Any, n_trials: int, metric_names: List[str]) -> str:
@@ -495,118 +629,3 @@ def progress_line(study: Any, n_trials: int, metric_names: List[str]) -> str:
         return f"{line}, Pareto front of {len(study.best_trials)} trial(s)"
     best = study.best_trial
     return f"{line}, best {metric_names[0]} {best.value:.6g} (trial {best.number})"
-
-
-# --------------------------------------------------------------------------- the end-of-sweep report
-
-
-def best_command(config: DictConfig, passed: Sequence[str], trial: Any) -> str:
-    """The plain training command that reproduces a trial (its sweep file's base settings,
-    the other command-line overrides, the trial's values)."""
-    base = [o for o in passed if not o.startswith("sweep.")]
-    return " ".join(["python -m pipeline.train", *base, *trial.user_attrs.get("overrides", [])])
-
-
-def _first_objective(study: Any) -> Optional[Any]:
-    """Importance target of a multi-objective study: its first objective, lower is better."""
-    if len(study.directions) == 1:
-        return None
-    sign = -1.0 if study.directions[0].name == "MAXIMIZE" else 1.0
-    return lambda t: sign * t.values[0]
-
-
-def _importances(study: Any) -> Dict[str, float]:
-    import optuna
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "too few trials": the numbers say it themselves
-            return dict(optuna.importance.get_param_importances(study, target=_first_objective(study)))
-    except (RuntimeError, ValueError) as err:  # no finished trials, or one distinct value
-        log.info("parameter importances: not available (%s)", err)
-        return {}
-
-
-def _plots(study: Any, folder: Path, names: List[str], importances: Dict[str, float]) -> List[str]:
-    """Optimisation history, importances and (multi-objective) Pareto front as PNG files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
-
-    plots = {}
-    if len(names) == 1:
-        plots["history.png"] = lambda: vis.plot_optimization_history(study, target_name=names[0])
-    else:
-        plots["pareto_front.png"] = lambda: vis.plot_pareto_front(study, target_names=names)
-    if importances:
-        plots["importances.png"] = lambda: vis.plot_param_importances(
-            study, target=_first_objective(study), target_name=names[0])
-    written = []
-    for file, plot in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                axes = plot()
-            figure = getattr(axes, "figure", None) or axes.flat[0].figure
-            figure.set_size_inches(8, 5)
-            figure.savefig(folder / f".{file}", format="png", bbox_inches="tight", dpi=100)
-            (folder / f".{file}").replace(folder / file)
-            plt.close(figure)
-            written.append(file)
-        except Exception as err:  # a plot is a convenience; the report stands without it
-            log.warning("plot %s failed: %s", file, err)
-    return written
-
-
-def report(study: Any, folder: Path, config: DictConfig, passed: Sequence[str]) -> Dict[str, Any]:
-    """Writes ``report.json``, ``report.md`` and the plots in the sweep folder; logs the summary."""
-    names = [o.metric for o in objectives(config)]
-    trials = study.get_trials(deepcopy=False)
-    counts = dict(collections.Counter(t.state.name for t in trials))
-    best = study.best_trials if len(names) > 1 else (
-        [study.best_trial] if any(t.state.name == "COMPLETE" for t in trials) else [])
-    rows = [{"number": t.number, "values": dict(zip(names, t.values)), "params": t.params,
-             "run_dir": t.user_attrs.get("run_dir"), "command": best_command(config, passed, t)}
-            for t in best]
-    importances = _importances(study)
-    plots = _plots(study, folder, names, importances)
-    summary = {"study": config.sweep.name, "objectives": names,
-               "directions": [o.direction for o in objectives(config)], "trials": counts,
-               "best": rows, "importances": importances, "plots": plots,
-               "failed": {t.number: t.user_attrs.get("error", "no error recorded: its worker stopped")
-                          for t in trials if t.state.name == "FAIL"}}
-    tracking.write_json(folder / "report.json", summary)
-    text = report_markdown(summary)
-    tmp = folder / ".report.md"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(folder / "report.md")
-    log.info("sweep report (%s):\n%s", folder / "report.md", text)
-    return summary
-
-
-def report_markdown(summary: Dict[str, Any]) -> str:
-    title = "Pareto front" if len(summary["objectives"]) > 1 else "Best trial"
-    lines = [f"# Sweep {summary['study']}", "",
-             "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary["trials"].items())), "",
-             f"## {title}", ""]
-    header = ["trial", *summary["objectives"], "params"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in summary["best"]:
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row["params"].items())
-        lines.append("| " + " | ".join([str(row["number"]), *[f"{v:.4g}" for v in row["values"].values()],
-                                        params]) + " |")
-    for row in summary["best"]:
-        where = f" ({row['run_dir']})" if row["run_dir"] else ""
-        lines += ["", f"Trial {row['number']}{where}:", "", f"    {row['command']}"]
-    if summary["importances"]:
-        lines += ["", "## Parameter importances", ""]
-        lines += [f"- {k}: {v:.3f}" for k, v in summary["importances"].items()]
-    if summary["failed"]:
-        lines += ["", "## Failed trials", ""]
-        lines += [f"- trial {n}: {e}" for n, e in summary["failed"].items()]
-    if summary["plots"]:
-        lines += ["", "Plots: " + ", ".join(summary["plots"])]
-    return "\n".join(lines) + "\n"

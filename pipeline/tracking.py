@@ -35,30 +35,17 @@ STATUSES = ("running", "success", "failed", "pruned", "interrupted")
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Writes JSON atomically: a temp file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes JSON atomically and durably (:mod:`pipeline.atomic`)."""
+    from pipeline import atomic
+
+    atomic.write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def write_text(path: Path, text: str) -> None:
-    """Writes a text file atomically, as :func:`write_json` does."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes a text file atomically and durably (:mod:`pipeline.atomic`)."""
+    from pipeline import atomic
+
+    atomic.write_text(path, text)
 
 
 def read_json(path: Path) -> Dict[str, Any]:
@@ -289,7 +276,9 @@ def find_resumable(run_dir: Path, overrides: Iterable[str]) -> Optional[Path]:
 
     That is this very folder when it already holds a checkpoint (a fixed ``hydra.run.dir``, a
     requeued SLURM job), else the newest unfinished sibling run started with the same overrides
-    (ignoring ``resume=``) that holds a checkpoint: re-running the same command continues it.
+    (ignoring ``resume=``) that holds a checkpoint, or that was interrupted before its first
+    checkpoint (it starts over in its own folder, keeping a base measurement it already took):
+    re-running the same command continues it.
     """
     def has_checkpoint(folder: Path) -> bool:
         from pipeline.training import last_checkpoint
@@ -303,7 +292,7 @@ def find_resumable(run_dir: Path, overrides: Iterable[str]) -> Optional[Path]:
     for folder in sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True):
         info = read_json(folder / "run.json")
         if (info.get("status") != "success" and _comparable(info.get("overrides", [])) == wanted
-                and has_checkpoint(folder)):
+                and (has_checkpoint(folder) or info.get("status") == "interrupted")):
             return folder
     return None
 

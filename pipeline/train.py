@@ -29,6 +29,8 @@ def train(cfg: DictConfig) -> float:
         return _launch_workers(cfg, overrides)
     run = _run_folder(cfg)
     trial = None  # the Optuna trial when this job is one of a sweep (pipeline/sweep.py)
+    signals = training.RunSignals(list(cfg.preemption.signals), cfg.preemption.exit_code,
+                                  Path(cfg.paths.run_dir) / "checkpoints")
     try:
         run.start(cfg, overrides)  # recorded even when validation fails
         trial = sweep.start_trial(cfg, run)
@@ -37,6 +39,9 @@ def train(cfg: DictConfig) -> float:
         if cfg.resume != "never":
             run = _resume_target(cfg, run, overrides)
         resume_from = _resume_checkpoint(cfg, run)  # before any weights load: a bad one fails now
+        signals.checkpoints, signals.on_phase = run.path / "checkpoints", lambda phase: run.update(phase=phase)
+        signals.install()  # from here a preemption signal in any phase marks the run interrupted
+        signals.enter("loading")
         run.update(precision=precision.apply(cfg.trainer).as_record())  # auto -> bf16 or fp32
         # data.seed, not seed: the base (a tiny model's initialisation) and the split stay fixed
         # across the seeds of a multirun, as pipeline.evaluate/serve/export rebuild them.
@@ -64,6 +69,7 @@ def train(cfg: DictConfig) -> float:
         main = distributed.is_main_process()
         base_source = _BaseMeasurement.find(cfg, run, folder, settings.quantization(), evaluator)
         wandb_run = tracking.start_wandb(cfg, run) if main else None
+        sweep.record_wandb(trial, wandb_run)
         metrics, base, tuned = training.fit(
             cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, trains=settings.trains,
             packing=cfg.data.packing, report_to=["wandb"] if wandb_run else [],
@@ -71,7 +77,8 @@ def train(cfg: DictConfig) -> float:
             evaluator=evaluator, base=base_source.measurement, on_base=base_source.save,
             callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, trial), best=_best_metric(cfg, splits),
             distributed=distributed.trainer_arguments(cfg.distributed, run.path),
-            pack_length=cfg.data.pack_length)
+            pack_length=cfg.data.pack_length, phases=signals)
+        signals.enter("saving")
         if main:
             evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
@@ -80,7 +87,7 @@ def train(cfg: DictConfig) -> float:
         tracking.finish_wandb(wandb_run, metrics, run.path / "eval" / "predictions.jsonl")
         sweep.record_metrics(trial, metrics)
         objective = tracking.objective_value(metrics, cfg.objective.metric)
-        run.finish("success", objective={cfg.objective.metric: objective})
+        run.finish("success", objective={cfg.objective.metric: objective}, phase="done")
         return objective
     except KeyboardInterrupt as err:
         run.finish("interrupted", err)
@@ -88,7 +95,7 @@ def train(cfg: DictConfig) -> float:
         raise
     except training.Preempted as err:
         run.finish("interrupted", err, signal=err.signal_name, checkpoint=err.checkpoint,
-                   exit_code=err.exit_code)
+                   exit_code=err.exit_code, phase=err.phase)
         tracking.abort_wandb(exit_code=err.exit_code, preempted=True)
         if cfg.preemption.requeue and err.signal_name == "SIGUSR1":
             training.requeue_slurm_job()
@@ -101,6 +108,8 @@ def train(cfg: DictConfig) -> float:
         run.finish("failed", err)
         tracking.abort_wandb(exit_code=1)
         raise
+    finally:
+        signals.restore()
 
 
 class _BaseMeasurement:

@@ -160,9 +160,9 @@ def rewind_history(path: Path, checkpoint: Optional[str]) -> int:
         lines = [line for line in lines if json.loads(line)["step"] <= step]
     else:
         lines = lines[:rows]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    from pipeline.atomic import write_text
+
+    write_text(path, "".join(lines))
     return len(lines)
 
 
@@ -372,13 +372,82 @@ def best_metric(objective: str, direction: str, logged: List[str]) -> Optional[T
 
 
 class Preempted(Interrupted):
-    """Training stopped on a preemption signal after saving a checkpoint."""
+    """The run stopped on a preemption signal: during training after saving a checkpoint, in
+    any other phase at once (``phase``; ``checkpoint`` is then the newest complete one)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Optional[str], exit_code: int):
+    def __init__(self, signum: int, step: int, checkpoint: Optional[str], exit_code: int,
+                 phase: str = "training"):
         self.signal_name = signal.Signals(signum).name
-        self.step, self.checkpoint = step, checkpoint
-        super().__init__(f"{self.signal_name} received: saved {checkpoint} at step {step} and "
-                         "stopped; run the same command with resume=auto to continue", exit_code)
+        self.step, self.checkpoint, self.phase = step, checkpoint, phase
+        if phase == "training":
+            what = f"saved {checkpoint} at step {step} and stopped"
+        else:
+            what = (f"stopped during {phase}; the newest checkpoint is {checkpoint} (step {step})"
+                    if checkpoint else f"stopped during {phase}, before any checkpoint")
+        super().__init__(f"{self.signal_name} received: {what}; run the same command with "
+                         "resume=auto to continue", exit_code)
+
+
+class RunSignals:
+    """``preemption.signals`` in every phase of a run, not only during training.
+
+    ``enter(phase)`` records the phase (``on_phase``: ``phase`` in run.json). During training the
+    preemption callback holds the handlers (finish the step, checkpoint, stop). In any other
+    phase (loading, base evaluation, final evaluation) a signal stops the run at once:
+    :class:`Preempted` is raised in the main thread with the phase and the newest complete
+    checkpoint, so the run is marked ``interrupted`` and ``resume=auto`` continues from what
+    was saved. While saving the results a signal waits: the run completes, then the process
+    exits as usual. A context manager: the previous handlers come back on exit.
+    """
+
+    def __init__(self, signals: List[str], exit_code: Optional[int], checkpoints: Path,
+                 on_phase: Optional[Callable[[str], None]] = None):
+        self.signals = list(signals)  # names: checked by validation before install()
+        self.exit_code, self.checkpoints, self.on_phase = exit_code, Path(checkpoints), on_phase
+        self.phase, self.pending = "starting", None
+        self.previous: Dict[int, Any] = {}
+
+    def install(self) -> "RunSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and not self.previous:  # Python's rule
+            self.previous = {signal.Signals[name]: signal.signal(signal.Signals[name], self._handle)
+                             for name in self.signals}
+        return self
+
+    def restore(self) -> None:
+        """Puts the previous handlers back (the run is over)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+        if self.pending is not None:
+            log.warning("%s received while saving: the results were written first",
+                        signal.Signals(self.pending).name)
+            self.pending = None
+
+    def __enter__(self) -> "RunSignals":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        if self.on_phase is not None:
+            self.on_phase(phase)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.phase == "saving":
+            if self.pending is None:
+                log.warning("%s received while saving: stopping once the results are written",
+                            signal.Signals(signum).name)
+            self.pending = signum
+            return
+        checkpoint = last_checkpoint(self.checkpoints)
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+        log.warning("%s received during %s: stopping now", signal.Signals(signum).name, self.phase)
+        raise Preempted(signum, step, str(checkpoint) if checkpoint else None,
+                        preemption_exit_code(signum, self.exit_code), phase=self.phase)
 
 
 def preemption_exit_code(signum: int, configured: Optional[int]) -> int:
@@ -519,19 +588,24 @@ def save_artifact(trainer: Any, run_dir: Path, is_peft: bool) -> Path:
     # only rank 0 writes, and only rank 0 moves the folder into place.
     trainer.save_model(str(tmp))
     if main:
+        from pipeline.atomic import commit_folder
+
         # The Trainer also pickles its arguments; the run folder keeps config.yaml instead, and
         # a folder that serving loads should hold no pickles.
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        # A folder cannot be renamed over a non-empty one: move the old one aside first, so
-        # that only the instant between two renames has no complete folder (not a whole rmtree).
-        old = run_dir / f".{target.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_folder(tmp, target)
     trainer.accelerator.wait_for_everyone()
     return target
+
+
+def evaluation_slice(validation: Optional[Any], cfg: TrainerConfig) -> Optional[Any]:
+    """What evaluations during training score: the first ``trainer.eval_examples`` validation
+    examples (a fixed slice, the same at every step and in every trial), or all of them."""
+    if validation is None or cfg.eval_examples is None or cfg.eval_examples >= len(validation):
+        return validation
+    log.info("evaluations during training: the first %d of %d validation examples "
+             "(trainer.eval_examples)", cfg.eval_examples, len(validation))
+    return validation.select(range(cfg.eval_examples))
 
 
 def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Path, *, seed: int,
@@ -541,7 +615,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         callbacks: Optional[List[Any]] = None,
         best: Optional[Tuple[str, bool]] = None,
         distributed: Optional[Dict[str, Any]] = None,
-        pack_length: int = 512) -> Tuple[Dict[str, Any], Any, Any]:
+        pack_length: int = 512, phases: Optional[RunSignals] = None) -> Tuple[Dict[str, Any], Any, Any]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -565,6 +639,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         best: ``(metric_for_best_model, greater_is_better)`` from :func:`best_metric`, or None.
         distributed: multi-process ``TrainingArguments`` (DeepSpeed config, DDP backend).
         pack_length: with ``packing``, the token budget of one packed row.
+        phases: the run's :class:`RunSignals`, told each phase (base evaluation, training,
+            final evaluation, saving).
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -579,12 +655,14 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
                               report_to=report_to, run_name=run_name, best=best,
                               distributed=distributed)
     rewind_history(run_dir / "history.jsonl", resume_from)
-    trainer = build_trainer(model, tokenizer, args, splits.train, splits.validation,
+    trainer = build_trainer(model, tokenizer, args, splits.train, evaluation_slice(splits.validation, cfg),
                             collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
+    enter = phases.enter if phases is not None else (lambda phase: None)
     if base is None:
         from pipeline.distributed import gathered
 
+        enter("base evaluation")
         with gathered(model):  # no DeepSpeed engine yet: a zero.Init model cannot run alone
             base = evaluator.measure(trainer, "base")
         if on_base:
@@ -596,17 +674,31 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     if trains:
         # Read now: rotation may delete the checkpoint during training.
         start = json.loads((Path(resume_from) / "trainer_state.json").read_text()) if resume_from else {}
-        output = trainer.train(resume_from_checkpoint=resume_from)
-        runtime = output.metrics["train_runtime"]
+        enter("training")
+        if resume_from and 0 < cfg.max_steps <= start.get("global_step", 0):
+            # Training had finished (the run stopped in its final evaluation). From a checkpoint
+            # at max_steps the Trainer would still take one more step: load it instead.
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+            log.info("training had finished at step %d (%s): measuring the tuned model",
+                     trainer.state.global_step, resume_from)
+            runtime, attempt_loss = 0.0, 0.0
+        else:
+            output = trainer.train(resume_from_checkpoint=resume_from)
+            runtime, attempt_loss = output.metrics["train_runtime"], output.training_loss
         tokens = trainer.state.num_input_tokens_seen
-        loss = whole_run_loss(output.training_loss, trainer.state.log_history,
+        loss = whole_run_loss(attempt_loss, trainer.state.log_history,
                               start.get("global_step", 0), trainer.state.global_step)
         attempt_tokens = tokens - start.get("num_input_tokens_seen", 0)  # the runtime is this attempt's
         metrics.update({"train/loss": loss, "train/steps": trainer.state.global_step,
                         "train/tokens": tokens, "perf/train_runtime_s": runtime,
                         "perf/train_tokens_per_s": attempt_tokens / runtime if runtime else 0.0,
                         "train/skipped_steps": trainer.skipped_steps})
+        enter("final evaluation")
         tuned = evaluator.measure(trainer, "tuned")
+        enter("saving")
         artifact = save_artifact(trainer, run_dir, isinstance(model, PeftModel))
         metrics["perf/artifact_mb"] = folder_size_mb(artifact)
     metrics.update(compare(base.metrics, tuned.metrics))

@@ -13,15 +13,20 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
+import torch
 
 from pipeline import config as C, distributed
 from tests.conftest import CONF, ROOT, compose_train
 
+# fp32 on every CPU kind (auto picks bf16 on AVX512-bf16, where DeepSpeed then keeps and saves
+# bf16 weights) and no dropout (each rank draws its own masks): the runs then compare to the
+# last digits the all-reduce order moves.
 STEPS = ["model=tiny_llama", "debug=fast", "trainer.sampling=random", "evaluation.metrics=[]",
-         "trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=null"]
+         "trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=null", "trainer.precision=fp32",
+         "adapter.lora_dropout=0"]
 
 
 def _settings(**fields):
@@ -184,8 +189,20 @@ def _assert_matches_single(run_dir: Path, reference: Path) -> None:
         assert ours[step]["train/loss"] == pytest.approx(single[step]["train/loss"], rel=1e-3)
 
 
+def _adapter_weights(run_dir: Path) -> Dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+# distributed option -> extra overrides: zero.Init (what QLoRA + ZeRO-3 relies on) and the
+# two offload variants run for real, 2 processes on CPU.
+TWO_PROCESS = {"ddp": [], "zero3": [], "zero3_init": ["distributed.zero_init=true"],
+               "zero2_offload": [], "zero3_offload": []}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("option", ["ddp", "zero3"])
+@pytest.mark.parametrize("option", list(TWO_PROCESS))
 def test_two_processes_match_one_at_the_same_global_batch(reference, tmp_path, option):
     if option == "ddp":  # under torchrun, where Hydra in each rank names its own run folder
         run_dir = tmp_path
@@ -197,14 +214,26 @@ def test_two_processes_match_one_at_the_same_global_batch(reference, tmp_path, o
         assert not (run_dir / "rank1").exists()  # rank 1 adopted rank 0's folder and removed its own
         tmp_path = run_dir / "rank0"
     else:  # launched by the command itself
-        done = _train_cli([*STEPS, f"distributed={option}", "distributed.nproc_per_node=2"], tmp_path)
+        group = "zero3" if option == "zero3_init" else option
+        done = _train_cli([*STEPS, f"distributed={group}", "distributed.nproc_per_node=2", *TWO_PROCESS[option]],
+                          tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
+        ds = json.loads((tmp_path / "deepspeed.json").read_text())["zero_optimization"]
+        assert ds["stage"] == (3 if group.startswith("zero3") else 2)
+        assert ("offload_optimizer" in ds) == option.endswith("offload")
+        assert ("offload_param" in ds) == (option == "zero3_offload")
+        if option == "zero3_init":
+            assert "loads already sharded (deepspeed.zero.Init)" in done.stderr + done.stdout
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "success" and info["attempts"] == 1  # rank 0 alone wrote it
     _assert_matches_single(tmp_path, reference)
     shapes = _adapter_tensors(tmp_path)
     assert shapes == _adapter_tensors(reference)  # ZeRO-3 gathered every shard before saving
     assert all(0 not in shape for shape in shapes.values())
+    # The saved adapter is the single-process one (to the last digits the all-reduce order moves).
+    ours, single = _adapter_weights(tmp_path), _adapter_weights(reference)
+    for name in single:
+        torch.testing.assert_close(ours[name], single[name], rtol=1e-3, atol=1e-5)
     assert (tmp_path / "deepspeed.json").exists() == option.startswith("zero")
 
 

@@ -36,10 +36,29 @@ def test_batched_generation_equals_one_by_one_and_keeps_order(tiny_model, tokeni
                                              add_generation_prompt=True)
                for t in ("Hello there, how are you today?", "Hi", "Translate: Save the file now")]
     decoding = C.DecodingConfig(max_new_tokens=6, seed=0)
+    tokenizer.padding_side = "right"  # generation pads on the left, then restores what it found
+    tiny_model.train()
     batched = evaluation.generate(tiny_model, tokenizer, prompts, decoding, batch_size=3)
     single = [evaluation.generate(tiny_model, tokenizer, [p], decoding, batch_size=1)[0] for p in prompts]
     assert batched == single and all(batched) and len(set(batched)) == 3
-    assert tokenizer.padding_side == "right" or tokenizer.padding_side == "left"  # restored as found
+    assert tokenizer.padding_side == "right" and tiny_model.training
+
+
+def test_generation_restores_padding_side_and_mode_when_it_fails(tiny_model, tokenizer, monkeypatch):
+    tokenizer.padding_side = "right"
+    tiny_model.train()
+    seen = []
+
+    def failing_generate(**kwargs):
+        seen.append((tokenizer.padding_side, tiny_model.training))
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tiny_model, "generate", failing_generate)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluation.generate(tiny_model, tokenizer, ["Hi"], C.DecodingConfig(max_new_tokens=2, seed=0), batch_size=1)
+    assert seen == [("left", False)]  # generation ran left-padded, in eval mode
+    assert tokenizer.padding_side == "right" and tiny_model.training
+    tiny_model.eval()
 
 
 def test_stop_strings_cut_outputs():

@@ -200,3 +200,45 @@ def test_whole_run_loss_counts_the_steps_before_the_checkpoint():
     logged = [{"step": 1, "loss": 4.0}, {"step": 3, "loss": 2.0}]  # steps 1..3 sum to 8
     assert training.whole_run_loss(1.0, logged, start=3, end=5) == pytest.approx((8 + 2 * 1.0) / 5)
     assert training.whole_run_loss(1.5, [], start=0, end=5) == 1.5
+
+
+@pytest.mark.parametrize("phase", ["loading", "base evaluation", "final evaluation", "saving"])
+def test_a_signal_in_any_phase_marks_the_run_and_resume_auto_continues(phase, tmp_path, monkeypatch):
+    # The run sends itself SIGTERM as it enters the phase (training itself: the tests above).
+    from pipeline import evaluation, model as models
+
+    def signal_then(original):
+        def wrapper(*args, **kwargs):
+            if phase != "base evaluation" and phase != "final evaluation" or \
+                    args[-1] == {"base evaluation": "base", "final evaluation": "tuned"}[phase]:
+                monkeypatch.undo()  # once: the resumed run goes through
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args, **kwargs)
+        return wrapper
+
+    target = {"loading": (models, "load_model"), "base evaluation": (evaluation.Evaluator, "measure"),
+              "final evaluation": (evaluation.Evaluator, "measure"), "saving": (training, "save_artifact")}[phase]
+    monkeypatch.setattr(*target, signal_then(getattr(*target)))
+    before = signal.getsignal(signal.SIGTERM)
+    overrides = [*FAST, "trainer.max_steps=4", "trainer.save_steps=4", "trainer.eval_steps=null"]
+    first, second = tmp_path / "runs" / "day" / "a", tmp_path / "runs" / "day" / "b"
+    if phase == "saving":  # a signal while saving waits: the run completes, then the process goes on
+        run_train(overrides, first)
+        assert read_json(first / "run.json")["status"] == "success" and (first / "adapter").exists()
+        assert signal.getsignal(signal.SIGTERM) is before
+        return
+    with pytest.raises(training.Preempted, match=f"SIGTERM received: stopped during {phase}") as raised:
+        run_train(overrides, first)
+    assert raised.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) is before
+    info = read_json(first / "run.json")
+    assert info["status"] == "interrupted" and info["phase"] == phase and info["signal"] == "SIGTERM"
+    checkpoint = first / "checkpoints" / "checkpoint-4"
+    assert info["checkpoint"] == (str(checkpoint) if phase == "final evaluation" else None)
+
+    # The same command again, as a requeued job would run it, lands in a new folder and continues
+    # the interrupted one: from its checkpoint (after training), or from the start.
+    run_train([*overrides, "resume=auto"], second)
+    info, metrics = read_json(first / "run.json"), read_json(first / "metrics.json")
+    assert not second.exists() and info["status"] == "success" and info["attempts"] == 2
+    assert info["phase"] == "done" and metrics["train/steps"] == 4
+    assert train_steps(history(first)) == [1, 2, 3, 4]

@@ -212,6 +212,78 @@ def test_malformed_requests_get_openai_4xx_errors(server, path, body, status, pa
     assert error["type"] == "invalid_request_error"
 
 
+def test_text_that_is_not_unicode_gets_a_400_and_the_connection_stays_usable(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bodies = [("/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "hi \ud800"}]}),
+              ("/v1/completions", {"model": "a", "prompt": "x\udfff", "max_tokens": 2}),
+              ("/invocations", {"model": "a", "messages": [{"role": "user", "content": [
+                  {"type": "text", "text": "\ud83d"}]}]})]
+    with httpx.Client(base_url=server[1], headers=headers, timeout=60) as http:  # one keep-alive connection
+        for path, body in bodies:
+            response = http.post(path, content=json.dumps(body).encode())  # valid JSON: "\ud800" escapes
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert set(error) == ERROR_FIELDS and error["code"] == "invalid_value"
+            assert "not valid Unicode" in error["message"] and "\\ud" in error["message"]
+            ok = http.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 2})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def fuzzed_bodies(count: int, seed: int = 0):
+    """``count`` (path, raw body) pairs: mostly malformed, some by chance valid; types, encodings,
+    sizes and nesting varied field by field."""
+    import random
+
+    rng = random.Random(seed)
+    odd = [None, True, False, 0, -1, 7, 1.5, -2.5, 1e308, 2 ** 70, "", "x", "x" * 3000, "\ud800", "a\udfffb",
+           "\u0000", "🙂" * 50, [], {}, [[[]]], {"a": {"b": {"c": []}}}, ["a", 1, None], [{"type": "text"}]]
+
+    def nested(depth):
+        return [nested(depth - 1)] if depth else rng.choice(odd)
+
+    def value():
+        return nested(rng.randint(1, 40)) if rng.random() < 0.1 else rng.choice(odd)
+
+    for _ in range(count):
+        path = rng.choice(["/v1/completions", "/v1/chat/completions", "/invocations"])
+        roll = rng.random()
+        if roll < 0.15:  # not JSON, not UTF-8, too deep, truncated
+            yield path, rng.choice([b"\xff\xfe\x00", b"{", b"[" * 100000, b'{"prompt": "x"', b"\x00" * 64,
+                                    "{\"prompt\": \"\u00e9\"}".encode("latin-1"), b"null", b"1e999"])
+            continue
+        chat = path == "/v1/chat/completions" or (path == "/invocations" and rng.random() < 0.5)
+        body = ({"model": "a", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2} if chat
+                else {"model": "a", "prompt": "hello", "max_tokens": 2})
+        keys = ["model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
+                "max_completion_tokens", "logprobs", "user", "extra"] + (["messages"] if chat else ["prompt"])
+        for key in rng.sample(keys, rng.randint(1, 3)):
+            body[key] = value()
+        if chat and isinstance(body.get("messages"), list) and body["messages"] and rng.random() < 0.5:
+            message = dict(body["messages"][0]) if isinstance(body["messages"][0], dict) else {}
+            message[rng.choice(["role", "content", "name"])] = rng.choice(
+                [value(), [{"type": "text", "text": value()}], [{"type": "image_url", "image_url": value()}],
+                 "assistant", "developer", "robot"])
+            body["messages"] = [message]
+        yield path, json.dumps(body, allow_nan=True).encode()
+
+
+def test_fuzzed_malformed_bodies_never_get_a_5xx_and_the_server_stays_healthy(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    statuses = {}
+    with httpx.Client(base_url=server[1], headers=headers, timeout=60) as http:
+        for path, raw in fuzzed_bodies(300):
+            response = http.post(path, content=raw)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (path, raw[:300], response.text[:500])
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert set(error) == ERROR_FIELDS and error["message"], response.text
+        assert sum(n for code, n in statuses.items() if code >= 400) >= 200, statuses  # mostly malformed
+        assert http.get("/health").json()["status"] == "ok"
+        ok = http.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
 def test_sagemaker_ping_and_invocations(client, server):
     assert httpx.get(f"{server[1]}/ping").status_code == 200
     messages = [{"role": "user", "content": "Hi"}]
@@ -302,21 +374,45 @@ def test_load_500_requests_16_concurrent(server):
     assert statuses.count(200) == 500
 
 
-def test_shutdown_finishes_requests_in_flight(tmp_path):
-    from pipeline.serve import build_app
+def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path):
+    # The real thing: `python -m pipeline.serve` in its own process, stopped by SIGTERM (what
+    # SLURM, Kubernetes and systemd send) while it generates.
+    import os
+    import signal
+    import subprocess
+    import sys
 
-    app = build_app(compose_serve(["model=tiny_llama"], tmp_path))
-    uv, thread, port = start_server(app)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(complete, client, "tiny_llama", max_tokens=24)
-        while app.state.service.metrics.batch_rows.count == 0:  # until generation has started
-            time.sleep(0.01)
-        uv.should_exit = True  # what SIGTERM does
-        response = pending.result(timeout=120)
-    thread.join(60)
-    assert not thread.is_alive()
-    assert response.usage.completion_tokens == 24 and response.choices[0].finish_reason == "length"
-    with pytest.raises(openai.APIConnectionError):
-        complete(client, "tiny_llama")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "model=tiny_llama", f"server.port={port}",
+                             f"paths.output_dir={tmp_path}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() else "slow start"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(complete, client, "tiny_llama", max_tokens=24)
+            while "pipeline_batch_rows_count 0" in httpx.get(url + "/metrics", timeout=10).text:
+                time.sleep(0.01)  # until generation has started
+            proc.send_signal(signal.SIGTERM)
+            response = pending.result(timeout=120)
+        assert response.usage.completion_tokens == 24 and response.choices[0].finish_reason == "length"
+        output, _ = proc.communicate(timeout=60)
+        # uvicorn shuts down gracefully, then exits by the signal it got (as a shell expects)
+        assert proc.returncode in (0, -signal.SIGTERM), output[-3000:]
+        assert "Application shutdown complete" in output and "Traceback" not in output
+        with pytest.raises(openai.APIConnectionError):  # it no longer listens
+            complete(client, "tiny_llama")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 

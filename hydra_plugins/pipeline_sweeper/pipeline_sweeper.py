@@ -43,6 +43,15 @@ class PipelineOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
+    def _compose(self, overrides: List[str]) -> DictConfig:
+        """A job's config, composed as the launcher will compose it."""
+        from omegaconf import open_dict
+
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
     def sweep(self, arguments: List[str]) -> Any:
         import sys
 
@@ -50,7 +59,7 @@ class PipelineOptunaSweeper(Sweeper):
         from pipeline.config import PipelineError
 
         try:
-            return sweep.run(self.config, self.launcher, arguments)
+            return sweep.run(self.config, self.launcher, arguments, compose=self._compose)
         except PipelineError as err:  # the message says what is wrong; a traceback would bury it
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)

@@ -54,16 +54,20 @@ class Service:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
                            "messages", "no_chat_template")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        def encode() -> List[int]:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": _encodable(m.text())}
+                        for m in body.messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        return _client_text(encode, "messages")
 
     def encode_completion(self, body: CompletionRequest) -> List[List[int]]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-        return [self.tokenizer(p)["input_ids"] for p in prompts]
+        return _client_text(lambda: [self.tokenizer(_encodable(p))["input_ids"] for p in prompts], "prompt")
 
     def max_tokens(self, requested: Optional[int], prompts: List[List[int]], param: str) -> int:
         """The request's token budget, after checking prompt and generation limits."""
@@ -72,6 +76,9 @@ class Service:
             raise APIError(400, f"max_tokens={requested} exceeds this server's limit of {limit}",
                            "max_tokens", "invalid_value")
         max_tokens = requested or self.cfg.default_max_tokens
+        if not min(len(p) for p in prompts):
+            raise APIError(400, "the prompt holds no token (an empty prompt, and this model adds no "
+                                "start token); send some text", param, "invalid_value")
         longest = max(len(p) for p in prompts)
         if longest > self.cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most "
@@ -122,7 +129,8 @@ class Service:
         model = self.check_model(body.model)
         body.refuse_unsupported()
         param = "messages" if chat else "prompt"
-        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        # A chat field; a completion body may carry anything under that name (extra fields pass).
+        requested = (body.max_completion_tokens if chat else None) or body.max_tokens
         max_tokens = self.max_tokens(requested, prompts, param)
         requests, events = await self.run(model, prompts, body, max_tokens)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -190,6 +198,49 @@ class Service:
         finally:  # the client went away (or we finished): stop generating for it
             for request in requests:
                 request.cancelled = True
+
+
+def _encodable(text: str) -> str:
+    """``text`` if it is valid Unicode; JSON can carry lone UTF-16 surrogates (``"\\ud800"``),
+    which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"the text holds a character that is not valid Unicode ({err.reason}: "
+                            f"{text[err.start:err.end]!a} at position {err.start})", None, "invalid_value") from None
+    return text
+
+
+def _client_text(encode: Any, param: str) -> Any:
+    """Runs the tokenization of client text: any failure there is the request's fault (400),
+    never a 500 that would also close the client's connection."""
+    try:
+        return encode()
+    except APIError as err:
+        err.param = err.param or param
+        raise
+    except Exception as err:
+        raise APIError(400, f"the {param} could not be tokenized: {type(err).__name__}: {err}", param,
+                       "invalid_value") from None
+
+
+def _contained(endpoint: Any) -> Any:
+    """An endpoint whose unexpected errors answer an OpenAI 500 body from within the app:
+    Starlette's last-resort handler re-raises, and the server then drops the connection."""
+    import functools
+
+    @functools.wraps(endpoint)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await endpoint(*args, **kwargs)
+        except (APIError, HTTPException, RequestValidationError):
+            raise
+        except Exception as err:
+            log.exception("internal error")
+            raise APIError(500, f"internal error: {type(err).__name__}", None, "internal_error",
+                           "server_error") from None
+
+    return wrapper
 
 
 def _usage(prompt: int, completion: int) -> Dict[str, int]:
@@ -265,14 +316,17 @@ def create_app(pool: ModelPool, cfg: ServerConfig, api_key: Optional[str]) -> Fa
              "root": pool.base_name, "parent": choice.parent} for name, choice in pool.choices.items()]}
 
     @app.post("/v1/completions", dependencies=guarded)
+    @_contained
     async def completions(body: CompletionRequest) -> Response:
         return await service.complete(body, service.encode_completion(body), chat=False)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
+    @_contained
     async def chat_completions(body: ChatRequest) -> Response:
         return await service.complete(body, [service.encode_chat(body)], chat=True)
 
     @app.post("/invocations", dependencies=guarded)
+    @_contained
     async def invocations(request: Request) -> Response:
         return await _invocation(service, await request.body())
 
@@ -296,7 +350,7 @@ async def _invocation(service: Service, raw: bytes) -> Response:
     ``model`` may be left out (the first adapter, else the base)."""
     try:
         payload = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too deep
         raise APIError(400, f"the request body is not valid JSON: {err}", None, "invalid_json")
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object with messages or prompt", None,

@@ -21,7 +21,12 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
     def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+        # Messages may quote client text; text that is not valid Unicode (a lone surrogate)
+        # would fail the response's UTF-8 encoding, so it is escaped.
+        def safe(text: Optional[str]) -> Optional[str]:
+            return None if text is None else str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+        return {"error": {"message": safe(self.message), "type": self.type, "param": safe(self.param),
                           "code": self.code}}
 
 
