@@ -83,7 +83,7 @@ class DataConfig:
 
     name: str = MISSING
     path: str = MISSING
-    format: str = "auto"  # auto | prompt_completion | instruction | messages
+    format: str = "auto"  # auto | prompt_completion | instruction | messages | sharegpt
     subset: Optional[str] = None  # hub dataset configuration name
     source_split: str = "train"  # split read from the source before our own split
     revision: Optional[str] = None
@@ -94,6 +94,17 @@ class DataConfig:
     input_field: str = "input"
     output_field: str = "output"
     messages_field: str = "messages"
+    # ShareGPT: a list of {from, value} turns; `from` is mapped to a chat role by sharegpt_roles.
+    conversations_field: str = "conversations"
+    sharegpt_roles: Dict[str, str] = field(default_factory=lambda: {
+        "system": "system", "human": "user", "user": "user", "gpt": "assistant",
+        "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"})
+    # Which assistant turns of a multi-turn conversation carry loss: all | last.
+    train_on: str = "all"
+    # Examples of validation/test whose conversation (exact) or prompt (normalised: case,
+    # whitespace and punctuation ignored) also occurs in train are counted and reported
+    # (run.json data_overlap); dedup=true removes those train examples.
+    dedup: bool = False
     system_prompt: Optional[str] = None
     template: str = "chat"  # chat: the tokenizer's chat template | plain: prompt + completion + eos
     max_length: int = 256
@@ -586,7 +597,8 @@ register_configs()
 # --------------------------------------------------------------------------- cross-field checks
 
 CHOICES = {
-    "data.format": ("auto", "prompt_completion", "instruction", "messages"),
+    "data.format": ("auto", "prompt_completion", "instruction", "messages", "sharegpt"),
+    "data.train_on": ("all", "last"),
     "data.template": ("chat", "plain"),
     "data.truncation": ("drop", "truncate", "error"),
     "model.source": ("hub", "gguf", "tiny"),

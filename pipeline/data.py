@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-FORMAT_FIELDS = {  # format -> the config keys naming its required fields
+FORMAT_FIELDS = {  # format -> the config keys naming its required fields (auto tries this order)
     "messages": ("messages_field",),
+    "sharegpt": ("conversations_field",),
     "instruction": ("instruction_field", "output_field"),
     "prompt_completion": ("prompt_field", "completion_field"),
 }
@@ -145,8 +146,8 @@ def detect_format(cfg: DataConfig, columns: List[str]) -> str:
         if all(getattr(cfg, k) in columns for k in keys):
             return fmt
     raise DataError(f"data.path={cfg.path!r}: cannot tell the format from the columns {columns}; "
-                    "expected prompt/completion, instruction/output (+input) or messages, or set "
-                    "data.format and the data.*_field names")
+                    "expected prompt/completion, instruction/output (+input), messages or "
+                    "conversations (ShareGPT), or set data.format and the data.*_field names")
 
 
 # --------------------------------------------------------------------------- records -> messages
@@ -180,10 +181,28 @@ def _messages(record: Dict[str, Any], key: str, where: str) -> List[Dict[str, st
     return messages
 
 
+def _sharegpt(record: Dict[str, Any], cfg: DataConfig, where: str) -> List[Dict[str, str]]:
+    """ShareGPT turns (``{"from": "human", "value": ...}``) as chat messages."""
+    key, roles = cfg.conversations_field, dict(cfg.sharegpt_roles)
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of {{from, value}} turns; "
+                        f"fields present: {sorted(record)}")
+    converted = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in roles:
+            raise DataError(f"{where}: {key}[{n}] must be {{'from': {'|'.join(roles)}, 'value': str}}, "
+                            f"got {turn!r:.120}; map other speakers with data.sharegpt_roles")
+        converted.append({"role": roles[turn["from"]], "content": turn["value"]})
+    return _messages({key: converted}, key, where)
+
+
 def to_messages(record: Dict[str, Any], fmt: str, cfg: DataConfig, where: str) -> List[Dict[str, str]]:
     """Maps one record of format ``fmt`` onto chat messages, validating its fields."""
     if fmt == "messages":
         messages = _messages(record, cfg.messages_field, where)
+    elif fmt == "sharegpt":
+        messages = _sharegpt(record, cfg, where)
     else:
         if fmt == "instruction":
             prompt = _text(record, cfg.instruction_field, where)
@@ -204,14 +223,15 @@ def to_messages(record: Dict[str, Any], fmt: str, cfg: DataConfig, where: str) -
 # --------------------------------------------------------------------------- rendering + masking
 
 
-def render(messages: List[Dict[str, str]], tokenizer: Any, template: str
+def render(messages: List[Dict[str, str]], tokenizer: Any, template: str, train_on: str = "all"
            ) -> Tuple[str, List[Tuple[int, int]], str]:
     """Renders a conversation to text.
 
     Returns:
         ``(text, spans, prompt)``: the full text, the character spans the loss covers (each
-        assistant turn with its end-of-turn marker), and the text up to the last assistant
-        turn's generation prompt (what a model is given at evaluation).
+        assistant turn with its end-of-turn marker, or only the last with ``train_on="last"``),
+        and the text up to the last assistant turn's generation prompt (what a model is given
+        at evaluation).
     """
     if template == "plain":
         prompt = "\n\n".join(m["content"] for m in messages[:-1]) + "\n"
@@ -234,7 +254,7 @@ def render(messages: List[Dict[str, str]], tokenizer: Any, template: str
                             "prefix as a prefix of the whole, so assistant turns cannot be "
                             "located; use data.template=plain")
         spans.append((len(prompt), len(upto)))
-    return text, spans, prompt
+    return text, spans[-1:] if train_on == "last" else spans, prompt
 
 
 def tokenize(text: str, spans: List[Tuple[int, int]], tokenizer: Any, template: str
@@ -281,11 +301,64 @@ def split_examples(examples: List[Example], cfg: DataConfig) -> Dict[str, List[E
             "train": picked[n_test + n_val:]}
 
 
+# --------------------------------------------------------------------------- leakage
+
+
+def _normalized(text: str) -> str:
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def _keys(example: Example) -> Tuple[str, str]:
+    """(exact: the whole conversation, normalised: its prompt, the turns before the last answer
+    without the system prompt)."""
+    exact = json.dumps(example.messages, ensure_ascii=False)
+    prompt = " ".join(m["content"] for m in example.messages[:-1] if m["role"] != "system")
+    return exact, _normalized(prompt)
+
+
+def overlap(parts: Dict[str, List[Example]]) -> Dict[str, Any]:
+    """How many validation/test examples also occur in train: the same conversation (exact) or
+    the same prompt once case, whitespace and punctuation are ignored (normalised, which
+    includes exact), and how many train examples are involved."""
+    exact_train, prompt_train = {}, {}
+    for i, ex in enumerate(parts["train"]):
+        exact, prompt = _keys(ex)
+        exact_train.setdefault(exact, []).append(i)
+        prompt_train.setdefault(prompt, []).append(i)
+    found: Dict[str, Any] = {}
+    involved = set()
+    for name in ("validation", "test"):
+        keys = [_keys(ex) for ex in parts[name]]
+        found[name] = {"exact": sum(k[0] in exact_train for k in keys),
+                       "normalized": sum(k[1] in prompt_train for k in keys), "examples": len(keys)}
+        involved.update(i for k in keys for i in prompt_train.get(k[1], []))
+    found["train_examples"] = len(involved)
+    for name in ("validation", "test"):
+        if found[name]["normalized"]:
+            log.warning("data: %d of %d %s examples also occur in train (%d exactly, the others with "
+                        "the same prompt up to case, spaces and punctuation); their metrics measure "
+                        "recall, not generalisation: data.dedup=true removes the %d train examples",
+                        found[name]["normalized"], found[name]["examples"], name, found[name]["exact"],
+                        found["train_examples"])
+    return found
+
+
+def without_overlap(parts: Dict[str, List[Example]]) -> Tuple[List[Example], int]:
+    """Train without the examples whose prompt (normalised) occurs in validation or test."""
+    held_out = {_keys(ex)[1] for name in ("validation", "test") for ex in parts[name]}
+    kept = [ex for ex in parts["train"] if _keys(ex)[1] not in held_out]
+    return kept, len(parts["train"]) - len(kept)
+
+
 def _encode_split(examples: List[Example], tokenizer: Any, cfg: DataConfig, name: str
                   ) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
     rows, counts = [], {"dropped_too_long": 0, "truncated": 0}
     for ex in examples:
-        text, spans, prompt = render(ex.messages, tokenizer, cfg.template)
+        text, spans, prompt = render(ex.messages, tokenizer, cfg.template, cfg.train_on)
         input_ids, labels = tokenize(text, spans, tokenizer, cfg.template)
         if len(input_ids) > cfg.max_length:
             if cfg.truncation == "error":
@@ -318,7 +391,11 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> Splits:
     fmt = detect_format(cfg, list(records.column_names))
     examples = [Example(to_messages(r, fmt, cfg, where(i)), where(i)) for i, r in enumerate(records)]
     parts = split_examples(examples, cfg)
-    stats: Dict[str, Any] = {"format": fmt, "records": len(records)}
+    stats: Dict[str, Any] = {"format": fmt, "records": len(records), "overlap": overlap(parts)}
+    if cfg.dedup and stats["overlap"]["train_examples"]:
+        parts["train"], removed = without_overlap(parts)
+        stats["overlap"]["removed_from_train"] = removed
+        log.info("data.dedup: removed %d train examples that also occur in validation/test", removed)
     out = {}
     for name, part in parts.items():
         rows, counts = _encode_split(part, tokenizer, cfg, name)

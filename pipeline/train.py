@@ -58,6 +58,7 @@ def train(cfg: DictConfig) -> float:
         transformers.set_seed(cfg.seed)
         tokenizer = models.load_tokenizer(folder, cfg.model)
         splits = data.build_datasets(cfg.data, tokenizer)
+        run.update(data_overlap=splits.stats["overlap"])  # validation/test examples also in train
         zero3_init = distributed.zero3_init_context(cfg.distributed, cfg.trainer)  # noqa: F841 (held)
         model = models.load_model(folder, cfg.model, settings.quantization())
         model = settings.apply(model, architecture)
@@ -254,6 +255,8 @@ def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:
                "params/trainable_pct": 100.0 * trainable / total, "data/train_examples": train["examples"],
                "data/validation_examples": splits.stats["validation"]["examples"],
                "data/test_examples": splits.stats["test"]["examples"],
+               "data/validation_in_train": splits.stats["overlap"]["validation"]["normalized"],
+               "data/test_in_train": splits.stats["overlap"]["test"]["normalized"],
                "train/global_batch_size": global_batch}
     log.info("data: %s | train %d examples (%d dropped as longer than %d tokens), eval %s, test %s",
              splits.stats["format"], train["examples"], train["dropped_too_long"], cfg.data.max_length,

@@ -179,3 +179,62 @@ def test_shipped_datasets_build(tokenizer):
         option = C.load_option("data", name, seed=0)
         splits = build_datasets(option, tokenizer)
         assert len(splits.train) > 300 and splits.validation is not None and splits.test is not None
+
+
+def test_sharegpt_is_detected_and_trains_on_every_or_the_last_assistant_turn(tokenizer, tmp_path):
+    conversations = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                     {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"},
+                     {"from": "gpt", "value": "Goodbye"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"conversations": conversations, "id": "x1"}])
+    splits = build_datasets(data_cfg(path), tokenizer)
+    assert splits.stats["format"] == "sharegpt"
+    row = splits.train[0]
+    assert label_text(tokenizer, row["input_ids"], row["labels"]) == "Hello<|im_end|>\nGoodbye<|im_end|>\n"
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in row["prompt"] and row["reference"] == "Goodbye"
+    last = build_datasets(data_cfg(path, train_on="last"), tokenizer).train[0]
+    assert label_text(tokenizer, last["input_ids"], last["labels"]) == "Goodbye<|im_end|>\n"
+    assert last["input_ids"] == row["input_ids"]  # the same text; only the loss mask differs
+
+
+def test_sharegpt_speaker_without_a_role_names_record_and_fix(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
+                                                                 {"from": "gpt", "value": "Yo"}]},
+                                              {"conversations": [{"from": "narrator", "value": "Hi"}]}])
+    with pytest.raises(DataError, match=rf"{path}:2: conversations\[0\] must be .*data.sharegpt_roles"):
+        build_datasets(data_cfg(path), tokenizer)
+    mapped = data_cfg(path, sharegpt_roles={"human": "user", "gpt": "assistant", "narrator": "user"})
+    with pytest.raises(DataError, match=rf"{path}:2: the last message must be the assistant's"):
+        build_datasets(mapped, tokenizer)
+
+
+def test_overlap_between_train_and_held_out_is_counted_and_dedup_removes_it(tokenizer, tmp_path, caplog):
+    records = [{"prompt": f"Translate: item {i}", "completion": f"élément {i}"} for i in range(40)]
+    records += [{"prompt": "Translate: item 3", "completion": "élément 3"},  # exact copies
+                {"prompt": "Translate: item 5", "completion": "élément 5"},
+                {"prompt": "  TRANSLATE:   Item 7!", "completion": "autre"}]  # the same prompt, normalised
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = data_cfg(path, validation_size=10, test_size=10, seed=0)
+    with caplog.at_level("WARNING"):
+        splits = build_datasets(cfg, tokenizer)
+    found = splits.stats["overlap"]
+    # Count by hand from the same split.
+    from pipeline.data import Example, _keys, split_examples
+
+    examples = [Example([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                        str(i)) for i, r in enumerate(records)]
+    parts = split_examples(examples, cfg)
+    train_exact = {_keys(e)[0] for e in parts["train"]}
+    train_prompts = {_keys(e)[1] for e in parts["train"]}
+    for name in ("validation", "test"):
+        assert found[name]["exact"] == sum(_keys(e)[0] in train_exact for e in parts[name])
+        assert found[name]["normalized"] == sum(_keys(e)[1] in train_prompts for e in parts[name])
+    total = found["validation"]["normalized"] + found["test"]["normalized"]
+    assert total >= 1, "the duplicates were all placed in one split; pick another seed"
+    assert "also occur in train" in caplog.text
+
+    deduped = build_datasets(data_cfg(path, validation_size=10, test_size=10, seed=0, dedup=True), tokenizer)
+    removed = deduped.stats["overlap"]["removed_from_train"]
+    assert removed == found["train_examples"] >= 1
+    assert len(deduped.train) == len(splits.train) - removed
+    held_out = {p for ds in (deduped.validation, deduped.test) for p in ds["prompt"]}
+    assert not held_out & set(deduped.train["prompt"])  # nothing held out is trained on

@@ -39,6 +39,9 @@ def test_each_method_trains_saves_and_reloads(method, tmp_path):
     for key in ("base/eval/loss", "base/test/loss", "delta/test/loss", "params/trainable",
                 "params/total", "perf/peak_rss_mb"):
         assert key in metrics, key
+    # The leakage check's counts: in run.json in full, in metrics.json per held-out set.
+    assert metrics["data/test_in_train"] == info["data_overlap"]["test"]["normalized"]
+    assert info["data_overlap"]["test"]["examples"] == 8 and info["data_overlap"]["validation"]["examples"] == 8
     assert metrics["params/total"] > 3_000_000
 
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
