@@ -512,3 +512,11 @@ def collator(tokenizer: Any, packing: bool, pack_length: int = 512) -> Any:
         return PackingCollator(tokenizer.pad_token_id, pack_length)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                   pad_to_multiple_of=8)
+
+
+if __name__ == "__main__":  # python -m pipeline.data [overrides]: the preview (pipeline/data_preview.py)
+    import sys
+
+    from pipeline.data_preview import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -238,3 +238,31 @@ def test_overlap_between_train_and_held_out_is_counted_and_dedup_removes_it(toke
     assert len(deduped.train) == len(splits.train) - removed
     held_out = {p for ds in (deduped.validation, deduped.test) for p in ds["prompt"]}
     assert not held_out & set(deduped.train["prompt"])  # nothing held out is trained on
+
+
+def test_preview_marks_loss_tokens_and_sizes_the_splits(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    conversations = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                     {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": conversations}] * 12 +
+                       [{"conversations": [{"from": "human", "value": "word " * 300}, {"from": "gpt", "value": "x"}]}])
+    done = subprocess.run([sys.executable, "-m", "pipeline.data", "--examples", "3", "model=tiny_llama",
+                           "data=my_jsonl", f"data.path={path}", "data.validation_size=2", "data.test_size=2",
+                           "data.max_length=64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout  # not a terminal: brackets, no colour codes
+    assert "format sharegpt" in out and "\x1b[" not in out
+    assert "[[Hello<|im_end|>\n]]" in out and "[[Goodbye<|im_end|>\n]]" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"train", "validation", "test"} <= set(rows)
+    over = sum(int(rows[s].split("|")[7]) for s in ("train", "validation", "test"))
+    assert over == 1  # the one long conversation, whichever split it landed in
+    assert "one epoch:" in out and "held-out examples also in train" in out
+    bad = subprocess.run([sys.executable, "-m", "pipeline.data", "model=tiny_llama", "data=my_jsonl",
+                          f"data.path={tmp_path / 'missing.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

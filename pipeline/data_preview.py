@@ -1,0 +1,124 @@
+"""What the model will train on, before any compute: ``python -m pipeline.data [train overrides]``.
+
+Takes the same overrides as ``pipeline.train`` (``data=...``, ``data.path=...``, ``model=...``
+for its tokenizer and chat template) and prints, without loading model weights:
+
+* the first ``--examples`` training examples as rendered, with the tokens that carry loss
+  marked (green on a terminal, ``[[...]]`` otherwise);
+* per split: examples, the token-length distribution, and what ``data.max_length`` drops or cuts;
+* tokens (and loss tokens) per epoch of training;
+* validation/test examples that also occur in train (the leakage check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import Any, Dict, List
+
+from pipeline.data import (IGNORE_INDEX, Example, detect_format, load_records, overlap, render,
+                           split_examples, to_messages, tokenize)
+
+GREEN, RESET = "\x1b[32m", "\x1b[0m"
+
+
+def marked(tokenizer: Any, ids: List[int], labels: List[int], colour: bool) -> str:
+    """The example's text with the loss-carrying tokens marked."""
+    out, inside = [], False
+    opening, closing = (GREEN, RESET) if colour else ("[[", "]]")
+    for token, label in zip(ids, labels):
+        carries = label != IGNORE_INDEX
+        if carries != inside:
+            out.append(opening if carries else closing)
+            inside = carries
+        out.append(tokenizer.decode([token]))
+    if inside:
+        out.append(closing)
+    return "".join(out)
+
+
+def _percentile(values: List[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def split_summary(name: str, encoded: List[tuple], max_length: int, truncation: str) -> Dict[str, Any]:
+    lengths = [len(ids) for ids, _ in encoded]
+    over = [n for n in lengths if n > max_length]
+    kept = [(ids, labels) for ids, labels in encoded if len(ids) <= max_length or truncation == "truncate"]
+    return {"split": name, "examples": len(encoded),
+            "min": min(lengths, default=0), "median": int(statistics.median(lengths)) if lengths else 0,
+            "p95": _percentile(lengths, 0.95) if lengths else 0, "max": max(lengths, default=0),
+            "over_max_length": len(over),
+            "tokens": sum(min(len(ids), max_length) for ids, _ in kept),
+            "loss_tokens": sum(sum(t != IGNORE_INDEX for t in labels[:max_length]) for _, labels in kept)}
+
+
+def preview(cfg: Any, tokenizer: Any, examples: int, colour: bool) -> str:
+    """The preview as text (see the module docstring)."""
+    records, where = load_records(cfg.data)
+    fmt = detect_format(cfg.data, list(records.column_names))
+    converted = [Example(to_messages(r, fmt, cfg.data, where(i)), where(i)) for i, r in enumerate(records)]
+    parts = split_examples(converted, cfg.data)
+    lines = [f"data={cfg.data.name}: {cfg.data.path} ({len(records)} records, format {fmt}, template "
+             f"{cfg.data.template}, train_on={cfg.data.train_on}, tokenizer of model={cfg.model.name})", ""]
+    encoded = {}
+    for name, part in parts.items():
+        encoded[name] = []
+        for ex in part:
+            text, spans, _ = render(ex.messages, tokenizer, cfg.data.template, cfg.data.train_on)
+            encoded[name].append(tokenize(text, spans, tokenizer, cfg.data.template))
+    for i, (ids, labels) in enumerate(encoded["train"][:examples]):
+        lines += [f"--- train example {i + 1} ({parts['train'][i].where}), {len(ids)} tokens, "
+                  f"{sum(t != IGNORE_INDEX for t in labels)} carry loss:", marked(tokenizer, ids, labels, colour), ""]
+    action = {"drop": "dropped", "truncate": "cut", "error": "an error"}[cfg.data.truncation]
+    lines += [f"tokens per example (data.max_length={cfg.data.max_length}; longer ones are {action}, "
+              f"data.truncation={cfg.data.truncation}):",
+              "| split | examples | min | median | p95 | max | over max_length | tokens | loss tokens |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in encoded.items():
+        s = split_summary(name, rows, cfg.data.max_length, cfg.data.truncation)
+        lines.append(f"| {name} | {s['examples']} | {s['min']} | {s['median']} | {s['p95']} | {s['max']} | "
+                     f"{s['over_max_length']} | {s['tokens']:,} | {s['loss_tokens']:,} |")
+    train = split_summary("train", encoded["train"], cfg.data.max_length, cfg.data.truncation)
+    batch = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
+    steps = -(-train["examples"] // batch) if batch else 0
+    lines += ["", f"one epoch: {train['tokens']:,} tokens ({train['loss_tokens']:,} carry loss) in {steps} "
+                  f"steps of {batch} examples; trainer.max_steps={cfg.trainer.max_steps}"]
+    found = overlap(parts)
+    lines.append("held-out examples also in train (exact / same normalised prompt): " + ", ".join(
+        f"{name} {found[name]['exact']} / {found[name]['normalized']} of {found[name]['examples']}"
+        for name in ("validation", "test")))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: List[str]) -> int:
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from pipeline import config as C
+    from pipeline import model as models
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=3, help="rendered training examples to show")
+    parser.add_argument("overrides", nargs="*", help="train config overrides, e.g. data=my_jsonl data.path=x")
+    args = parser.parse_args(argv)
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    try:
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            cfg = compose("train", overrides=["paths.run_dir=.", *args.overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        C.validate(cfg)
+        folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
+        tokenizer = models.load_tokenizer(folder, cfg.model)
+        sys.stdout.write(preview(cfg, tokenizer, args.examples, sys.stdout.isatty()))
+    except C.PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
