@@ -86,6 +86,12 @@ class DataConfig:
     format: str = "auto"  # auto | prompt_completion | instruction | messages | sharegpt
     subset: Optional[str] = None  # hub dataset configuration name
     source_split: str = "train"  # split read from the source before our own split
+    # Held-out sets as the user has them, used as they are (never re-split; only capped by
+    # max_validation_examples / max_test_examples): local files or folders ...
+    validation_path: Optional[str] = None
+    test_path: Optional[str] = None
+    # ... or, for a hub dataset, its named splits, e.g. {train: train, validation: validation, test: test}.
+    splits: Dict[str, str] = field(default_factory=dict)
     revision: Optional[str] = None
     # Field names, so that datasets with other column names need no conversion.
     prompt_field: str = "prompt"

@@ -93,8 +93,12 @@ def _first_bad_json_line(path: Path) -> Optional[str]:
     return None
 
 
-def load_records(cfg: DataConfig) -> Tuple[Any, Callable[[int], str]]:
+def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[str] = None,
+                 key: str = "data.path") -> Tuple[Any, Callable[[int], str]]:
     """Loads the source as a ``datasets.Dataset`` plus a function naming each record's location.
+
+    ``path`` (default ``cfg.path``) and ``split`` (a hub dataset's split, default
+    ``cfg.source_split``) read another source of the same kind; ``key`` names it in errors.
 
     Raises:
         DataError: for a missing file, an unsupported extension, unparsable content or an
@@ -102,16 +106,18 @@ def load_records(cfg: DataConfig) -> Tuple[Any, Callable[[int], str]]:
     """
     import datasets
 
-    path = Path(cfg.path).expanduser()
+    source = path or cfg.path
+    split = split or cfg.source_split
+    where = f"{key}={source!r}"
+    path = Path(source).expanduser()
     if path.exists():
         files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
         if not files:
-            raise DataError(f"data.path={cfg.path!r}: the folder holds no {', '.join(LOADERS)} files")
+            raise DataError(f"{where}: the folder holds no {', '.join(LOADERS)} files")
         if files[0].suffix not in LOADERS:
-            raise DataError(f"data.path={cfg.path!r}: unsupported file type; use one of "
-                            f"{', '.join(LOADERS)}")
+            raise DataError(f"{where}: unsupported file type; use one of {', '.join(LOADERS)}")
         if all(not f.read_bytes().strip() for f in files):  # the loaders' own error says nothing
-            raise DataError(f"data.path={cfg.path!r} holds no records (empty file)")
+            raise DataError(f"{where} holds no records (empty file)")
         bad = next((b for f in files if f.suffix != ".parquet" for b in [_first_bad_utf8_line(f)] if b), None)
         if bad:
             raise DataError(bad)
@@ -122,20 +128,19 @@ def load_records(cfg: DataConfig) -> Tuple[Any, Callable[[int], str]]:
         except Exception as err:  # datasets/pyarrow errors name neither file nor line
             bad = next((b for f in files if f.suffix in (".jsonl", ".json")
                         for b in [_first_bad_json_line(f)] if b), None)
-            raise DataError(bad or f"data.path={cfg.path!r}: cannot be read as {suffix}: {err}") from err
+            raise DataError(bad or f"{where}: cannot be read as {suffix}: {err}") from err
         if suffix == ".jsonl" and len(files) == 1:
             lines = _jsonl_line_numbers(files[0])
             return ds, lambda i: f"{files[0]}:{lines[i]}"
-        return ds, lambda i: f"{cfg.path} record {i}"
-    if path.suffix in LOADERS or cfg.path.startswith(("/", ".", "~")):
-        raise DataError(f"data.path={cfg.path!r} does not exist")
+        return ds, lambda i: f"{source} record {i}"
+    if path.suffix in LOADERS or source.startswith(("/", ".", "~")):
+        raise DataError(f"{where} does not exist")
     try:
-        ds = datasets.load_dataset(cfg.path, name=cfg.subset, split=cfg.source_split,
-                                   revision=cfg.revision)
+        ds = datasets.load_dataset(source, name=cfg.subset, split=split, revision=cfg.revision)
     except Exception as err:
-        raise DataError(f"data.path={cfg.path!r} is not a local file and could not be loaded "
-                        f"from the hub (split {cfg.source_split!r}): {err}") from err
-    return ds, lambda i: f"{cfg.path}[{cfg.source_split}] record {i}"
+        raise DataError(f"{where} is not a local file and could not be loaded from the hub "
+                        f"(split {split!r}): {err}") from err
+    return ds, lambda i: f"{source}[{split}] record {i}"
 
 
 def detect_format(cfg: DataConfig, columns: List[str]) -> str:
@@ -284,21 +289,68 @@ def _split_size(size: float, n: int, cap: Optional[int], key: str) -> int:
     return count
 
 
-def split_examples(examples: List[Example], cfg: DataConfig) -> Dict[str, List[Example]]:
-    """Deterministic train/validation/test split: a seeded shuffle, then test, validation, train."""
+def split_examples(examples: List[Example], cfg: DataConfig,
+                   given: Optional[Dict[str, List[Example]]] = None) -> Dict[str, List[Example]]:
+    """Deterministic train/validation/test split: a seeded shuffle, then test, validation, train.
+
+    ``given``: held-out sets the user brought (``data.validation_path``/``test_path`` or a hub
+    dataset's ``data.splits``): used as they are, nothing is carved from ``examples`` for them;
+    a count ``data.<set>_size >= 1`` takes that many of them (a seeded sample), a fraction
+    keeps them all.
+    """
+    given = given or {}
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
     if cfg.max_examples is not None:
         order = order[: cfg.max_examples]
-    n_test = _split_size(cfg.test_size, len(order), cfg.max_test_examples, "test_size")
-    n_val = _split_size(cfg.validation_size, len(order), cfg.max_validation_examples, "validation_size")
+    n_test = 0 if "test" in given else _split_size(cfg.test_size, len(order), cfg.max_test_examples, "test_size")
+    n_val = 0 if "validation" in given else _split_size(cfg.validation_size, len(order),
+                                                        cfg.max_validation_examples, "validation_size")
     if n_test + n_val >= len(order):
         raise DataError(f"data: {len(order)} examples cannot hold data.test_size={cfg.test_size} "
                         f"and data.validation_size={cfg.validation_size} and still train; "
                         "make them smaller or add data")
     picked = [examples[i] for i in order]
-    return {"test": picked[:n_test], "validation": picked[n_test:n_test + n_val],
-            "train": picked[n_test + n_val:]}
+    parts = {"test": picked[:n_test], "validation": picked[n_test:n_test + n_val],
+             "train": picked[n_test + n_val:]}
+    for name, held_out in given.items():
+        size = cfg.test_size if name == "test" else cfg.validation_size
+        if size >= 1 and int(size) < len(held_out):
+            keep = sorted(random.Random(cfg.seed).sample(range(len(held_out)), int(size)))
+            log.info("data.%s_size=%d: %d of the %d given %s examples", name, size, len(keep), len(held_out), name)
+            held_out = [held_out[i] for i in keep]
+        parts[name] = held_out
+    return parts
+
+
+def _held_out_sources(cfg: DataConfig) -> Dict[str, Tuple[str, Optional[str], str]]:
+    """Held-out sets the user brought: ``{split: (path, hub split, config key)}``."""
+    sources = {}
+    for name in ("validation", "test"):
+        if getattr(cfg, f"{name}_path"):
+            sources[name] = (getattr(cfg, f"{name}_path"), None, f"data.{name}_path")
+        elif name in cfg.splits:
+            sources[name] = (cfg.path, cfg.splits[name], f"data.splits.{name}")
+    return sources
+
+
+def load_parts(cfg: DataConfig) -> Tuple[str, int, Dict[str, List[Example]]]:
+    """``(format, records, {train, validation, test: examples})``: the source converted and split,
+    or kept as split when the user brought held-out sets."""
+    records, where = load_records(cfg, split=cfg.splits.get("train"))
+    if len(records) == 0:
+        raise DataError(f"data.path={cfg.path!r} holds no records")
+    fmt = detect_format(cfg, list(records.column_names))
+    examples = [Example(to_messages(r, fmt, cfg, where(i)), where(i)) for i, r in enumerate(records)]
+    given = {}
+    for name, (path, split, key) in _held_out_sources(cfg).items():
+        held, held_where = load_records(cfg, path, split, key)
+        if len(held) == 0:
+            raise DataError(f"{key}={path!r} holds no records")
+        held_fmt = detect_format(cfg, list(held.column_names))
+        given[name] = [Example(to_messages(r, held_fmt, cfg, held_where(i)), held_where(i))
+                       for i, r in enumerate(held)]
+    return fmt, len(records), split_examples(examples, cfg, given)
 
 
 # --------------------------------------------------------------------------- leakage
@@ -385,13 +437,9 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> Splits:
     """
     import datasets
 
-    records, where = load_records(cfg)
-    if len(records) == 0:
-        raise DataError(f"data.path={cfg.path!r} holds no records")
-    fmt = detect_format(cfg, list(records.column_names))
-    examples = [Example(to_messages(r, fmt, cfg, where(i)), where(i)) for i, r in enumerate(records)]
-    parts = split_examples(examples, cfg)
-    stats: Dict[str, Any] = {"format": fmt, "records": len(records), "overlap": overlap(parts)}
+    fmt, records, parts = load_parts(cfg)
+    stats: Dict[str, Any] = {"format": fmt, "records": records, "overlap": overlap(parts),
+                             "held_out": sorted(_held_out_sources(cfg))}
     if cfg.dedup and stats["overlap"]["train_examples"]:
         parts["train"], removed = without_overlap(parts)
         stats["overlap"]["removed_from_train"] = removed

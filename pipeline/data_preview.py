@@ -17,8 +17,7 @@ import statistics
 import sys
 from typing import Any, Dict, List
 
-from pipeline.data import (IGNORE_INDEX, Example, detect_format, load_records, overlap, render,
-                           split_examples, to_messages, tokenize)
+from pipeline.data import IGNORE_INDEX, load_parts, overlap, render, tokenize
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
@@ -57,11 +56,11 @@ def split_summary(name: str, encoded: List[tuple], max_length: int, truncation: 
 
 def preview(cfg: Any, tokenizer: Any, examples: int, colour: bool) -> str:
     """The preview as text (see the module docstring)."""
-    records, where = load_records(cfg.data)
-    fmt = detect_format(cfg.data, list(records.column_names))
-    converted = [Example(to_messages(r, fmt, cfg.data, where(i)), where(i)) for i, r in enumerate(records)]
-    parts = split_examples(converted, cfg.data)
-    lines = [f"data={cfg.data.name}: {cfg.data.path} ({len(records)} records, format {fmt}, template "
+    fmt, records, parts = load_parts(cfg.data)
+    given = [f"{name} from {cfg.data[name + '_path'] or 'split ' + cfg.data.splits[name]}"
+             for name in ("validation", "test") if cfg.data[name + "_path"] or name in cfg.data.splits]
+    lines = [f"data={cfg.data.name}: {cfg.data.path} ({records} records{', ' if given else ''}{', '.join(given)}; "
+             f"format {fmt}, template "
              f"{cfg.data.template}, train_on={cfg.data.train_on}, tokenizer of model={cfg.model.name})", ""]
     encoded = {}
     for name, part in parts.items():

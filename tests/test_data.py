@@ -266,3 +266,32 @@ def test_preview_marks_loss_tokens_and_sizes_the_splits(tmp_path):
                           f"data.path={tmp_path / 'missing.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_three_files_are_kept_as_the_user_split_them(tokenizer, tmp_path):
+    def records(tag, n):
+        return [{"prompt": f"{tag} question {i}", "completion": f"{tag} answer {i}"} for i in range(n)]
+
+    train = write_jsonl(tmp_path / "train.jsonl", records("train", 30))
+    val = write_jsonl(tmp_path / "val.jsonl", records("val", 5))
+    test = write_jsonl(tmp_path / "test.jsonl", records("test", 7))
+    cfg = data_cfg(train, validation_path=str(val), test_path=str(test), validation_size=0.1, test_size=0.1)
+    splits = build_datasets(cfg, tokenizer)
+    # Nothing re-split: every train record trains, the held-out files are whole and in order.
+    assert len(splits.train) == 30 and all(r.startswith("train") for r in splits.train["reference"])
+    assert splits.validation["reference"] == [f"val answer {i}" for i in range(5)]
+    assert splits.test["reference"] == [f"test answer {i}" for i in range(7)]
+    assert splits.stats["held_out"] == ["test", "validation"]
+    # A count caps a given set (a seeded sample, the same every time); a fraction keeps it whole.
+    capped = build_datasets(data_cfg(train, test_path=str(test), test_size=3, validation_size=4), tokenizer)
+    assert len(capped.test) == 3 and set(capped.test["reference"]) <= {f"test answer {i}" for i in range(7)}
+    assert len(capped.validation) == 4 and len(capped.train) == 26  # validation still carved from train
+    assert capped.test["reference"] == build_datasets(
+        data_cfg(train, test_path=str(test), test_size=3, validation_size=4), tokenizer).test["reference"]
+    # A bad held-out file is named by its own key and line.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=rf"{bad}:2: not valid JSON"):
+        build_datasets(data_cfg(train, test_path=str(bad)), tokenizer)
+    with pytest.raises(DataError, match=r"data.validation_path='.*nope.jsonl' does not exist"):
+        build_datasets(data_cfg(train, validation_path=str(tmp_path / "nope.jsonl")), tokenizer)
