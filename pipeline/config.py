@@ -74,6 +74,18 @@ class ConfigError(PipelineError, ValueError):
 
 
 @dataclass
+class MixSource:
+    """Another source mixed into the training examples (``data.mix``): a data option, with the
+    settings in which it differs, and how many of its training examples join, as a count
+    (``examples``) or as a fraction of the main source's training examples (``fraction``)."""
+
+    data: str = MISSING  # a data option: conf/data/<name>.yaml
+    overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. {path: other.jsonl, format: sharegpt}
+    examples: Optional[int] = None
+    fraction: Optional[float] = None
+
+
+@dataclass
 class DataConfig:
     """Where the examples come from and how they become token ids.
 
@@ -111,6 +123,9 @@ class DataConfig:
     # whitespace and punctuation ignored) also occurs in train are counted and reported
     # (run.json data_overlap); dedup=true removes those train examples.
     dedup: bool = False
+    # Reuse tokenized splits across runs with the same data, settings and tokenizer
+    # (paths.data_cache_dir): a sweep tokenizes once.
+    cache: bool = True
     system_prompt: Optional[str] = None
     template: str = "chat"  # chat: the tokenizer's chat template | plain: prompt + completion + eos
     max_length: int = 256
@@ -125,6 +140,10 @@ class DataConfig:
     max_examples: Optional[int] = None  # cap before splitting (debug, quick experiments)
     packing: bool = False  # padding-free batches (position ids restart per example)
     pack_length: int = 512  # packing: the token budget of one packed row (>= max_length)
+    # Other sources mixed into train (never into validation/test), e.g. some general chat data
+    # against forgetting: [{data: chatterbot_qa, fraction: 0.2}]. Each source's own training
+    # split is sampled (seeded), so its held-out examples stay unseen; counts land in run.json.
+    mix: List[MixSource] = field(default_factory=list)
     # The split's seed (and a tiny model's initialisation). Fixed rather than ${seed}: the runs
     # of a multirun over seeds then train on the same split and are evaluated on the same
     # examples, so they compare example by example and share one base measurement.
@@ -280,6 +299,8 @@ class PathsConfig:
     run_dir: str = MISSING
     # Base-model measurements shared by the runs of sweeps and multiruns (pipeline/base_cache.py).
     base_cache_dir: str = "${paths.cache_dir}/base_measurements"
+    # Tokenized splits shared alike (pipeline/data_cache.py; data.cache=false opts out).
+    data_cache_dir: str = "${paths.cache_dir}/tokenized"
 
 
 # --------------------------------------------------------------------------- distributed
@@ -673,6 +694,15 @@ def _check_data(data: DataConfig) -> List[str]:
     if data.template == "plain" and data.format == "messages":
         problems.append("data.format=messages needs data.template=chat (a chat template renders "
                         "the turns); use data.template=chat")
+    for i, source in enumerate(data.mix):
+        if (source.examples is None) == (source.fraction is None):
+            problems.append(f"data.mix[{i}] ({source.data}) needs examples (a count) or fraction (of the "
+                            "main training examples), one of them")
+        elif not (source.examples or 0) >= 0 or not (source.fraction or 0) >= 0:
+            problems.append(f"data.mix[{i}] ({source.data}): examples and fraction must be >= 0")
+        if not (CONF_DIR / "data" / f"{source.data}.yaml").exists():
+            options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+            problems.append(f"data.mix[{i}].data={source.data!r} is not a data option; available: {', '.join(options)}")
     path = data.path
     looks_local = path.startswith(("/", ".", "~")) or Path(path).suffix in LOCAL_SUFFIXES
     if looks_local and not Path(os.path.expanduser(path)).exists():

@@ -40,6 +40,7 @@ class Example:
 
     messages: List[Dict[str, str]]
     where: str
+    source: str = "main"  # data.mix's "<index>:<option>" for a mixed-in example
 
 
 @dataclass
@@ -334,9 +335,31 @@ def _held_out_sources(cfg: DataConfig) -> Dict[str, Tuple[str, Optional[str], st
     return sources
 
 
+def mixed_in(cfg: DataConfig, train: int) -> Dict[str, List[Example]]:
+    """``{source name: examples}`` that ``data.mix`` adds to a training split of ``train``
+    examples: a seeded sample of each source's own training split."""
+    from pipeline.config import load_option
+
+    added = {}
+    for i, source in enumerate(cfg.mix):
+        source_cfg = load_option("data", source.data, seed=cfg.seed, **dict(source.overrides))
+        if source_cfg.mix:
+            raise DataError(f"data.mix[{i}] ({source.data}) has a mix of its own; mixes do not nest")
+        _, _, parts = load_parts(source_cfg)
+        pool = parts["train"]
+        wanted = source.examples if source.examples is not None else int(round(source.fraction * train))
+        if wanted > len(pool):
+            log.warning("data.mix[%d] (%s): %d examples asked for, its training split has %d; taking all",
+                        i, source.data, wanted, len(pool))
+            wanted = len(pool)
+        picked = sorted(random.Random(cfg.seed + i).sample(range(len(pool)), wanted))
+        added[f"{i}:{source.data}"] = [pool[j] for j in picked]
+    return added
+
+
 def load_parts(cfg: DataConfig) -> Tuple[str, int, Dict[str, List[Example]]]:
     """``(format, records, {train, validation, test: examples})``: the source converted and split,
-    or kept as split when the user brought held-out sets."""
+    or kept as split when the user brought held-out sets; ``data.mix`` sources join train."""
     records, where = load_records(cfg, split=cfg.splits.get("train"))
     if len(records) == 0:
         raise DataError(f"data.path={cfg.path!r} holds no records")
@@ -350,7 +373,22 @@ def load_parts(cfg: DataConfig) -> Tuple[str, int, Dict[str, List[Example]]]:
         held_fmt = detect_format(cfg, list(held.column_names))
         given[name] = [Example(to_messages(r, held_fmt, cfg, held_where(i)), held_where(i))
                        for i, r in enumerate(held)]
-    return fmt, len(records), split_examples(examples, cfg, given)
+    parts = split_examples(examples, cfg, given)
+    for source, added in mixed_in(cfg, len(parts["train"])).items():
+        for ex in added:
+            ex.source = source
+        parts["train"] = parts["train"] + added
+    return fmt, len(records), parts
+
+
+def source_counts(parts: Dict[str, List[Example]]) -> Dict[str, Dict[str, int]]:
+    """Examples per source per split (``main`` is ``data.path``), before tokenization."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for name, examples in parts.items():
+        for ex in examples:
+            counts.setdefault(ex.source, {}).setdefault(name, 0)
+            counts[ex.source][name] += 1
+    return counts
 
 
 # --------------------------------------------------------------------------- leakage
@@ -389,6 +427,11 @@ def overlap(parts: Dict[str, List[Example]]) -> Dict[str, Any]:
                        "normalized": sum(k[1] in prompt_train for k in keys), "examples": len(keys)}
         involved.update(i for k in keys for i in prompt_train.get(k[1], []))
     found["train_examples"] = len(involved)
+    return found
+
+
+def warn_overlap(found: Dict[str, Any]) -> None:
+    """Logs the held-out sets' overlap with train (:func:`overlap`), when there is any."""
     for name in ("validation", "test"):
         if found[name]["normalized"]:
             log.warning("data: %d of %d %s examples also occur in train (%d exactly, the others with "
@@ -396,7 +439,6 @@ def overlap(parts: Dict[str, List[Example]]) -> Dict[str, Any]:
                         "recall, not generalisation: data.dedup=true removes the %d train examples",
                         found[name]["normalized"], found[name]["examples"], name, found[name]["exact"],
                         found["train_examples"])
-    return found
 
 
 def without_overlap(parts: Dict[str, List[Example]]) -> Tuple[List[Example], int]:
@@ -429,17 +471,34 @@ def _encode_split(examples: List[Example], tokenizer: Any, cfg: DataConfig, name
     return rows, counts
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any) -> Splits:
+def build_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Optional[str] = None) -> Splits:
     """Loads, converts, splits and tokenizes the data described by ``cfg``.
+
+    ``cache_dir``: reuse (and keep) the tokenized splits under a fingerprint of the data, its
+    settings and the tokenizer (:mod:`pipeline.data_cache`); ``stats["tokenization"]`` says
+    ``tokenized`` or ``cached``.
 
     Raises:
         DataError: for malformed records (naming file:line), empty splits or bad settings.
     """
     import datasets
 
+    key = None
+    if cache_dir:
+        from pipeline import data_cache
+
+        key = data_cache.fingerprint(cfg, tokenizer)
+        cached = data_cache.load(cache_dir, key)
+        if cached is not None:
+            log.info("data: tokenized splits reused from the cache (fingerprint %s)", key[:12])
+            cached.stats["tokenization"] = "cached"
+            warn_overlap(cached.stats["overlap"])
+            return cached
     fmt, records, parts = load_parts(cfg)
     stats: Dict[str, Any] = {"format": fmt, "records": records, "overlap": overlap(parts),
-                             "held_out": sorted(_held_out_sources(cfg))}
+                             "held_out": sorted(_held_out_sources(cfg)), "sources": source_counts(parts),
+                             "tokenization": "tokenized"}
+    warn_overlap(stats["overlap"])
     if cfg.dedup and stats["overlap"]["train_examples"]:
         parts["train"], removed = without_overlap(parts)
         stats["overlap"]["removed_from_train"] = removed
@@ -453,7 +512,10 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> Splits:
         out[name] = datasets.Dataset.from_list(rows) if rows else None
     if out["train"] is None:
         raise DataError("data: the train split is empty")
-    return Splits(train=out["train"], validation=out["validation"], test=out["test"], stats=stats)
+    splits = Splits(train=out["train"], validation=out["validation"], test=out["test"], stats=stats)
+    if key:
+        data_cache.store(cache_dir, key, splits)
+    return splits
 
 
 def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:

@@ -17,7 +17,7 @@ import statistics
 import sys
 from typing import Any, Dict, List
 
-from pipeline.data import IGNORE_INDEX, load_parts, overlap, render, tokenize
+from pipeline.data import IGNORE_INDEX, load_parts, overlap, render, source_counts, tokenize
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
@@ -85,6 +85,9 @@ def preview(cfg: Any, tokenizer: Any, examples: int, colour: bool) -> str:
     steps = -(-train["examples"] // batch) if batch else 0
     lines += ["", f"one epoch: {train['tokens']:,} tokens ({train['loss_tokens']:,} carry loss) in {steps} "
                   f"steps of {batch} examples; trainer.max_steps={cfg.trainer.max_steps}"]
+    lines.append("examples per source: " + "; ".join(
+        f"{source}: " + ", ".join(f"{split} {n}" for split, n in counts.items())
+        for source, counts in source_counts(parts).items()))
     found = overlap(parts)
     lines.append("held-out examples also in train (exact / same normalised prompt): " + ", ".join(
         f"{name} {found[name]['exact']} / {found[name]['normalized']} of {found[name]['examples']}"

@@ -57,8 +57,10 @@ def train(cfg: DictConfig) -> float:
         transformers.utils.logging.disable_progress_bar()
         transformers.set_seed(cfg.seed)
         tokenizer = models.load_tokenizer(folder, cfg.model)
-        splits = data.build_datasets(cfg.data, tokenizer)
-        run.update(data_overlap=splits.stats["overlap"])  # validation/test examples also in train
+        splits = data.build_datasets(cfg.data, tokenizer, cfg.paths.data_cache_dir if cfg.data.cache else None)
+        # Validation/test examples also in train; examples per source (data.mix) per split.
+        run.update(data_overlap=splits.stats["overlap"], data_sources=splits.stats["sources"],
+                   data_tokenization=splits.stats["tokenization"])
         zero3_init = distributed.zero3_init_context(cfg.distributed, cfg.trainer)  # noqa: F841 (held)
         model = models.load_model(folder, cfg.model, settings.quantization())
         model = settings.apply(model, architecture)

@@ -30,6 +30,7 @@ def compose_train(overrides: List[str], run_dir: Path) -> DictConfig:
         # what another measured; tests of the cache itself pass paths.base_cache_dir.
         cfg = compose("train", overrides=[f"paths.run_dir={run_dir}", f"paths.root_dir={ROOT}",
                                           f"paths.base_cache_dir={Path(run_dir).parent / 'base_cache'}",
+                                          f"paths.data_cache_dir={Path(run_dir).parent / 'data_cache'}",
                                           *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):

@@ -295,3 +295,70 @@ def test_three_files_are_kept_as_the_user_split_them(tokenizer, tmp_path):
         build_datasets(data_cfg(train, test_path=str(bad)), tokenizer)
     with pytest.raises(DataError, match=r"data.validation_path='.*nope.jsonl' does not exist"):
         build_datasets(data_cfg(train, validation_path=str(tmp_path / "nope.jsonl")), tokenizer)
+
+
+def test_a_mix_adds_a_seeded_share_of_another_sources_training_split(tokenizer, tmp_path):
+    task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"task {i}", "completion": f"t{i}"} for i in range(40)])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": "human", "value": f"chat {i}"},
+                                                                    {"from": "gpt", "value": f"c{i}"}]}
+                                                 for i in range(50)])
+    other = {"data": "my_jsonl", "overrides": {"path": str(chat), "validation_size": 5, "test_size": 5}}
+    cfg = data_cfg(task, validation_size=4, test_size=4, mix=[C.MixSource(**other, fraction=0.25)])
+    splits = build_datasets(cfg, tokenizer)
+    # 25% of the 32 task training examples, drawn from the chat source's 40 training examples.
+    assert splits.stats["sources"] == {"main": {"test": 4, "validation": 4, "train": 32},
+                                       "0:my_jsonl": {"train": 8}}
+    mixed = [r for r in splits.train["reference"] if r.startswith("c")]
+    assert len(splits.train) == 40 and len(mixed) == 8
+    assert all(r.startswith("t") for ds in (splits.validation, splits.test) for r in ds["reference"])
+    # Only the source's own training split is drawn from: its held-out examples stay unseen.
+    chat_cfg = C.load_option("data", "my_jsonl", seed=cfg.seed, path=str(chat), validation_size=5, test_size=5)
+    chat_held_out = set(build_datasets(chat_cfg, tokenizer).test["reference"]) | \
+        set(build_datasets(chat_cfg, tokenizer).validation["reference"])
+    assert not chat_held_out & set(mixed)
+    # Deterministic for a seed; a count works as well as a fraction; more than there is: all.
+    assert build_datasets(cfg, tokenizer).train["reference"] == splits.train["reference"]
+    counted = build_datasets(data_cfg(task, validation_size=4, test_size=4,
+                                      mix=[C.MixSource(**other, examples=500)]), tokenizer)
+    assert counted.stats["sources"]["0:my_jsonl"] == {"train": 40}
+
+
+def test_mix_settings_are_checked(tmp_path):
+    problems = C._check_data(data_cfg(tmp_path, mix=[C.MixSource(data="my_jsonl"),
+                                                     C.MixSource(data="nope", examples=3)]))
+    assert any("data.mix[0] (my_jsonl) needs examples (a count) or fraction" in p for p in problems)
+    assert any("data.mix[1].data='nope' is not a data option" in p for p in problems)
+
+
+def test_tokenized_splits_are_cached_by_what_they_depend_on(tokenizer, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q {i}", "completion": f"a {i}"} for i in range(30)])
+    cache = str(tmp_path / "cache")
+    cfg = data_cfg(path, validation_size=3, test_size=3)
+    first = build_datasets(cfg, tokenizer, cache)
+    with caplog.at_level("INFO"):
+        again = build_datasets(cfg, tokenizer, cache)
+    assert (first.stats["tokenization"], again.stats["tokenization"]) == ("tokenized", "cached")
+    assert "tokenized splits reused from the cache" in caplog.text
+    for name in ("train", "validation", "test"):
+        assert getattr(again, name).to_list() == getattr(first, name).to_list()
+    assert again.stats["overlap"] == first.stats["overlap"] and again.stats["sources"] == first.stats["sources"]
+    # Anything the rows depend on tokenizes again: a setting, the file's content, the template.
+    assert build_datasets(data_cfg(path, validation_size=3, test_size=3, system_prompt="Answer."),
+                          tokenizer, cache).stats["tokenization"] == "tokenized"
+    original = tokenizer.chat_template
+    tokenizer.chat_template = original.replace("<|im_start|>", "<|im_start|> ")
+    try:
+        assert build_datasets(cfg, tokenizer, cache).stats["tokenization"] == "tokenized"
+    finally:
+        tokenizer.chat_template = original
+    write_jsonl(path, [{"prompt": f"q {i}", "completion": f"b {i}"} for i in range(30)])
+    changed = build_datasets(cfg, tokenizer, cache)
+    assert changed.stats["tokenization"] == "tokenized" and changed.train[0]["reference"].startswith("b")
+    # A damaged entry is not trusted: a warning, then tokenized afresh.
+    from pipeline import data_cache
+
+    key = data_cache.fingerprint(cfg, tokenizer)
+    (tmp_path / "cache" / key / "stats.json").write_text("{")
+    with caplog.at_level("WARNING"):
+        assert build_datasets(cfg, tokenizer, cache).stats["tokenization"] == "tokenized"
+    assert "is unreadable" in caplog.text

@@ -321,10 +321,12 @@ def test_progress_line_counts_trials_and_names_the_best(tmp_path):
 
 def test_a_sweep_measures_its_base_once(tmp_path):
     name = "lora_rank_alpha_lr"
-    run_sweep(sweep_command(name, tmp_path, "sweep.n_trials=3", f"paths.base_cache_dir={tmp_path / 'cache'}"))
+    run_sweep(sweep_command(name, tmp_path, "sweep.n_trials=3", f"paths.base_cache_dir={tmp_path / 'cache'}",
+                            f"paths.data_cache_dir={tmp_path / 'tokenized'}"))
     folder = tmp_path / "sweeps" / name
     infos = [read_json(folder / f"trial_{n}" / "run.json") for n in range(3)]
     assert [i["base_measurement"] for i in infos] == ["measured", "cached", "cached"]
+    assert [i["data_tokenization"] for i in infos] == ["tokenized", "cached", "cached"]  # and tokenized once
     assert len({i["base_fingerprint"] for i in infos}) == 1
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
