@@ -108,9 +108,20 @@ def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[st
     import datasets
 
     source = path or cfg.path
+    named = split is not None  # a split the user named (data.splits): also a local folder's
     split = split or cfg.source_split
     where = f"{key}={source!r}"
     path = Path(source).expanduser()
+    if named and path.is_dir():
+        # A folder of train/validation/test files: datasets assigns files to splits by their names.
+        try:
+            ds = datasets.load_dataset(str(path), split=split)
+        except Exception as err:
+            bad = next((b for f in sorted(path.iterdir()) if f.suffix in (".jsonl", ".json")
+                        for b in [_first_bad_utf8_line(f) or _first_bad_json_line(f)] if b), None)
+            raise DataError(bad or f"{where}: no split {split!r} in the folder (files are assigned to "
+                                   f"splits by name, e.g. {split}.jsonl): {err}") from err
+        return ds, lambda i: f"{source}[{split}] record {i}"
     if path.exists():
         files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
         if not files:

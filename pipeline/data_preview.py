@@ -46,7 +46,7 @@ def split_summary(name: str, encoded: List[tuple], max_length: int, truncation: 
     lengths = [len(ids) for ids, _ in encoded]
     over = [n for n in lengths if n > max_length]
     kept = [(ids, labels) for ids, labels in encoded if len(ids) <= max_length or truncation == "truncate"]
-    return {"split": name, "examples": len(encoded),
+    return {"split": name, "examples": len(encoded), "kept": len(kept),
             "min": min(lengths, default=0), "median": int(statistics.median(lengths)) if lengths else 0,
             "p95": _percentile(lengths, 0.95) if lengths else 0, "max": max(lengths, default=0),
             "over_max_length": len(over),
@@ -82,9 +82,9 @@ def preview(cfg: Any, tokenizer: Any, examples: int, colour: bool) -> str:
                      f"{s['over_max_length']} | {s['tokens']:,} | {s['loss_tokens']:,} |")
     train = split_summary("train", encoded["train"], cfg.data.max_length, cfg.data.truncation)
     batch = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
-    steps = -(-train["examples"] // batch) if batch else 0
-    lines += ["", f"one epoch: {train['tokens']:,} tokens ({train['loss_tokens']:,} carry loss) in {steps} "
-                  f"steps of {batch} examples; trainer.max_steps={cfg.trainer.max_steps}"]
+    steps = -(-train["kept"] // batch) if batch else 0
+    lines += ["", f"one epoch: {train['kept']} examples, {train['tokens']:,} tokens ({train['loss_tokens']:,} carry "
+                  f"loss) in {steps} steps of {batch}; trainer.max_steps={cfg.trainer.max_steps}"]
     lines.append("examples per source: " + "; ".join(
         f"{source}: " + ", ".join(f"{split} {n}" for split, n in counts.items())
         for source, counts in source_counts(parts).items()))

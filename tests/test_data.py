@@ -362,3 +362,18 @@ def test_tokenized_splits_are_cached_by_what_they_depend_on(tokenizer, tmp_path,
     with caplog.at_level("WARNING"):
         assert build_datasets(cfg, tokenizer, cache).stats["tokenization"] == "tokenized"
     assert "is unreadable" in caplog.text
+
+
+def test_a_folder_of_named_split_files_keeps_its_splits(tokenizer, tmp_path):
+    # What data.splits does for a hub dataset, offline: datasets assigns a folder's files to
+    # splits by their names.
+    folder = tmp_path / "named"
+    folder.mkdir()
+    for name, n in (("train", 20), ("validation", 3), ("test", 4)):
+        write_jsonl(folder / f"{name}.jsonl", [{"prompt": f"{name} {i}", "completion": f"{name} {i}"} for i in range(n)])
+    splits = build_datasets(data_cfg(folder, validation_size=0.1, test_size=0.1,
+                                     splits={"train": "train", "validation": "validation", "test": "test"}), tokenizer)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (20, 3, 4)
+    assert splits.test["reference"] == [f"test {i}" for i in range(4)]
+    with pytest.raises(DataError, match=r"no split 'dev' in the folder"):
+        build_datasets(data_cfg(folder, splits={"train": "train", "test": "dev"}), tokenizer)
