@@ -105,7 +105,7 @@ def test_sigterm_saves_marks_interrupted_exits_143_and_resumes(tmp_path):
     assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM: preemption.exit_code's default
     assert "interrupted: SIGTERM received" in err and "Traceback" not in err
     info = read_json(run_dir / "run.json")
-    assert info["status"] == "interrupted" and info["signal"] == "SIGTERM"
+    assert info["status"] == "interrupted" and info["signal"] == "SIGTERM" and info["phase"] == "training"
     reached = max(train_steps(history(run_dir)))
     assert 1 <= reached < 10
     assert info["checkpoint"] == str(run_dir / "checkpoints" / f"checkpoint-{reached}")
