@@ -85,22 +85,31 @@ def write_folder(target: Path, write: Callable[[Path], None],
     ``accept_existing(target)``: when the rename fails because another process put a folder
     there first, whether that one will do (concurrent writers of one cache entry).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(target)
-    tmp.mkdir()
-    try:
-        write(tmp)
+    def move(tmp: Path, target: Path) -> Path:
         _sync_tree(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
             if not accept_existing(target):
                 raise
+        sync_folder(target.parent)
+        return target
+
+    return _through_temporary(Path(target), write, move)
+
+
+def _through_temporary(target: Path, write: Callable[[Path], None],
+                       finish: Callable[[Path, Path], Path]) -> Path:
+    """``write(tmp)`` into a fresh temporary sibling of ``target``, then ``finish(tmp, target)``;
+    the temporary folder is gone afterwards, whatever happened."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(target)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        return finish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    sync_folder(target.parent)
-    return target
 
 
 def commit_folder(tmp: Path, target: Path) -> Path:
@@ -122,12 +131,4 @@ def commit_folder(tmp: Path, target: Path) -> Path:
 def replace_folder(target: Path, write: Callable[[Path], None]) -> Path:
     """Writes ``target`` afresh through ``write(tmp)``; an old ``target`` is replaced only once
     the new one is complete (a failed write leaves the old one as it was)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(target)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        return commit_folder(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return _through_temporary(Path(target), write, commit_folder)
