@@ -29,8 +29,7 @@ def train(cfg: DictConfig) -> float:
         return _launch_workers(cfg, overrides)
     run = _run_folder(cfg)
     trial = None  # the Optuna trial when this job is one of a sweep (pipeline/sweep.py)
-    signals = training.RunSignals(list(cfg.preemption.signals), cfg.preemption.exit_code,
-                                  Path(cfg.paths.run_dir) / "checkpoints")
+    signals = training.RunSignals(list(cfg.preemption.signals), cfg.preemption.exit_code)
     try:
         run.start(cfg, overrides)  # recorded even when validation fails
         trial = sweep.start_trial(cfg, run)
@@ -39,8 +38,8 @@ def train(cfg: DictConfig) -> float:
         if cfg.resume != "never":
             run = _resume_target(cfg, run, overrides)
         resume_from = _resume_checkpoint(cfg, run)  # before any weights load: a bad one fails now
-        signals.checkpoints, signals.on_phase = run.path / "checkpoints", lambda phase: run.update(phase=phase)
-        signals.install()  # from here a preemption signal in any phase marks the run interrupted
+        # From here a preemption signal in any phase marks the run interrupted.
+        signals.install(run.path / "checkpoints", lambda phase: run.update(phase=phase))
         signals.enter("loading")
         run.update(precision=precision.apply(cfg.trainer).as_record())  # auto -> bf16 or fp32
         # data.seed, not seed: the base (a tiny model's initialisation) and the split stay fixed

@@ -397,19 +397,23 @@ class RunSignals:
     :class:`Preempted` is raised in the main thread with the phase and the newest complete
     checkpoint, so the run is marked ``interrupted`` and ``resume=auto`` continues from what
     was saved. While saving the results a signal waits: the run completes, then the process
-    exits as usual. A context manager: the previous handlers come back on exit.
+    exits as usual. :meth:`restore` puts the previous handlers back.
     """
 
-    def __init__(self, signals: List[str], exit_code: Optional[int], checkpoints: Path,
-                 on_phase: Optional[Callable[[str], None]] = None):
+    def __init__(self, signals: List[str], exit_code: Optional[int]):
         self.signals = list(signals)  # names: checked by validation before install()
-        self.exit_code, self.checkpoints, self.on_phase = exit_code, Path(checkpoints), on_phase
+        self.exit_code = exit_code
+        self.checkpoints: Optional[Path] = None
+        self.on_phase: Optional[Callable[[str], None]] = None
         self.phase, self.pending = "starting", None
         self.previous: Dict[int, Any] = {}
 
-    def install(self) -> "RunSignals":
+    def install(self, checkpoints: Path, on_phase: Optional[Callable[[str], None]] = None) -> "RunSignals":
+        """Takes over the signals for the run whose checkpoints are in ``checkpoints``;
+        ``on_phase(phase)`` records each phase."""
         import threading
 
+        self.checkpoints, self.on_phase = Path(checkpoints), on_phase
         if threading.current_thread() is threading.main_thread() and not self.previous:  # Python's rule
             self.previous = {signal.Signals[name]: signal.signal(signal.Signals[name], self._handle)
                              for name in self.signals}
@@ -424,12 +428,6 @@ class RunSignals:
             log.warning("%s received while saving: the results were written first",
                         signal.Signals(self.pending).name)
             self.pending = None
-
-    def __enter__(self) -> "RunSignals":
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.restore()
 
     def enter(self, phase: str) -> None:
         self.phase = phase
