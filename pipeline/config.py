@@ -102,8 +102,10 @@ class DataConfig:
     # max_validation_examples / max_test_examples): local files or folders ...
     validation_path: Optional[str] = None
     test_path: Optional[str] = None
-    # ... or, for a hub dataset, its named splits, e.g. {train: train, validation: validation, test: test}.
-    splits: Dict[str, str] = field(default_factory=dict)
+    # ... or, for a hub dataset (or a folder of train/validation/test files), its named splits,
+    # e.g. {train: train, validation: validation, test: test}. Typed Any: Hydra cannot add keys
+    # to a typed dict from the command line (data.splits='{...}'); _check_data validates it.
+    splits: Any = None
     revision: Optional[str] = None
     # Field names, so that datasets with other column names need no conversion.
     prompt_field: str = "prompt"
@@ -694,6 +696,10 @@ def _check_data(data: DataConfig) -> List[str]:
     if data.template == "plain" and data.format == "messages":
         problems.append("data.format=messages needs data.template=chat (a chat template renders "
                         "the turns); use data.template=chat")
+    if data.splits is not None and (not isinstance(data.splits, (dict, DictConfig)) or not all(
+            k in ("train", "validation", "test") and isinstance(v, str) for k, v in data.splits.items())):
+        problems.append(f"data.splits={data.splits!r} must map train/validation/test to source split "
+                        "names, e.g. data.splits='{train: train, validation: validation, test: test}'")
     for i, source in enumerate(data.mix):
         if (source.examples is None) == (source.fraction is None):
             problems.append(f"data.mix[{i}] ({source.data}) needs examples (a count) or fraction (of the "

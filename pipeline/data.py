@@ -123,7 +123,7 @@ def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[st
                                    f"splits by name, e.g. {split}.jsonl): {err}") from err
         return ds, lambda i: f"{source}[{split}] record {i}"
     if path.exists():
-        files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
+        files = source_files(path)
         if not files:
             raise DataError(f"{where}: the folder holds no {', '.join(LOADERS)} files")
         if files[0].suffix not in LOADERS:
@@ -153,6 +153,11 @@ def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[st
         raise DataError(f"{where} is not a local file and could not be loaded from the hub "
                         f"(split {split!r}): {err}") from err
     return ds, lambda i: f"{source}[{split}] record {i}"
+
+
+def source_files(path: Path) -> List[Path]:
+    """The files a local source reads: a file itself, or a folder's data files (by suffix)."""
+    return sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
 
 
 def detect_format(cfg: DataConfig, columns: List[str]) -> str:
@@ -209,7 +214,7 @@ def _sharegpt(record: Dict[str, Any], cfg: DataConfig, where: str) -> List[Dict[
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in roles:
             raise DataError(f"{where}: {key}[{n}] must be {{'from': {'|'.join(roles)}, 'value': str}}, "
-                            f"got {turn!r:.120}; map other speakers with data.sharegpt_roles")
+                            f"got {turn!r:.120}; map another speaker with +data.sharegpt_roles.<speaker>=user|assistant|system")
         converted.append({"role": roles[turn["from"]], "content": turn["value"]})
     return _messages({key: converted}, key, where)
 
@@ -335,13 +340,13 @@ def split_examples(examples: List[Example], cfg: DataConfig,
     return parts
 
 
-def _held_out_sources(cfg: DataConfig) -> Dict[str, Tuple[str, Optional[str], str]]:
+def held_out_sources(cfg: DataConfig) -> Dict[str, Tuple[str, Optional[str], str]]:
     """Held-out sets the user brought: ``{split: (path, hub split, config key)}``."""
     sources = {}
     for name in ("validation", "test"):
         if getattr(cfg, f"{name}_path"):
             sources[name] = (getattr(cfg, f"{name}_path"), None, f"data.{name}_path")
-        elif name in cfg.splits:
+        elif name in (cfg.splits or {}):
             sources[name] = (cfg.path, cfg.splits[name], f"data.splits.{name}")
     return sources
 
@@ -368,28 +373,29 @@ def mixed_in(cfg: DataConfig, train: int) -> Dict[str, List[Example]]:
     return added
 
 
+def _read_examples(cfg: DataConfig, path: Optional[str] = None, split: Optional[str] = None,
+                   key: str = "data.path") -> Tuple[str, List[Example]]:
+    """``(format, examples)`` of one source (:func:`load_records`' arguments), every record
+    converted to messages."""
+    records, where = load_records(cfg, path, split, key)
+    if len(records) == 0:
+        raise DataError(f"{key}={path or cfg.path!r} holds no records")
+    fmt = detect_format(cfg, list(records.column_names))
+    return fmt, [Example(to_messages(r, fmt, cfg, where(i)), where(i)) for i, r in enumerate(records)]
+
+
 def load_parts(cfg: DataConfig) -> Tuple[str, int, Dict[str, List[Example]]]:
     """``(format, records, {train, validation, test: examples})``: the source converted and split,
     or kept as split when the user brought held-out sets; ``data.mix`` sources join train."""
-    records, where = load_records(cfg, split=cfg.splits.get("train"))
-    if len(records) == 0:
-        raise DataError(f"data.path={cfg.path!r} holds no records")
-    fmt = detect_format(cfg, list(records.column_names))
-    examples = [Example(to_messages(r, fmt, cfg, where(i)), where(i)) for i, r in enumerate(records)]
-    given = {}
-    for name, (path, split, key) in _held_out_sources(cfg).items():
-        held, held_where = load_records(cfg, path, split, key)
-        if len(held) == 0:
-            raise DataError(f"{key}={path!r} holds no records")
-        held_fmt = detect_format(cfg, list(held.column_names))
-        given[name] = [Example(to_messages(r, held_fmt, cfg, held_where(i)), held_where(i))
-                       for i, r in enumerate(held)]
+    fmt, examples = _read_examples(cfg, split=(cfg.splits or {}).get("train"))
+    given = {name: _read_examples(cfg, path, split, key)[1]
+             for name, (path, split, key) in held_out_sources(cfg).items()}
     parts = split_examples(examples, cfg, given)
     for source, added in mixed_in(cfg, len(parts["train"])).items():
         for ex in added:
             ex.source = source
         parts["train"] = parts["train"] + added
-    return fmt, len(records), parts
+    return fmt, len(examples), parts
 
 
 def source_counts(parts: Dict[str, List[Example]]) -> Dict[str, Dict[str, int]]:
@@ -507,13 +513,13 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Optional[str] = N
             return cached
     fmt, records, parts = load_parts(cfg)
     stats: Dict[str, Any] = {"format": fmt, "records": records, "overlap": overlap(parts),
-                             "held_out": sorted(_held_out_sources(cfg)), "sources": source_counts(parts),
-                             "tokenization": "tokenized"}
+                             "held_out": sorted(held_out_sources(cfg)), "tokenization": "tokenized"}
     warn_overlap(stats["overlap"])
     if cfg.dedup and stats["overlap"]["train_examples"]:
         parts["train"], removed = without_overlap(parts)
         stats["overlap"]["removed_from_train"] = removed
         log.info("data.dedup: removed %d train examples that also occur in validation/test", removed)
+    stats["sources"] = source_counts(parts)  # after dedup: the examples that go on to tokenization
     out = {}
     for name, part in parts.items():
         rows, counts = _encode_split(part, tokenizer, cfg, name)

@@ -25,12 +25,10 @@ SPLITS = ("train", "validation", "test")
 
 
 def _files(path: str) -> List[Path]:
-    from pipeline.data import LOADERS
+    from pipeline.data import source_files
 
     local = Path(path).expanduser()
-    if local.is_dir():
-        return sorted(p for p in local.iterdir() if p.suffix in LOADERS)
-    return [local] if local.exists() else []
+    return source_files(local) if local.exists() else []
 
 
 def _content(path: Optional[str]) -> Any:

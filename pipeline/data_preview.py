@@ -17,7 +17,7 @@ import statistics
 import sys
 from typing import Any, Dict, List
 
-from pipeline.data import IGNORE_INDEX, load_parts, overlap, render, source_counts, tokenize
+from pipeline.data import IGNORE_INDEX, held_out_sources, load_parts, overlap, render, source_counts, tokenize
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
@@ -57,8 +57,8 @@ def split_summary(name: str, encoded: List[tuple], max_length: int, truncation: 
 def preview(cfg: Any, tokenizer: Any, examples: int, colour: bool) -> str:
     """The preview as text (see the module docstring)."""
     fmt, records, parts = load_parts(cfg.data)
-    given = [f"{name} from {cfg.data[name + '_path'] or 'split ' + cfg.data.splits[name]}"
-             for name in ("validation", "test") if cfg.data[name + "_path"] or name in cfg.data.splits]
+    given = [f"{name} from {path if split is None else 'split ' + split}"
+             for name, (path, split, _) in held_out_sources(cfg.data).items()]
     lines = [f"data={cfg.data.name}: {cfg.data.path} ({records} records{', ' if given else ''}{', '.join(given)}; "
              f"format {fmt}, template "
              f"{cfg.data.template}, train_on={cfg.data.train_on}, tokenizer of model={cfg.model.name})", ""]
@@ -100,6 +100,7 @@ def main(argv: List[str]) -> int:
 
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import ConfigCompositionException
     from omegaconf import open_dict
 
     from pipeline import config as C
@@ -120,7 +121,7 @@ def main(argv: List[str]) -> int:
         folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
         tokenizer = models.load_tokenizer(folder, cfg.model)
         sys.stdout.write(preview(cfg, tokenizer, args.examples, sys.stdout.isatty()))
-    except C.PipelineError as err:
+    except (C.PipelineError, ConfigCompositionException) as err:  # a bad override: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

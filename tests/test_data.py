@@ -236,6 +236,7 @@ def test_overlap_between_train_and_held_out_is_counted_and_dedup_removes_it(toke
     removed = deduped.stats["overlap"]["removed_from_train"]
     assert removed == found["train_examples"] >= 1
     assert len(deduped.train) == len(splits.train) - removed
+    assert deduped.stats["sources"]["main"]["train"] == len(deduped.train)  # counted after dedup
     held_out = {p for ds in (deduped.validation, deduped.test) for p in ds["prompt"]}
     assert not held_out & set(deduped.train["prompt"])  # nothing held out is trained on
 
@@ -377,3 +378,22 @@ def test_a_folder_of_named_split_files_keeps_its_splits(tokenizer, tmp_path):
     assert splits.test["reference"] == [f"test {i}" for i in range(4)]
     with pytest.raises(DataError, match=r"no split 'dev' in the folder"):
         build_datasets(data_cfg(folder, splits={"train": "train", "test": "dev"}), tokenizer)
+    # As a user writes it on the command line (a typed dict would refuse the new keys).
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def preview(*overrides):
+        return subprocess.run([sys.executable, "-m", "pipeline.data", "--examples", "0", "model=tiny_llama",
+                               "data=my_jsonl", f"data.path={folder}", *overrides],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    done = preview("data.splits={train: train, validation: validation, test: test}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "validation from split validation, test from split test" in done.stdout
+    assert "| test | 4 |" in done.stdout and "| validation | 3 |" in done.stdout
+    bad = preview("data.splits={train: train, dev: dev}")
+    assert bad.returncode == 1 and "data.splits=" in bad.stderr and "must map train/validation/test" in bad.stderr
+    typo = preview("data.split=x")
+    assert typo.returncode == 1 and typo.stderr.startswith("error:") and "Traceback" not in typo.stderr
