@@ -15,8 +15,8 @@ Per case, in this order and each in a fresh process: the pipeline (first run: it
 base), the pipeline again with the same command (the base measurement comes from the cache) and
 the script. The script is what a user would write with Trainer + PEFT alone: it takes the
 pipeline's tokenized splits and evaluation sets (so the examples are the same), measures the
-base (loss on the validation and test sets, generation on the same prompts with the same greedy
-decoding), trains the same steps with the same batch and schedule, then measures the tuned
+base (loss on the validation and test sets in the precision the pipeline picks, generation on the
+same prompts with the same greedy decoding), trains the same steps with the same batch and schedule, then measures the tuned
 model alike. Wall time is the whole process, imports included; the training share is the
 Trainer's ``train_runtime`` over the wall time. The last line is a JSON summary.
 """
@@ -91,7 +91,7 @@ def script(out: Path, overrides: list) -> None:
     from omegaconf import OmegaConf
 
     from pipeline import data, evaluation, metrics as M, model as models
-    from pipeline.precision import resolve
+    from pipeline.precision import resolve, resolve_loss
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"paths.root_dir={ROOT}"])
@@ -113,12 +113,14 @@ def script(out: Path, overrides: list) -> None:
                                              lora_dropout=cfg.adapter.lora_dropout, task_type="CAUSAL_LM"))
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
 
+    loss_bf16 = resolve_loss(cfg.evaluation.loss_precision).precision == "bf16"  # as the pipeline
+
     def measure() -> dict:
         result = {}
         model.eval()
         for name, ds in evaluator.loss_sets.items():
             nll = tokens = 0
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(model.device.type, torch.bfloat16, enabled=loss_bf16):
                 for i in range(0, len(ds), cfg.trainer.per_device_eval_batch_size):
                     rows = ds[i:i + cfg.trainer.per_device_eval_batch_size]
                     batch = pad([{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"])])

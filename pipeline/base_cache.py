@@ -11,8 +11,8 @@ under the model cache, keyed by a fingerprint of everything it depends on:
 - the tokenizer (its files are in the model folder) and the exact evaluation examples: every
   loss set's token ids and labels (so the template and ``max_length`` are in), every generation
   set's prompts and references;
-- decoding (its seed only when it samples), metric settings and the evaluation batch size
-  (batched generation pads);
+- decoding (its seed only when it samples), metric settings, the evaluation batch size
+  (batched generation pads) and the precision of the losses (``evaluation.loss_precision``);
 - the versions of torch, transformers, peft and bitsandbytes.
 
 A run that finds its fingerprint reuses the measurement; ``evaluation.cache_base=false`` opts
@@ -81,7 +81,8 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
         "examples": _examples(evaluator),
         "decoding": decoding, "metrics": list(evaluation.metrics),
         "labels": list(evaluation.labels) if evaluation.labels else None,
-        "batch_size": evaluation.batch_size, "packages": package_versions(PACKAGES),
+        "batch_size": evaluation.batch_size, "loss_precision": evaluator.loss_precision.precision,
+        "packages": package_versions(PACKAGES),
     })
 
 

@@ -261,6 +261,10 @@ class EvaluationConfig:
     extra_datasets: List[str] = field(default_factory=list)  # data options, evaluated on their test split
     max_examples: Optional[int] = 100  # per set
     batch_size: int = 16
+    # Loss and perplexity under bf16 autocast (auto: where the hardware multiplies bf16
+    # natively; about 3x faster on an AVX512-bf16 CPU, losses moved by up to ~0.5%) or fp32.
+    # Generation always runs in the model's own dtype. The choice is in run.json.
+    loss_precision: str = "auto"  # auto | fp32 | bf16
     metrics: List[str] = field(default_factory=list)
     labels: Optional[List[str]] = None  # classification: the label set outputs are parsed into
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -799,6 +803,8 @@ def _check_evaluation(cfg: DictConfig) -> List[str]:
                         "e.g. evaluation.labels=[positive,negative]")
     if ev.max_examples is not None and ev.max_examples <= 0:
         problems.append(f"evaluation.max_examples={ev.max_examples} must be > 0 or null")
+    if ev.loss_precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"evaluation.loss_precision={ev.loss_precision!r}: use auto, fp32 or bf16")
     if ev.batch_size <= 0 or ev.decoding.max_new_tokens <= 0:
         problems.append("evaluation.batch_size and evaluation.decoding.max_new_tokens must be > 0")
     if ev.during_training and not (cfg.trainer.eval_steps and cfg.data.validation_size > 0

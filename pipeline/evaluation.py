@@ -194,14 +194,15 @@ def _keeps_logits(model: Any) -> bool:
 
 
 def evaluate_loss(model: Any, dataset: Optional[Any], collate: Callable, batch_size: int,
-                  name: str, label: str = "") -> Dict[str, float]:
+                  name: str, label: str = "", bf16: bool = False) -> Dict[str, float]:
     """Token-weighted mean loss and perplexity on the completion tokens of ``dataset``.
 
     Computed here rather than by ``Trainer.evaluate``, whose loss is a mean of per-batch means
     and so changes with the batch size; this one is exp(total NLL / total completion tokens)
     whatever the batching. That also lets the batches group examples of similar length (the
     sum does not depend on the order), so a batch pads little, or nothing with the packing
-    collator.
+    collator. ``bf16``: under bf16 autocast (``evaluation.loss_precision``); the cross-entropy
+    itself is taken in fp32.
     """
     import torch
     import torch.nn.functional as F
@@ -219,7 +220,7 @@ def evaluate_loss(model: Any, dataset: Optional[Any], collate: Callable, batch_s
         # caches lazily during this forward (rotary tables, 4-bit quant state) would be an
         # inference tensor that autograd then refuses to save.
         with Progress(len(order), f"{label} {name} loss".strip(), "examples") as progress, \
-                torch.no_grad():
+                torch.no_grad(), torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 batch = collate([{"input_ids": ids[i], "labels": labels_all[i]} for i in chunk])
@@ -260,11 +261,14 @@ def _without_training_autocast(model: Any) -> Iterator[None]:
 
 
 class Evaluator:
-    """Measures a model on the configured sets: losses through the Trainer, generations directly."""
+    """Measures a model on the configured sets: losses and generations."""
 
     def __init__(self, cfg: EvaluationConfig, loss_sets: Dict[str, Any], sets: List[EvalSet],
                  tokenizer: Any, slice_for_training: Optional[EvalSet] = None):
+        from pipeline import precision
+
         self.cfg, self.loss_sets, self.sets, self.tokenizer = cfg, loss_sets, sets, tokenizer
+        self.loss_precision = precision.resolve_loss(cfg.loss_precision)
         self.slice_for_training = slice_for_training
 
     @classmethod
@@ -298,21 +302,24 @@ class Evaluator:
 
         ``label`` (``base``, ``tuned``) names the model in progress lines.
 
-        Both models are measured as they are saved and served: in their own dtype, without the
+        Both models generate as they are saved and served: in their own dtype, without the
         autocast a bf16/fp16 run trains under (bf16 greedy decoding of a small model can differ
         a lot: measured on the default model, tuned BLEU 4.0 under bf16 autocast against 17.6
         in float32, the same weights). Once trained, accelerate leaves the model's forward under
         autocast; that patch is undone while measuring, so base and tuned match in precision.
+        Losses, means over every completion token, are taken in ``evaluation.loss_precision``
+        (bf16 autocast where it is native), the same for both models.
 
         The eval/test losses are also logged through the trainer (step 0 for the base model),
         so the loss curves in the run folder and W&B start from the base model.
         """
         metrics: Dict[str, float] = {}
         model = trainer.model
+        bf16 = self.loss_precision.precision == "bf16"
         with _without_training_autocast(model):
             for name, dataset in self.loss_sets.items():
                 metrics.update(evaluate_loss(model, dataset, trainer.data_collator,
-                                             trainer.args.per_device_eval_batch_size, name, label))
+                                             trainer.args.per_device_eval_batch_size, name, label, bf16))
             predictions = predict(model, self.tokenizer, self.sets, self.cfg, label)
         self.log_losses(trainer, metrics)
         corpus, per_example = score(self.sets, predictions, self.cfg)
@@ -326,8 +333,9 @@ class Evaluator:
         counts = {f"data/{name}_loss_examples": len(ds) for name, ds in self.loss_sets.items()}
         if self.cfg.metrics:
             counts.update({f"data/{s.name}_generation_examples": len(s.prompts) for s in self.sets})
-        log.info("evaluation per model: loss on %s; generation on %s (evaluation.max_examples=%s)",
+        log.info("evaluation per model: loss on %s (%s: %s); generation on %s (evaluation.max_examples=%s)",
                  ", ".join(f"{n} {len(ds)}" for n, ds in self.loss_sets.items()) or "nothing",
+                 self.loss_precision.precision, self.loss_precision.reason,
                  ", ".join(f"{s.name} {len(s.prompts)}" for s in self.sets) if self.cfg.metrics else "nothing",
                  self.cfg.max_examples)
         return counts

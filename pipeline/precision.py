@@ -16,6 +16,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSS_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,26 @@ def resolve(requested: str) -> Choice:
                                       "many times slower: fp32")
     return Choice("auto", "fp32", f"{device} lacks native bf16: fp32 (trainer.precision=fp16 for "
                                   "mixed precision with loss scaling)")
+
+
+def resolve_loss(requested: str) -> Choice:
+    """``evaluation.loss_precision``: how evaluation losses are computed (generation always runs
+    in the model's own dtype, see ``pipeline.evaluation.Evaluator.measure``).
+
+    ``auto`` picks bf16 autocast where the hardware multiplies bf16 natively, whatever the run
+    trains in, so that runs on one machine are measured alike. A loss is a mean over every
+    completion token; bf16 moved it by 0.06% to 0.55% relative on the default model
+    (``benchmarks/eval_loss.py``), at a third of fp32's time on an AVX512-bf16 CPU. The report
+    warns when the runs it compares were measured in different precisions.
+    """
+    if requested not in LOSS_PRECISIONS:
+        raise ValueError(f"evaluation.loss_precision={requested!r}: use one of {', '.join(LOSS_PRECISIONS)}")
+    if requested != "auto":
+        return Choice(requested, requested, f"evaluation.loss_precision={requested} was set")
+    native, device = native_bf16()
+    if native:
+        return Choice("auto", "bf16", f"{device} multiplies bf16 natively: bf16 autocast")
+    return Choice("auto", "fp32", f"{device} lacks native bf16: fp32")
 
 
 def compute_dtype(requested: str) -> str:

@@ -54,6 +54,7 @@ class Run:
     error: Optional[str] = None
     config: Dict[str, Any] = field(default_factory=dict)  # dotted keys: {"adapter.r": 8, ...}
     path: Optional[Path] = None  # the run folder (None for a run read from W&B)
+    loss_precision: Optional[str] = None  # what evaluation.loss_precision resolved to (run.json)
 
 
 # --------------------------------------------------------------------------- collecting
@@ -80,7 +81,8 @@ def _read_run(run_dir: Path, folder: Path) -> Run:
     return Run(name=str(run_dir.relative_to(folder)), method=str(method),
                seed=config.get("seed", info.get("seed")), data=str(config.get("data.name", "?")),
                status=info.get("status", "unknown"), metrics=_read_json(run_dir / "metrics.json"),
-               history=history, error=info.get("error"), config=config, path=run_dir)
+               history=history, error=info.get("error"), config=config, path=run_dir,
+               loss_precision=(info.get("loss_precision") or {}).get("resolved"))
 
 
 def runs_from_folder(folder: Path) -> List[Run]:
@@ -272,6 +274,22 @@ def pareto_lines(table: Dict[str, Dict[str, Any]], metric: str, costs: List[str]
     return lines + (["", "![Pareto front](pareto.png)"] if front else [])
 
 
+def precision_lines(runs: List[Run]) -> List[str]:
+    """A warning when the compared runs measured their losses in different precisions
+    (``evaluation.loss_precision=auto`` follows each machine: bf16 where it is native)."""
+    counts: Dict[str, int] = {}
+    for run in runs:
+        if run.status == "success" and run.loss_precision:
+            counts[run.loss_precision] = counts.get(run.loss_precision, 0) + 1
+    if len(counts) < 2:
+        return []
+    found = ", ".join(f"{p} in {n} run(s)" for p, n in sorted(counts.items()))
+    return ["", "## Measured differently", "",
+            f"- Losses were measured in {found}: bf16 moves a loss by up to about 0.5% "
+            "(benchmarks/eval_loss.py), so loss differences between these runs include that. "
+            "For runs on mixed machines, set `evaluation.loss_precision=fp32` for all."]
+
+
 def not_compared_lines(runs: List[Run]) -> List[str]:
     others = [r for r in runs if r.status != "success"]
     lines = ["", "## Runs not compared", ""]
@@ -369,6 +387,7 @@ def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignor
     lines += retention_lines(retention)
     if notes:
         lines += ["", "## Differences within the spread", ""] + [f"- {n}" for n in notes]
+    lines += precision_lines(runs)
     lines += not_compared_lines(runs)
     write_csv(table, configurations.varied, out / "report.csv")
     images = plots.plot(configurations.groups, table, metric, pareto, out)

@@ -68,6 +68,7 @@ def train(cfg: DictConfig) -> float:
         evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
                                                plain_template=cfg.data.template == "plain")
         summary.update(evaluator.counts())
+        run.update(loss_precision=evaluator.loss_precision.as_record())
         main = distributed.is_main_process()
         base_source = _BaseMeasurement.find(cfg, run, folder, settings.quantization(), evaluator)
         wandb_run = tracking.start_wandb(cfg, run) if main else None

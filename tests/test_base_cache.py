@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import base_cache, data, evaluation, model as models
+from pipeline import base_cache, data, evaluation, model as models, precision
 from tests.conftest import compose_train, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "logger=none"]
@@ -39,6 +39,7 @@ def copied_model(tiny_folder, tmp_path_factory) -> Path:
 
 def test_every_input_changes_the_fingerprint(tmp_path, copied_model) -> None:
     base = _key(tmp_path, [], str(copied_model))
+    other_precision = "fp32" if precision.resolve_loss("auto").precision == "bf16" else "bf16"
     assert base == _key(tmp_path, [], str(copied_model))  # deterministic
     assert base == _key(tmp_path, ["seed=7"], str(copied_model))  # greedy decoding: seed-free
     assert base == _key(tmp_path, ["trainer.precision=bf16"], str(copied_model))  # measured without autocast
@@ -52,6 +53,7 @@ def test_every_input_changes_the_fingerprint(tmp_path, copied_model) -> None:
         "metrics": _key(tmp_path, ["evaluation.metrics=[bleu]"], str(copied_model)),
         "labels": _key(tmp_path, ["evaluation=classification", "evaluation.labels=[yes,no]"], str(copied_model)),
         "batch size": _key(tmp_path, ["evaluation.batch_size=3"], str(copied_model)),
+        "loss precision": _key(tmp_path, [f"evaluation.loss_precision={other_precision}"], str(copied_model)),
         "model dtype": _key(tmp_path, ["model.dtype=bfloat16"], str(copied_model)),
         "quantization": _key(tmp_path, [], str(copied_model), {"bits": 4, "quant_type": "nf4"}),
         "another base": _key(tmp_path, []),  # the same weights in another folder

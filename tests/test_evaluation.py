@@ -180,6 +180,32 @@ def test_loss_is_token_weighted_and_independent_of_batch_size(tiny_model, tokeni
     assert losses[0]["test/perplexity"] == pytest.approx(2.718281828 ** losses[0]["test/loss"])
 
 
+def test_loss_under_bf16_autocast_is_close_to_fp32(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """evaluation.loss_precision=bf16 runs the forward under autocast; the loss stays close."""
+    import torch
+
+    from pipeline.data import build_datasets, collator
+    from tests.test_data import data_cfg
+
+    records = [{"prompt": "question " * n, "completion": "an answer of some words " * n} for n in (1, 4, 9, 2)]
+    rows = build_datasets(data_cfg(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer).train
+    autocast = []
+    real_forward = tiny_model.forward
+
+    def spy(*args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", spy)
+    exact = evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 2, "test")
+    assert autocast and not any(autocast)
+    autocast.clear()
+    cheap = evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 2, "test", bf16=True)
+    assert autocast and all(autocast)
+    assert cheap["test/loss"] != exact["test/loss"]  # it did run in another precision
+    assert cheap["test/loss"] == pytest.approx(exact["test/loss"], rel=1e-2)
+
+
 def test_loss_through_logits_to_keep_equals_the_full_logits(tiny_model, tokenizer, tmp_path, monkeypatch):
     """Only completion positions go through the output layer; the loss must not change."""
     from pipeline.data import build_datasets, collator

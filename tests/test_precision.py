@@ -74,18 +74,37 @@ def test_auto_is_the_default_and_a_bad_value_is_refused(tmp_path) -> None:
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_a_run_records_and_trains_in_the_choice(cpu_kind, monkeypatch, tmp_path, native, expected) -> None:
-    from pipeline import training
+    from pipeline import evaluation, training
 
     cpu_kind(native)
-    seen = []
-    real = training.training_arguments
+    seen, losses = [], []
+    real, real_loss = training.training_arguments, evaluation.evaluate_loss
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
+    def loss_spy(*args):
+        losses.append(args[-1])  # bf16: whether the losses ran under bf16 autocast
+        return real_loss(*args)
+
     monkeypatch.setattr(training, "training_arguments", spy)
-    run_train([*FAST, "trainer.max_steps=2"], tmp_path / "run")
-    record = read_json(tmp_path / "run" / "run.json")["precision"]
+    monkeypatch.setattr(evaluation, "evaluate_loss", loss_spy)
+    run_train([*FAST, "trainer.max_steps=2", f"paths.base_cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    info = read_json(tmp_path / "run" / "run.json")
+    record = info["precision"]
     assert record["requested"] == "auto" and record["resolved"] == expected and record["reason"]
     assert seen and all(args.bf16 == (expected == "bf16") and not args.fp16 for args in seen)
+    # Losses (base and tuned alike) follow evaluation.loss_precision=auto: bf16 where native.
+    assert info["loss_precision"]["resolved"] == expected and info["loss_precision"]["reason"]
+    assert len(losses) == 4 and set(losses) == {expected == "bf16"}  # eval and test, base and tuned
+
+
+@pytest.mark.parametrize("requested", ["fp32", "bf16"])
+def test_loss_precision_can_be_set_either_way(cpu_kind, requested) -> None:
+    for native in (True, False):
+        cpu_kind(native)
+        choice = precision.resolve_loss(requested)
+        assert choice.precision == requested and "was set" in choice.reason
+    with pytest.raises(ValueError, match="evaluation.loss_precision='fp16'"):
+        precision.resolve_loss("fp16")

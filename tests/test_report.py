@@ -74,6 +74,21 @@ def test_report_table_values_plots_and_runs_not_compared(multirun):
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
 
 
+def test_report_warns_when_runs_measured_losses_in_different_precisions(multirun):
+    runs = sorted(p for p in multirun.iterdir() if (p / "metrics.json").exists())
+    for run, resolved in zip(runs, ["bf16", "fp32", "bf16", "bf16"]):
+        info = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**info, "loss_precision": {"resolved": resolved}}))
+    report.write_report(report.runs_from_folder(multirun), multirun / "report")
+    md = (multirun / "report" / "report.md").read_text()
+    assert "## Measured differently" in md
+    assert "bf16 in 3 run(s), fp32 in 1 run(s)" in md and "evaluation.loss_precision=fp32" in md
+    (runs[1] / "run.json").write_text(json.dumps({"status": "success", "seed": 2,
+                                                  "loss_precision": {"resolved": "bf16"}}))
+    report.write_report(report.runs_from_folder(multirun), multirun / "report")
+    assert "Measured differently" not in (multirun / "report" / "report.md").read_text()
+
+
 def test_report_is_logged_as_a_wandb_run_of_job_type_report(multirun):
     import subprocess
 
