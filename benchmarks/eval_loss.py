@@ -34,7 +34,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pipeline import data, evaluation, model as models
+    from pipeline import data, evaluation, model as models, packing
     from pipeline.precision import cpu_kind
     from whole_run import case_overrides, classification_file
 
@@ -52,7 +52,7 @@ def main() -> None:
         tokenizer = models.load_tokenizer(folder, cfg.model)
         splits = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer)
         model = models.load_model(folder, cfg.model)
-        collate = data.collator(tokenizer, False)
+        collate = packing.collator(tokenizer, False)
         batch = cfg.trainer.per_device_eval_batch_size
         sets = {"eval": splits.validation, "test": splits.test}
         for name, ds in sets.items():

@@ -79,7 +79,7 @@ def peaks(shape, seconds: float) -> Dict[str, float]:
 
 def load(args: argparse.Namespace):
     """The model with LoRA, its tokenizer, and ``steps`` padded batches of the default data."""
-    from pipeline import config as C, data, model as models
+    from pipeline import config as C, data, model as models, packing
     from pipeline.adapters.lora import LoraSettings
 
     cache_dir = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
@@ -90,7 +90,7 @@ def load(args: argparse.Namespace):
     model = LoraSettings(r=16, lora_alpha=32, lora_dropout=0.05).apply(model, None)
     data_cfg = C.load_option("data", "django_en_fr", seed=args.seed, validation_size=0, test_size=0)
     train = data.build_datasets(data_cfg, tokenizer).train
-    collate = data.collator(tokenizer, packing=False)
+    collate = packing.collator(tokenizer, packing=False)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train]
     batches = [collate(rows[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps)]
     return model, batches

@@ -18,7 +18,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["lora", "qlora", "dora", "ia3", "bottleneck", "full"]
+
+
+def trained_methods() -> list:
+    """Every registered method that trains (``none`` does not)."""
+    from pipeline.adapters import ADAPTERS
+
+    return [name for name, settings in sorted(ADAPTERS.items()) if settings.trains]
 
 
 def run(method: str, steps: int, overrides: list, out: Path) -> dict:
@@ -37,7 +43,7 @@ def run(method: str, steps: int, overrides: list, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(trained_methods()))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -63,7 +63,7 @@ def main() -> None:
 
     import torch
 
-    from pipeline import config as C, data, model as models
+    from pipeline import config as C, model as models, packing
     from pipeline.adapters.lora import LoraSettings
 
     torch.manual_seed(args.seed)
@@ -77,8 +77,8 @@ def main() -> None:
     padded_model = LoraSettings(r=16, lora_alpha=32, lora_dropout=0.0).apply(base, None).train()
     packed_model = copy.deepcopy(padded_model)
     modes = {
-        "padded": (padded_model, data.collator(tokenizer, packing=False)),
-        "packed": (packed_model, data.collator(tokenizer, packing=True, pack_length=args.pack_length)),
+        "padded": (padded_model, packing.collator(tokenizer, packing=False)),
+        "packed": (packed_model, packing.collator(tokenizer, packing=True, pack_length=args.pack_length)),
     }
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for name, (m, _) in modes.items()}
@@ -96,7 +96,7 @@ def main() -> None:
                 continue
             s = stats[name]
             s["time"] += took
-            s["real"] += data.real_tokens(batch)
+            s["real"] += packing.real_tokens(batch)
             s["slots"] += batch["input_ids"].numel()
             s["losses"].append(loss)
         if i:

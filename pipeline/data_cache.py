@@ -25,7 +25,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def _files(path: str) -> List[Path]:
-    from pipeline.data import source_files
+    from pipeline.records import source_files
 
     local = Path(path).expanduser()
     return source_files(local) if local.exists() else []

@@ -96,8 +96,6 @@ def preview(cfg: Any, tokenizer: Any, examples: int, colour: bool) -> str:
 
 
 def main(argv: List[str]) -> int:
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import ConfigCompositionException
@@ -110,9 +108,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--examples", type=int, default=3, help="rendered training examples to show")
     parser.add_argument("overrides", nargs="*", help="train config overrides, e.g. data=my_jsonl data.path=x")
     args = parser.parse_args(argv)
-    conf = Path(__file__).resolve().parent.parent / "conf"
     try:
-        with initialize_config_dir(str(conf), version_base="1.3"):
+        with initialize_config_dir(str(C.CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=["paths.run_dir=.", *args.overrides], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
@@ -125,3 +122,10 @@ def main(argv: List[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def cli() -> None:
+    """The ``pipeline-data`` console script (``python -m pipeline.data``)."""
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

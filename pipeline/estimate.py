@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any
 
 GB = 2**30
 
@@ -133,14 +133,7 @@ def count_for_config(cfg: Any) -> ParameterCounts:
     settings = OmegaConf.to_object(cfg.adapter)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-        if settings.quantized:  # the same LoRA layers over a base that is quantized on load
-            from pipeline.adapters.lora import LoraSettings
-
-            model = LoraSettings.apply(settings, model, architecture)
-        elif settings.trains:
-            model = settings.apply(model, architecture)
-        else:
-            model.requires_grad_(False)
+        model = settings.apply_for_counting(model, architecture)
     counts = count_parameters(model)
     if settings.quantized:
         counts.quantized = _quantizable_weights(model)
@@ -199,16 +192,13 @@ def describe(cfg: Any, counts: ParameterCounts) -> str:
 
 def main(argv: list) -> int:
     """Composes the ``train`` config from ``argv`` overrides and prints the estimate."""
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from pipeline import config as C
 
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(str(conf), version_base="1.3"):
+    with initialize_config_dir(str(C.CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["paths.run_dir=.", *argv], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
@@ -222,5 +212,10 @@ def main(argv: list) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``pipeline-estimate`` console script."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

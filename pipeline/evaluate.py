@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, evaluation, model as models, tracking, training
+from pipeline import data, evaluation, model as models, packing, tracking, training
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -47,19 +47,17 @@ def _source(cfg: DictConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
         return read_run(cfg.run)
     if not cfg.adapter_path:
         raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter or model folder>"])
-    return (OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.model), C.ADAPTERS["lora"](),
-            Path(cfg.adapter_path))
+    return (OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.model),
+            C.adapter_settings(cfg.adapter_method), Path(cfg.adapter_path))
 
 
 def _models(folder: str, model_cfg: C.ModelConfig, settings: Any, artifact: Path) -> Tuple[Any, Any]:
     """(tuned, base) models; for an adapter they are one PEFT model, its adapter toggled."""
-    from peft import PeftModel
-
-    import pipeline.adapters.peft_bottleneck  # noqa: F401  (registers the bottleneck type)
+    from pipeline.adapters import load_adapter
 
     if (artifact / "adapter_config.json").exists():
         base = models.load_model(folder, model_cfg, settings.quantization())
-        return PeftModel.from_pretrained(base, artifact), None
+        return load_adapter(base, artifact), None
     from transformers import AutoModelForCausalLM
 
     tuned = AutoModelForCausalLM.from_pretrained(artifact)
@@ -84,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
         def measure(model: Any, label: str) -> evaluation.Measurement:
             trainer = training.build_trainer(model, tokenizer, args, None, None,
-                                             data.collator(tokenizer, False), "stop",
+                                             packing.collator(tokenizer, False), "stop",
                                              run.path / "history.jsonl")
             return evaluator.measure(trainer, label)
 
@@ -105,7 +103,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(C.CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     return C.run_task(evaluate, cfg)
 

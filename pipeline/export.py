@@ -75,7 +75,9 @@ def read_source(cfg: DictConfig) -> ExportSource:
         raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter folder> with model=..."])
     if not (Path(cfg.adapter_path) / "adapter_config.json").exists():
         raise C.ConfigError([f"adapter_path={cfg.adapter_path!r} has no adapter_config.json"])
-    return ExportSource(OmegaConf.to_object(cfg.model), Path(cfg.adapter_path), None, None, cfg.seed)
+    settings = C.adapter_settings(cfg.adapter_method)
+    return ExportSource(OmegaConf.to_object(cfg.model), Path(cfg.adapter_path), settings.quantization(),
+                        None, cfg.seed)
 
 
 def output_folder(cfg: DictConfig, source: ExportSource) -> Path:
@@ -96,9 +98,7 @@ def merged_model(source: ExportSource, folder: str, dequantize: bool) -> Any:
     Raises:
         ExportError: for a 4-bit base without ``dequantize``, or an adapter that cannot merge.
     """
-    from peft import PeftModel
-
-    import pipeline.adapters.peft_bottleneck  # noqa: F401  (registers the bottleneck type)
+    from pipeline.adapters import load_adapter
 
     if source.quantization and not dequantize:
         raise ExportError(f"export.merge=true: {QUANTIZED_MERGE}")
@@ -114,7 +114,7 @@ def merged_model(source: ExportSource, folder: str, dequantize: bool) -> Any:
             raise ExportError(f"dequantised weights {sorted(missing)[:3]} have no place in the float base")
         base.load_state_dict(dense, strict=False)
         del quantized
-    tuned = PeftModel.from_pretrained(base, source.artifact)
+    tuned = load_adapter(base, source.artifact)
     try:
         from pipeline.progress import interactive
 
@@ -223,7 +223,7 @@ def export(cfg: DictConfig) -> Path:
     return target
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=str(C.CONF_DIR), config_name="export")
 def _main(cfg: DictConfig) -> None:
     C.run_task(export, cfg)
 

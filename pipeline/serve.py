@@ -134,7 +134,7 @@ def serve(cfg: DictConfig) -> None:
                 timeout_graceful_shutdown=s.timeout_graceful_shutdown)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path=str(C.CONF_DIR), config_name="serve")
 def _main(cfg: DictConfig) -> None:
     return C.run_task(serve, cfg)
 

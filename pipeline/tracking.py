@@ -281,7 +281,7 @@ def find_resumable(run_dir: Path, overrides: Iterable[str]) -> Optional[Path]:
     re-running the same command continues it.
     """
     def has_checkpoint(folder: Path) -> bool:
-        from pipeline.training import last_checkpoint
+        from pipeline.checkpoints import last_checkpoint
 
         return last_checkpoint(folder / "checkpoints") is not None
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional, Tuple
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import (base_cache, data, distributed, estimate, evaluation, model as models, precision, sweep,
-                      tracking, training)
+from pipeline import (base_cache, checkpoints, data, distributed, estimate, evaluation, model as models,
+                      precision, preemption, sweep, tracking, training)
 
 log = logging.getLogger("pipeline.train")
 
@@ -27,21 +29,83 @@ def train(cfg: DictConfig) -> float:
     distributed.from_slurm_env()
     if distributed.needs_launch(cfg.distributed):
         return _launch_workers(cfg, overrides)
-    run = _run_folder(cfg)
-    trial = None  # the Optuna trial when this job is one of a sweep (pipeline/sweep.py)
-    signals = training.RunSignals(list(cfg.preemption.signals), cfg.preemption.exit_code)
+    job = _Job(cfg, _run_folder(cfg), overrides)
     try:
-        run.start(cfg, overrides)  # recorded even when validation fails
-        trial = sweep.start_trial(cfg, run)
+        return job.execute()
+    except KeyboardInterrupt as err:
+        job.run.finish("interrupted", err)
+        tracking.abort_wandb(exit_code=130)
+        raise
+    except preemption.Preempted as err:
+        job.run.finish("interrupted", err, signal=err.signal_name, checkpoint=err.checkpoint,
+                       exit_code=err.exit_code, phase=err.phase)
+        tracking.abort_wandb(exit_code=err.exit_code, preempted=True)
+        if cfg.preemption.requeue and err.signal_name == "SIGUSR1":
+            preemption.requeue_slurm_job()
+        raise
+    except BaseException as err:
+        if sweep.is_pruned(err):  # the pruner stopped this trial: not a failure
+            job.run.finish("pruned", err)
+            tracking.abort_wandb(exit_code=0)
+            raise
+        job.run.finish("failed", err)
+        tracking.abort_wandb(exit_code=1)
+        raise
+    finally:
+        job.signals.restore()
+
+
+@dataclass
+class _Loaded:
+    """What the loading phase built for the rest of the job."""
+
+    folder: str
+    settings: Any  # the adapter method's settings
+    tokenizer: Any
+    splits: data.Splits
+    model: Any
+    evaluator: evaluation.Evaluator
+    summary: dict  # startup figures that go into metrics.json
+    zero3_init: Any = None  # held for the job's life (DeepSpeed ZeRO-3 zero.Init)
+
+
+class _Job:
+    """One training job through its phases: start (run folder, checks, resume target) -> load
+    (data, model, adapter, evaluation sets) -> fit (base measurement, training, tuned
+    measurement) -> save. A resume may switch the run folder (``run``); ``trial`` is the Optuna
+    trial when the job is one of a sweep; ``signals`` stop it resumably in any phase."""
+
+    def __init__(self, cfg: DictConfig, run: tracking.RunFolder, overrides: list):
+        self.cfg, self.run, self.overrides = cfg, run, overrides
+        self.trial = None
+        self.signals = preemption.RunSignals(list(cfg.preemption.signals), cfg.preemption.exit_code)
+        self.wandb_run = None
+
+    def execute(self) -> float:
+        resume_from = self._start()
+        loaded = self._load()
+        metrics, base, tuned = self._fit(loaded, resume_from)
+        return self._save(loaded, metrics, base, tuned)
+
+    def _start(self) -> Optional[str]:
+        """Records the run, checks the config, finds what to resume; returns the checkpoint."""
+        cfg, run = self.cfg, self.run
+        run.start(cfg, self.overrides)  # recorded even when validation fails
+        self.trial = sweep.start_trial(cfg, run)
         tracking.reset_peak_memory()  # this run's own peak, also inside a multirun
         C.validate(cfg)  # every cheap check, before any model is touched
         if cfg.resume != "never":
-            run = _resume_target(cfg, run, overrides)
+            self.run = run = _resume_target(cfg, run, self.overrides)
         resume_from = _resume_checkpoint(cfg, run)  # before any weights load: a bad one fails now
         # From here a preemption signal in any phase marks the run interrupted.
-        signals.install(run.path / "checkpoints", lambda phase: run.update(phase=phase))
-        signals.enter("loading")
+        self.signals.install(run.path / "checkpoints", lambda phase: run.update(phase=phase))
+        self.signals.enter("loading")
         run.update(precision=precision.apply(cfg.trainer).as_record())  # auto -> bf16 or fp32
+        return resume_from
+
+    def _load(self) -> _Loaded:
+        """Data, model with its adapter, and the evaluation sets."""
+        cfg, run = self.cfg, self.run
         # data.seed, not seed: the base (a tiny model's initialisation) and the split stay fixed
         # across the seeds of a multirun, as pipeline.evaluate/serve/export rebuild them.
         folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
@@ -60,59 +124,48 @@ def train(cfg: DictConfig) -> float:
         # Validation/test examples also in train; examples per source (data.mix) per split.
         run.update(data_overlap=splits.stats["overlap"], data_sources=splits.stats["sources"],
                    data_tokenization=splits.stats["tokenization"])
-        zero3_init = distributed.zero3_init_context(cfg.distributed, cfg.trainer)  # noqa: F841 (held)
-        model = models.load_model(folder, cfg.model, settings.quantization())
-        model = settings.apply(model, architecture)
+        zero3_init = distributed.zero3_init_context(cfg.distributed, cfg.trainer)
+        model = settings.apply(models.load_model(folder, cfg.model, settings.quantization()), architecture)
         summary = _startup_summary(cfg, model, splits)
         log.info(estimate.describe(cfg, estimate.count_parameters(model)))
         evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
                                                plain_template=cfg.data.template == "plain")
         summary.update(evaluator.counts())
         run.update(loss_precision=evaluator.loss_precision.as_record())
-        main = distributed.is_main_process()
-        base_source = _BaseMeasurement.find(cfg, run, folder, settings.quantization(), evaluator)
-        wandb_run = tracking.start_wandb(cfg, run) if main else None
-        sweep.record_wandb(trial, wandb_run)
-        metrics, base, tuned = training.fit(
-            cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, trains=settings.trains,
-            packing=cfg.data.packing, report_to=["wandb"] if wandb_run else [],
-            run_name=run.path.name, resume_from=resume_from,
-            evaluator=evaluator, base=base_source.measurement, on_base=base_source.save,
-            callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, trial), best=_best_metric(cfg, splits),
+        return _Loaded(folder, settings, tokenizer, splits, model, evaluator, summary, zero3_init)
+
+    def _fit(self, loaded: _Loaded, resume_from: Optional[str]) -> Tuple[dict, Any, Any]:
+        """The base measurement (measured, cached or resumed), training, the tuned measurement."""
+        cfg, run = self.cfg, self.run
+        base_source = _BaseMeasurement.find(cfg, run, loaded.folder, loaded.settings.quantization(),
+                                            loaded.evaluator)
+        self.wandb_run = tracking.start_wandb(cfg, run) if distributed.is_main_process() else None
+        sweep.record_wandb(self.trial, self.wandb_run)
+        return training.fit(
+            cfg.trainer, loaded.model, loaded.tokenizer, loaded.splits, run.path, seed=cfg.seed,
+            trains=loaded.settings.trains, packing=cfg.data.packing,
+            report_to=["wandb"] if self.wandb_run else [], run_name=run.path.name, resume_from=resume_from,
+            evaluator=loaded.evaluator, base=base_source.measurement, on_base=base_source.save,
+            callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, self.trial),
+            best=_best_metric(cfg, loaded.splits),
             distributed=distributed.trainer_arguments(cfg.distributed, run.path),
-            pack_length=cfg.data.pack_length, phases=signals)
-        signals.enter("saving")
-        if main:
-            evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
-        metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
+            pack_length=cfg.data.pack_length, phases=self.signals)
+
+    def _save(self, loaded: _Loaded, metrics: dict, base: Any, tuned: Any) -> float:
+        """Predictions, metrics, the comparison table, W&B and the run's status; the objective."""
+        cfg, run = self.cfg, self.run
+        self.signals.enter("saving")
+        predictions = run.path / "eval" / "predictions.jsonl"
+        if distributed.is_main_process():
+            evaluation.write_predictions(predictions, loaded.evaluator.sets, base, tuned)
+        metrics.update(loaded.summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)
         log.info("base vs tuned:\n%s", evaluation.comparison_table(metrics))
-        tracking.finish_wandb(wandb_run, metrics, run.path / "eval" / "predictions.jsonl")
-        sweep.record_metrics(trial, metrics)
+        tracking.finish_wandb(self.wandb_run, metrics, predictions)
+        sweep.record_metrics(self.trial, metrics)
         objective = tracking.objective_value(metrics, cfg.objective.metric)
         run.finish("success", objective={cfg.objective.metric: objective}, phase="done")
         return objective
-    except KeyboardInterrupt as err:
-        run.finish("interrupted", err)
-        tracking.abort_wandb(exit_code=130)
-        raise
-    except training.Preempted as err:
-        run.finish("interrupted", err, signal=err.signal_name, checkpoint=err.checkpoint,
-                   exit_code=err.exit_code, phase=err.phase)
-        tracking.abort_wandb(exit_code=err.exit_code, preempted=True)
-        if cfg.preemption.requeue and err.signal_name == "SIGUSR1":
-            training.requeue_slurm_job()
-        raise
-    except BaseException as err:
-        if sweep.is_pruned(err):  # the pruner stopped this trial: not a failure
-            run.finish("pruned", err)
-            tracking.abort_wandb(exit_code=0)
-            raise
-        run.finish("failed", err)
-        tracking.abort_wandb(exit_code=1)
-        raise
-    finally:
-        signals.restore()
 
 
 class _BaseMeasurement:
@@ -157,7 +210,7 @@ def _resume_folder(cfg: DictConfig, run_dir: Path, overrides: list) -> Path:
     if found is None:
         return run_dir
     if cfg.resume != "auto" and found != run_dir:
-        training.resume_checkpoint(found)  # a corrupt one fails here, before the folder is reused
+        checkpoints.resume_checkpoint(found)  # a corrupt one fails here, before the folder is reused
     return found.parent.parent if found.name.startswith("checkpoint-") else found
 
 
@@ -179,8 +232,8 @@ def _resume_checkpoint(cfg: DictConfig, run: tracking.RunFolder):
     """The checkpoint to continue from: the one ``resume=<checkpoint>`` names (it must be
     complete), else the run folder's newest complete one (None: start afresh)."""
     if cfg.resume not in ("never", "auto") and Path(cfg.resume).name.startswith("checkpoint-"):
-        return training.resume_checkpoint(Path(cfg.resume))
-    return training.last_checkpoint(run.path / "checkpoints")
+        return checkpoints.resume_checkpoint(Path(cfg.resume))
+    return checkpoints.last_checkpoint(run.path / "checkpoints")
 
 
 def _best_metric(cfg: DictConfig, splits: data.Splits):
@@ -235,8 +288,8 @@ def _callbacks(cfg: DictConfig, run: tracking.RunFolder) -> list:
     def record(checkpoint, best, best_value):
         run.update(last_checkpoint=checkpoint, best_checkpoint=best, best_metric=best_value)
 
-    return [training.preemption_callback(list(cfg.preemption.signals), cfg.preemption.exit_code),
-            training.checkpoint_recorder(record),
+    return [preemption.preemption_callback(list(cfg.preemption.signals), cfg.preemption.exit_code),
+            checkpoints.checkpoint_recorder(record),
             training.first_step_callback(lambda: _first_step(run))]
 
 
@@ -271,7 +324,7 @@ def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(C.CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
     return C.run_task(train, cfg)
 

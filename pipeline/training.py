@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pipeline import precision, progress
-from pipeline.config import ConfigError, Interrupted, PipelineError, TrainerConfig
+from pipeline.checkpoints import history_lines, rewind_history
+from pipeline.config import ConfigError, PipelineError, TrainerConfig
+from pipeline.preemption import RunSignals
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _recording_callback(path: Path) -> Any:
         """
 
         def __init__(self):
-            self.rows = len(_history_lines(path))
+            self.rows = len(history_lines(path))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
@@ -126,44 +126,6 @@ def _recording_callback(path: Path) -> Any:
             return {"args": {}, "attributes": {"rows": self.rows}}
 
     return RecordMetrics()
-
-
-def _history_lines(path: Path) -> List[str]:
-    """Complete rows of ``history.jsonl`` (a kill can leave a partial last line: dropped)."""
-    if not path.exists():
-        return []
-    return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.endswith("\n")]
-
-
-def rewind_history(path: Path, checkpoint: Optional[str]) -> int:
-    """Cuts ``history.jsonl`` back to what it held when ``checkpoint`` was saved.
-
-    Without this, the steps between that checkpoint and a kill would appear twice once the
-    resumed run logs them again. Without a checkpoint (a fresh start), only the base model's
-    rows (step 0) are kept. Written to a temporary file and renamed.
-
-    Returns:
-        The number of rows kept.
-    """
-    lines = _history_lines(path)
-    if not lines:
-        return 0
-    rows = None
-    if checkpoint is not None:
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-        rows = state.get("stateful_callbacks", {}).get("RecordMetrics", {}).get("attributes", {}).get("rows")
-        step = state["global_step"]
-    else:
-        step = 0
-    if rows is None:  # a checkpoint saved without the row count: cut by step
-        lines = [line for line in lines if json.loads(line)["step"] <= step]
-    else:
-        lines = lines[:rows]
-    from pipeline.atomic import write_text
-
-    write_text(path, "".join(lines))
-    return len(lines)
 
 
 def first_step_callback(on_first_step: Callable[[], None]) -> Any:
@@ -245,7 +207,7 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
             if "attention_mask" in inputs or "position_ids" not in inputs or \
                     self.args.include_num_input_tokens_seen != "non_padding":
                 return super()._track_num_input_tokens(inputs)
-            from pipeline.data import real_tokens
+            from pipeline.packing import real_tokens
 
             count = torch.as_tensor(real_tokens(inputs), device=self.args.device, dtype=torch.int64)
             self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
@@ -261,93 +223,6 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator, processing_class=tokenizer,
         callbacks=[_recording_callback(history_path), progress_callback(), *(callbacks or [])])
-
-
-class CheckpointError(PipelineError, ValueError):
-    """A checkpoint that cannot be resumed from; the message names the file."""
-
-
-def checkpoint_problem(folder: Path) -> Optional[str]:
-    """Why ``folder`` is not a complete Trainer checkpoint (naming the file), or None.
-
-    The Trainer writes a checkpoint in place, not to a temporary folder: weights, then
-    optimizer, scheduler and RNG state, and ``trainer_state.json`` last. A kill during the save
-    leaves a folder without (or with a truncated) ``trainer_state.json``, or a truncated file
-    before it. Checked cheaply: JSON parsed, safetensors headers and sizes, the zip directory
-    (at the end of the file) of each ``torch.save`` file.
-    """
-    import zipfile
-
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    state = folder / "trainer_state.json"
-    if not state.is_file():
-        return f"{state} is missing (the save did not finish)"
-    try:
-        json.loads(state.read_text(encoding="utf-8"))["global_step"]
-    except (ValueError, KeyError, UnicodeDecodeError) as err:
-        return f"{state} is unreadable ({type(err).__name__}: {err})"
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        return f"{folder} holds no *.safetensors weights"
-    for path in weights:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except Exception as err:  # safetensors raises its own error types
-            return f"{path} is unreadable ({err})"
-    for path in sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
-        try:
-            zipfile.ZipFile(path).close()
-        except (zipfile.BadZipFile, OSError) as err:
-            return f"{path} is unreadable ({err})"
-    return None
-
-
-def _checkpoints_newest_first(output_dir: Path) -> List[Path]:
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    found = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
-
-
-def last_checkpoint(output_dir: Path) -> Optional[str]:
-    """The newest complete checkpoint folder, or None.
-
-    An incomplete or corrupt newer one (a kill during its save) is skipped with a warning, so
-    the run continues from the previous complete one.
-    """
-    if not output_dir.is_dir():
-        return None
-    for folder in _checkpoints_newest_first(output_dir):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return str(folder)
-        log.warning("Skipping checkpoint %s: %s", folder.name, problem)
-    return None
-
-
-def resume_checkpoint(path: Path) -> str:
-    """The checkpoint that ``resume=<path>`` names: the folder itself, or a run folder's newest
-    complete one.
-
-    Raises:
-        CheckpointError: naming the file that makes the checkpoint unusable, or saying that a
-            run folder holds no complete checkpoint.
-    """
-    path = Path(path)
-    if path.name.startswith("checkpoint-"):
-        problem = checkpoint_problem(path)
-        if problem:
-            raise CheckpointError(f"resume={path}: cannot resume from this checkpoint: {problem}; "
-                                  "name an earlier checkpoint or use resume=auto")
-        return str(path)
-    found = last_checkpoint(path / "checkpoints")
-    if found is None:
-        raise CheckpointError(f"resume={path}: no complete checkpoint in {path / 'checkpoints'}")
-    return found
 
 
 def best_metric(objective: str, direction: str, logged: List[str]) -> Optional[Tuple[str, bool]]:
@@ -369,178 +244,6 @@ def best_metric(objective: str, direction: str, logged: List[str]) -> Optional[T
     if name not in logged:
         return None
     return f"eval_{name}", direction == "maximize"
-
-
-class Preempted(Interrupted):
-    """The run stopped on a preemption signal: during training after saving a checkpoint, in
-    any other phase at once (``phase``; ``checkpoint`` is then the newest complete one)."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Optional[str], exit_code: int,
-                 phase: str = "training"):
-        self.signal_name = signal.Signals(signum).name
-        self.step, self.checkpoint, self.phase = step, checkpoint, phase
-        if phase == "training":
-            what = f"saved {checkpoint} at step {step} and stopped"
-        else:
-            what = (f"stopped during {phase}; the newest checkpoint is {checkpoint} (step {step})"
-                    if checkpoint else f"stopped during {phase}, before any checkpoint")
-        super().__init__(f"{self.signal_name} received: {what}; run the same command with "
-                         "resume=auto to continue", exit_code)
-
-
-class RunSignals:
-    """``preemption.signals`` in every phase of a run, not only during training.
-
-    ``enter(phase)`` records the phase (``on_phase``: ``phase`` in run.json). During training the
-    preemption callback holds the handlers (finish the step, checkpoint, stop). In any other
-    phase (loading, base evaluation, final evaluation) a signal stops the run at once:
-    :class:`Preempted` is raised in the main thread with the phase and the newest complete
-    checkpoint, so the run is marked ``interrupted`` and ``resume=auto`` continues from what
-    was saved. While saving the results a signal waits: the run completes, then the process
-    exits as usual. :meth:`restore` puts the previous handlers back.
-    """
-
-    def __init__(self, signals: List[str], exit_code: Optional[int]):
-        self.signals = list(signals)  # names: checked by validation before install()
-        self.exit_code = exit_code
-        self.checkpoints: Optional[Path] = None
-        self.on_phase: Optional[Callable[[str], None]] = None
-        self.phase, self.pending = "starting", None
-        self.previous: Dict[int, Any] = {}
-
-    def install(self, checkpoints: Path, on_phase: Optional[Callable[[str], None]] = None) -> "RunSignals":
-        """Takes over the signals for the run whose checkpoints are in ``checkpoints``;
-        ``on_phase(phase)`` records each phase."""
-        import threading
-
-        self.checkpoints, self.on_phase = Path(checkpoints), on_phase
-        if threading.current_thread() is threading.main_thread() and not self.previous:  # Python's rule
-            self.previous = {signal.Signals[name]: signal.signal(signal.Signals[name], self._handle)
-                             for name in self.signals}
-        return self
-
-    def restore(self) -> None:
-        """Puts the previous handlers back (the run is over)."""
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-        if self.pending is not None:
-            log.warning("%s received while saving: the results were written first",
-                        signal.Signals(self.pending).name)
-            self.pending = None
-
-    def enter(self, phase: str) -> None:
-        self.phase = phase
-        if self.on_phase is not None:
-            self.on_phase(phase)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.phase == "saving":
-            if self.pending is None:
-                log.warning("%s received while saving: stopping once the results are written",
-                            signal.Signals(signum).name)
-            self.pending = signum
-            return
-        checkpoint = last_checkpoint(self.checkpoints)
-        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
-        log.warning("%s received during %s: stopping now", signal.Signals(signum).name, self.phase)
-        raise Preempted(signum, step, str(checkpoint) if checkpoint else None,
-                        preemption_exit_code(signum, self.exit_code), phase=self.phase)
-
-
-def preemption_exit_code(signum: int, configured: Optional[int]) -> int:
-    """``configured``, or else 128 + the signal number: what a shell reports for a process
-    killed by that signal (143 for SIGTERM, 138 for SIGUSR1)."""
-    return configured if configured is not None else 128 + int(signum)
-
-
-def preemption_callback(signals: List[str], exit_code: Optional[int] = None) -> Any:
-    """A ``TrainerCallback`` turning ``signals`` (names, e.g. ``SIGTERM``) during training into:
-    finish the step, save a checkpoint, stop, raise :class:`Preempted`.
-
-    The handlers are installed for the training phase only (``on_train_begin`` to
-    ``on_train_end``) and only record the signal: the Trainer then saves a checkpoint at the end
-    of the current optimizer step and leaves its loop, and ``on_train_end`` raises, so that the
-    run is marked ``interrupted`` instead of being evaluated. ``exit_code`` as in
-    :func:`preemption_exit_code`.
-    """
-    import threading
-
-    from transformers import TrainerCallback
-
-    class Preemption(TrainerCallback):
-        def __init__(self):
-            self.signums = [signal.Signals[name] for name in signals]
-            self.received: Optional[int] = None
-            self.previous: Dict[int, Any] = {}
-
-        def handle(self, signum, frame):
-            if self.received is None:
-                log.warning("%s received: stopping after this step with a checkpoint",
-                            signal.Signals(signum).name)
-            self.received = signum
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
-                self.previous = {s: signal.signal(s, self.handle) for s in self.signums}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.received is not None:
-                control.should_save = True
-                control.should_training_stop = True
-
-        def on_train_end(self, args, state, control, **kwargs):
-            for signum, handler in self.previous.items():
-                signal.signal(signum, handler)
-            self.previous = {}
-            if self.received is not None:
-                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                raise Preempted(self.received, state.global_step,
-                                str(checkpoint) if checkpoint.is_dir() else None,
-                                preemption_exit_code(self.received, exit_code))
-
-    return Preemption()
-
-
-def requeue_slurm_job() -> bool:
-    """``scontrol requeue $SLURM_JOB_ID`` when running under SLURM, as Lightning's SLURM
-    environment and submitit do on the time-limit signal: the job goes back to the queue and
-    its next start runs the same command, which continues with ``resume=auto``.
-
-    Returns:
-        Whether the job was requeued (False outside SLURM or when scontrol fails).
-    """
-    import subprocess
-
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}".rstrip("_")
-    job = job or os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return False
-    try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.error("could not requeue SLURM job %s: %s", job, err)
-        return False
-    if done.returncode != 0:
-        log.error("scontrol requeue %s failed: %s", job, done.stderr.strip())
-        return False
-    log.info("requeued SLURM job %s", job)
-    return True
-
-
-def checkpoint_recorder(on_save: Callable[[str, Optional[str], Optional[float]], None]) -> Any:
-    """A ``TrainerCallback`` calling ``on_save(checkpoint, best_checkpoint, best_metric)`` after
-    every checkpoint the Trainer saves (to record them in ``run.json``)."""
-    from transformers import TrainerCallback
-
-    class RecordCheckpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                on_save(str(Path(args.output_dir) / f"checkpoint-{state.global_step}"),
-                        state.best_model_checkpoint, state.best_metric)
-
-    return RecordCheckpoints()
 
 
 def whole_run_loss(attempt_loss: float, log_history: List[Dict[str, Any]], start: int, end: int) -> float:
@@ -606,6 +309,53 @@ def evaluation_slice(validation: Optional[Any], cfg: TrainerConfig) -> Optional[
     return validation.select(range(cfg.eval_examples))
 
 
+def _base_measurement(trainer: Any, model: Any, evaluator: Any, base: Optional[Any],
+                      on_base: Optional[Callable[[Any], None]], resume_from: Optional[str],
+                      enter: Callable[[str], None]) -> Any:
+    """The base model's measurement: ``base`` when given (resumed or cached; a cached one is
+    still logged, so the curves start from the base), else measured now and handed to
+    ``on_base``. Before training the fresh adapter is an identity: the model is the base."""
+    if base is not None:
+        if resume_from is None:
+            evaluator.log_losses(trainer, base.metrics)
+        return base
+    from pipeline.distributed import gathered
+
+    enter("base evaluation")
+    with gathered(model):  # no DeepSpeed engine yet: a zero.Init model cannot run alone
+        base = evaluator.measure(trainer, "base")
+    if on_base:
+        on_base(base)
+    return base
+
+
+def _train(trainer: Any, cfg: TrainerConfig, resume_from: Optional[str]) -> Dict[str, Any]:
+    """Trains (or continues from ``resume_from``); returns the ``train/*`` and ``perf/*`` figures
+    of the whole run (the loss over every step, the tokens per second of this attempt)."""
+    # Read now: rotation may delete the checkpoint during training.
+    start = json.loads((Path(resume_from) / "trainer_state.json").read_text()) if resume_from else {}
+    if resume_from and 0 < cfg.max_steps <= start.get("global_step", 0):
+        # Training had finished (the run stopped in its final evaluation). From a checkpoint
+        # at max_steps the Trainer would still take one more step: load it instead.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        log.info("training had finished at step %d (%s): measuring the tuned model",
+                 trainer.state.global_step, resume_from)
+        runtime, attempt_loss = 0.0, 0.0
+    else:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        runtime, attempt_loss = output.metrics["train_runtime"], output.training_loss
+    tokens = trainer.state.num_input_tokens_seen
+    loss = whole_run_loss(attempt_loss, trainer.state.log_history,
+                          start.get("global_step", 0), trainer.state.global_step)
+    attempt_tokens = tokens - start.get("num_input_tokens_seen", 0)  # the runtime is this attempt's
+    return {"train/loss": loss, "train/steps": trainer.state.global_step, "train/tokens": tokens,
+            "perf/train_runtime_s": runtime, "perf/train_tokens_per_s": attempt_tokens / runtime if runtime else 0.0,
+            "train/skipped_steps": trainer.skipped_steps}
+
+
 def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Path, *, seed: int,
         trains: bool, packing: bool, report_to: List[str], run_name: str,
         resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
@@ -646,7 +396,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     """
     from peft import PeftModel
 
-    from pipeline.data import collator
+    from pipeline.packing import collator
     from pipeline.tracking import folder_size_mb
 
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
@@ -657,43 +407,12 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
                             collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
                             callbacks=callbacks, extra_eval=evaluator.during_training)
     enter = phases.enter if phases is not None else (lambda phase: None)
-    if base is None:
-        from pipeline.distributed import gathered
-
-        enter("base evaluation")
-        with gathered(model):  # no DeepSpeed engine yet: a zero.Init model cannot run alone
-            base = evaluator.measure(trainer, "base")
-        if on_base:
-            on_base(base)
-    elif resume_from is None:  # a cached measurement: the curves still start from the base
-        evaluator.log_losses(trainer, base.metrics)
+    base = _base_measurement(trainer, model, evaluator, base, on_base, resume_from, enter)
     metrics: Dict[str, Any] = {}
     tuned = base
     if trains:
-        # Read now: rotation may delete the checkpoint during training.
-        start = json.loads((Path(resume_from) / "trainer_state.json").read_text()) if resume_from else {}
         enter("training")
-        if resume_from and 0 < cfg.max_steps <= start.get("global_step", 0):
-            # Training had finished (the run stopped in its final evaluation). From a checkpoint
-            # at max_steps the Trainer would still take one more step: load it instead.
-            from transformers import TrainerState
-
-            trainer._load_from_checkpoint(str(resume_from))
-            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
-            log.info("training had finished at step %d (%s): measuring the tuned model",
-                     trainer.state.global_step, resume_from)
-            runtime, attempt_loss = 0.0, 0.0
-        else:
-            output = trainer.train(resume_from_checkpoint=resume_from)
-            runtime, attempt_loss = output.metrics["train_runtime"], output.training_loss
-        tokens = trainer.state.num_input_tokens_seen
-        loss = whole_run_loss(attempt_loss, trainer.state.log_history,
-                              start.get("global_step", 0), trainer.state.global_step)
-        attempt_tokens = tokens - start.get("num_input_tokens_seen", 0)  # the runtime is this attempt's
-        metrics.update({"train/loss": loss, "train/steps": trainer.state.global_step,
-                        "train/tokens": tokens, "perf/train_runtime_s": runtime,
-                        "perf/train_tokens_per_s": attempt_tokens / runtime if runtime else 0.0,
-                        "train/skipped_steps": trainer.skipped_steps})
+        metrics.update(_train(trainer, cfg, resume_from))
         enter("final evaluation")
         tuned = evaluator.measure(trainer, "tuned")
         enter("saving")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import config as C
+from pipeline import checks, config as C
 from pipeline.data import (IGNORE_INDEX, DataError, build_datasets, render, split_examples,
                            tokenize, Example)
 from tests.conftest import write_jsonl
@@ -325,7 +325,7 @@ def test_a_mix_adds_a_seeded_share_of_another_sources_training_split(tokenizer, 
 
 
 def test_mix_settings_are_checked(tmp_path):
-    problems = C._check_data(data_cfg(tmp_path, mix=[C.MixSource(data="my_jsonl"),
+    problems = checks._check_data(data_cfg(tmp_path, mix=[C.MixSource(data="my_jsonl"),
                                                      C.MixSource(data="nope", examples=3)]))
     assert any("data.mix[0] (my_jsonl) needs examples (a count) or fraction" in p for p in problems)
     assert any("data.mix[1].data='nope' is not a data option" in p for p in problems)

@@ -168,7 +168,8 @@ def test_evaluate_without_run_or_adapter_fails_clearly(tmp_path):
 
 
 def test_loss_is_token_weighted_and_independent_of_batch_size(tiny_model, tokenizer, tmp_path):
-    from pipeline.data import build_datasets, collator
+    from pipeline.data import build_datasets
+    from pipeline.packing import collator
     from tests.test_data import data_cfg
 
     records = [{"prompt": "p" * n, "completion": "word " * (3 * n + 1)} for n in (1, 4, 9, 2, 7)]
@@ -184,7 +185,8 @@ def test_loss_under_bf16_autocast_is_close_to_fp32(tiny_model, tokenizer, tmp_pa
     """evaluation.loss_precision=bf16 runs the forward under autocast; the loss stays close."""
     import torch
 
-    from pipeline.data import build_datasets, collator
+    from pipeline.data import build_datasets
+    from pipeline.packing import collator
     from tests.test_data import data_cfg
 
     records = [{"prompt": "question " * n, "completion": "an answer of some words " * n} for n in (1, 4, 9, 2)]
@@ -208,7 +210,8 @@ def test_loss_under_bf16_autocast_is_close_to_fp32(tiny_model, tokenizer, tmp_pa
 
 def test_loss_through_logits_to_keep_equals_the_full_logits(tiny_model, tokenizer, tmp_path, monkeypatch):
     """Only completion positions go through the output layer; the loss must not change."""
-    from pipeline.data import build_datasets, collator
+    from pipeline.data import build_datasets
+    from pipeline.packing import collator
     from tests.test_data import data_cfg
 
     records = [{"prompt": "question " * n, "completion": "yes" if n % 2 else "a longer answer here"}

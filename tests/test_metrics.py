@@ -11,14 +11,13 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from pipeline import metrics
+from pipeline.labels import classification_scores, parse_label
 from pipeline.metrics import (
     METRICS,
-    classification_scores,
     compute,
     exact_match,
     hub_metric,
     normalize_answer,
-    parse_label,
     reference_streams,
     token_f1,
 )

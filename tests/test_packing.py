@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import config as C
-from pipeline.data import IGNORE_INDEX, build_datasets, collator, pack_rows, real_tokens
+from pipeline import checks
+from pipeline.data import IGNORE_INDEX, build_datasets
+from pipeline.packing import collator, pack_rows, real_tokens
 from tests.conftest import write_jsonl
 from tests.test_data import data_cfg
 
@@ -94,7 +95,7 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer, features, tiny_m
 
 def test_pack_length_below_max_length_is_a_config_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
-    problems = C._check_data(data_cfg(path, packing=True, pack_length=64, max_length=128))
+    problems = checks._check_data(data_cfg(path, packing=True, pack_length=64, max_length=128))
     assert problems == ["data.pack_length=64 must be >= data.max_length=128 (every example must "
                         "fit in a packed row); raise it"]
-    assert C._check_data(data_cfg(path, packing=False, pack_length=64, max_length=128)) == []
+    assert checks._check_data(data_cfg(path, packing=False, pack_length=64, max_length=128)) == []

@@ -17,7 +17,7 @@ from typing import Any, Dict
 import pytest
 import yaml
 
-from pipeline import comparison, report
+from pipeline import comparison, report, report_page
 from tests.conftest import read_json, run_train
 
 
@@ -56,7 +56,7 @@ def logged_report(tmp_path_factory):
 
 def test_report_run_logs_each_table_as_a_wandb_table(logged_report):
     result, offline, summary = logged_report
-    expected = report.wandb_tables(result)
+    expected = report_page.wandb_tables(result)
     assert set(expected) == {"report/comparison", "report/paired_differences", "report/pareto_front",
                              "report/retention"}
     for key, (columns, rows) in expected.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import training
+from pipeline import checkpoints, preemption, training
 from tests.conftest import ROOT, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity", "trainer.logging_steps=1"]
@@ -63,12 +63,12 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     kill_after = random.randint(2, 4)  # the step reached varies from run to run
     proc = cli(overrides, run_dir)
     wait_for(lambda: max(train_steps(history(run_dir)), default=0) >= kill_after
-             and training.last_checkpoint(run_dir / "checkpoints") is not None, proc)
+             and checkpoints.last_checkpoint(run_dir / "checkpoints") is not None, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     first = read_json(run_dir / "run.json")
     assert first["status"] == "running" and not (run_dir / "metrics.json").exists()
-    resumed_from = training.last_checkpoint(run_dir / "checkpoints")
+    resumed_from = checkpoints.last_checkpoint(run_dir / "checkpoints")
     assert resumed_from is not None
 
     again = cli([*overrides, "resume=auto"], run_dir)
@@ -139,7 +139,7 @@ def test_sigusr1_under_slurm_requeues_the_job(tmp_path, monkeypatch):
     callbacks = entry._callbacks
     monkeypatch.setattr(entry, "_callbacks", lambda cfg, run: [*callbacks(cfg, run), SignalAtStep2()])
     run_dir = tmp_path / "run"
-    with pytest.raises(training.Preempted, match="SIGUSR1 received") as raised:
+    with pytest.raises(preemption.Preempted, match="SIGUSR1 received") as raised:
         run_train([*FAST, "trainer.max_steps=6", "trainer.save_steps=null", "trainer.eval_steps=null",
                    "preemption.exit_code=99"], run_dir)
     assert raised.value.exit_code == 99 and raised.value.step == 2
@@ -227,7 +227,7 @@ def test_a_signal_in_any_phase_marks_the_run_and_resume_auto_continues(phase, tm
         assert read_json(first / "run.json")["status"] == "success" and (first / "adapter").exists()
         assert signal.getsignal(signal.SIGTERM) is before
         return
-    with pytest.raises(training.Preempted, match=f"SIGTERM received: stopped during {phase}") as raised:
+    with pytest.raises(preemption.Preempted, match=f"SIGTERM received: stopped during {phase}") as raised:
         run_train(overrides, first)
     assert raised.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) is before
     info = read_json(first / "run.json")

@@ -16,8 +16,8 @@ import optuna
 import pytest
 from omegaconf import open_dict
 
-from pipeline import config as C
-from pipeline import sweep, sweep_report, tracking
+from pipeline import checks, config as C
+from pipeline import sweep, sweep_loop, sweep_report, tracking
 from tests.conftest import ROOT, compose_train, read_json
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
@@ -351,11 +351,11 @@ def test_pruner_presets_and_their_first_rung(tmp_path):
 
 def test_budget_counts_wall_time_once_across_workers_and_sessions(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(sweep.time, "time", lambda: clock[0])
+    monkeypatch.setattr(sweep_loop.time, "time", lambda: clock[0])
     study = optuna.create_study()
-    a = sweep.Budget(study, timeout_min=1)  # worker A starts at 1000
+    a = sweep_loop.Budget(study, timeout_min=1)  # worker A starts at 1000
     clock[0] = 1010
-    b = sweep.Budget(study, timeout_min=1)  # worker B joins at 1010
+    b = sweep_loop.Budget(study, timeout_min=1)  # worker B joins at 1010
     assert a.used_s() == 10  # 1000 -> 1010: A alone
     clock[0] = 1040
     assert b.used_s() == 40  # 1010 -> 1040: both ran; counted once
@@ -364,7 +364,7 @@ def test_budget_counts_wall_time_once_across_workers_and_sessions(monkeypatch):
     assert a.spent() and study.user_attrs["budget_used_s"] == 65
     # A later session (after a gap of an hour) continues the budget; the gap does not count.
     clock[0] = 5000
-    later = sweep.Budget(study, timeout_min=2)
+    later = sweep_loop.Budget(study, timeout_min=2)
     clock[0] = 5030
     assert later.summary() == {"used_min": 95 / 60, "timeout_min": 2, "spent": False}
 
@@ -498,4 +498,4 @@ def test_evaluations_during_training_score_a_fixed_slice():
     assert evaluation_slice(validation, C.TrainerConfig(eval_examples=None)) is validation
     assert evaluation_slice(validation, C.TrainerConfig(eval_examples=64)) is validation
     assert evaluation_slice(None, C.TrainerConfig(eval_examples=4)) is None
-    assert "trainer.eval_examples=0 must be > 0 or null" in C._check_trainer(C.TrainerConfig(eval_examples=0))
+    assert "trainer.eval_examples=0 must be > 0 or null" in checks._check_trainer(C.TrainerConfig(eval_examples=0))

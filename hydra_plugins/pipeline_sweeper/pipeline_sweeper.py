@@ -55,11 +55,11 @@ class PipelineOptunaSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         import sys
 
-        from pipeline import sweep
+        from pipeline import sweep_loop
         from pipeline.config import PipelineError
 
         try:
-            return sweep.run(self.config, self.launcher, arguments, compose=self._compose)
+            return sweep_loop.run(self.config, self.launcher, arguments, compose=self._compose)
         except PipelineError as err:  # the message says what is wrong; a traceback would bury it
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)

@@ -60,6 +60,10 @@ class BottleneckSettings(AdapterSettings):
                             f"projections, e.g. adapter.target_modules=[o_proj,down_proj]")
         return problems
 
+    @classmethod
+    def register_tuner(cls) -> None:
+        import pipeline.adapters.peft_bottleneck  # noqa: F401  (registers the BOTTLENECK peft type)
+
     def apply(self, model: Any, architecture: Any) -> Any:
         from peft import get_peft_model
 

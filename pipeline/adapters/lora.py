@@ -107,6 +107,11 @@ class QLoraSettings(LoraSettings):
         return {"bits": self.bits, "quant_type": self.quant_type, "double_quant": self.double_quant,
                 "compute_dtype": compute_dtype(self.compute_dtype), "quant_storage": self.quant_storage}
 
+    def apply_for_counting(self, model: Any, architecture: Any) -> Any:
+        # The same LoRA layers over a base that is quantized on load; k-bit preparation needs
+        # real weights, and changes no count.
+        return super().apply(model, architecture)
+
     def apply(self, model: Any, architecture: Any) -> Any:
         from peft import prepare_model_for_kbit_training
 

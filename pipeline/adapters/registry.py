@@ -2,8 +2,11 @@
 
 A method is a dataclass extending :class:`AdapterSettings` (its fields are the ``adapter``
 config group's schema for that option) decorated with :func:`register_adapter`. Adding a method
-is one module here, one ``conf/adapter/<name>.yaml`` and one row in ``tests/test_adapters.py``.
-Settings modules stay light: heavy imports (peft, bitsandbytes) happen inside ``apply``.
+is one module in ``pipeline/adapters/`` and one ``conf/adapter/<name>.yaml``: the package imports
+its modules at start-up (``pipeline/adapters/__init__.py``), the config schema, the checks, the
+tests' and benchmarks' method lists, the memory estimate and the loaders of saved adapters
+(:func:`load_adapter`) all ask the registry. Settings modules stay light: heavy imports (peft,
+bitsandbytes, a tuner of one's own) happen inside the methods below.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ class AdapterSettings:
         """Returns the model with this adapter attached and only its parameters trainable."""
         raise NotImplementedError
 
+    def apply_for_counting(self, model: Any, architecture: "ArchitectureInfo") -> Any:
+        """:meth:`apply` on a model built on the meta device (no weights), for the memory
+        estimate's parameter counts. A method whose ``apply`` needs real weights overrides it."""
+        if not self.trains:
+            return model.requires_grad_(False)
+        return self.apply(model, architecture)
+
+    @classmethod
+    def register_tuner(cls) -> None:
+        """Makes PEFT able to load this method's saved adapters. PEFT's own methods need nothing;
+        a method with a tuner of its own registers that tuner here (imported only now)."""
+
 
 ADAPTERS: Dict[str, Type[AdapterSettings]] = {}
 
@@ -78,3 +93,24 @@ def check_targets(key: str, targets: Any, architecture: Optional["ArchitectureIn
     leaves = sorted({n.rsplit(".", 1)[-1] for n in architecture.linear_modules})
     return [f"{key} has unknown module name(s) {unknown} for model_type={architecture.model_type}; "
             f"available linear modules: {', '.join(leaves)}"]
+
+
+def register_tuners() -> None:
+    """Every registered method's :meth:`AdapterSettings.register_tuner`: after it, PEFT loads a
+    saved adapter of any registered type (``PeftModel.from_pretrained``, ``load_adapter``)."""
+    for settings in ADAPTERS.values():
+        settings.register_tuner()
+
+
+def load_adapter(base: Any, artifact: Any, **kwargs: Any) -> Any:
+    """``base`` with the saved adapter in ``artifact`` attached, whatever its registered method.
+
+    Args:
+        base: the base model, loaded as the adapter was trained on it (4-bit for QLoRA).
+        artifact: the adapter folder (``adapter_config.json`` and the weights).
+        kwargs: passed to ``PeftModel.from_pretrained`` (e.g. ``adapter_name``).
+    """
+    from peft import PeftModel
+
+    register_tuners()
+    return PeftModel.from_pretrained(base, artifact, **kwargs)

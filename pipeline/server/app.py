@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -282,6 +282,20 @@ class MetricsMiddleware:
             self.metrics.request(path, status["code"], time.perf_counter() - start)
 
 
+def _authorizer(api_key: Optional[str]) -> Callable[[Request], None]:
+    """The dependency that checks ``Authorization: Bearer <api_key>`` (nothing when None)."""
+
+    def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send the header Authorization: Bearer <key>",
+                           None, "invalid_api_key")
+
+    return authorize
+
+
 def create_app(pool: ModelPool, cfg: ServerConfig, api_key: Optional[str]) -> FastAPI:
     """The app serving ``pool``; ``api_key`` (None: open) guards /v1 and /invocations."""
     metrics = Metrics()
@@ -299,15 +313,7 @@ def create_app(pool: ModelPool, cfg: ServerConfig, api_key: Optional[str]) -> Fa
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _error_handlers(app)
 
-    def authorize(request: Request) -> None:
-        if not api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send the header Authorization: Bearer <key>",
-                           None, "invalid_api_key")
-
-    guarded = [Depends(authorize)]
+    guarded = [Depends(_authorizer(api_key))]
 
     @app.get("/v1/models", dependencies=guarded)
     async def list_models() -> Dict[str, Any]:

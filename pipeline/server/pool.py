@@ -103,9 +103,7 @@ class ModelPool:
             raise C.ConfigError(problems)
 
     def _add_adapter(self, source: Source, base_cfg: C.ModelConfig, shared: Dict) -> None:
-        from peft import PeftModel
-
-        import pipeline.adapters.peft_bottleneck  # noqa: F401  (registers the bottleneck type)
+        from pipeline.adapters import load_adapter
 
         peft_type = json.loads((source.artifact / "adapter_config.json").read_text())["peft_type"]
         key = (peft_type, json.dumps(source.quantization, sort_keys=True))
@@ -114,8 +112,7 @@ class ModelPool:
         internal = f"adapter{len(self.choices)}"
         if key not in shared:
             base = models.load_model(self.base_folder, base_cfg, source.quantization)
-            shared[key] = _for_inference(PeftModel.from_pretrained(base, source.artifact,
-                                                                   adapter_name=internal))
+            shared[key] = _for_inference(load_adapter(base, source.artifact, adapter_name=internal))
         else:
             shared[key].load_adapter(source.artifact, adapter_name=internal)
             shared[key].eval()

@@ -1,0 +1,301 @@
+"""Rules across config fields, checked before any weights load (:func:`validate`).
+
+Each check returns the problems it finds (never raises), so that one :class:`ConfigError`
+reports all of them, each naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.adapters import ADAPTERS, AdapterSettings
+from pipeline.errors import ConfigError
+from pipeline.precision import PRECISIONS
+from pipeline.schema import (CONF_DIR, ArchitectureInfo, DataConfig, EvaluationConfig, ModelConfig,
+                             PreemptionConfig, TrainerConfig)
+
+
+CHOICES = {
+    "data.format": ("auto", "prompt_completion", "instruction", "messages", "sharegpt"),
+    "data.train_on": ("all", "last"),
+    "data.template": ("chat", "plain"),
+    "data.truncation": ("drop", "truncate", "error"),
+    "model.source": ("hub", "gguf", "tiny"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "trainer.precision": PRECISIONS,
+    "trainer.nan_policy": ("stop", "skip"),
+    "trainer.sampling": ("random", "group_by_length", "sequential"),
+    "objective.direction": ("minimize", "maximize"),
+    "evaluation.task": ("generation", "qa", "classification", "perplexity"),
+    "evaluation.decoding.strategy": ("greedy", "sample", "beam"),
+}
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted, throw_on_missing=False)
+
+
+def _check_choices(cfg: DictConfig) -> List[str]:
+    problems = []
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    return problems
+
+
+def _check_unknown_adapter_keys(cfg: DictConfig) -> List[str]:
+    """Keys added with ``+adapter.x=`` (or by an overlay) that the chosen method does not have."""
+    method = cfg.adapter.method
+    if method not in ADAPTERS:
+        return [f"adapter.method={method!r} is unknown; choose one of: {', '.join(sorted(ADAPTERS))}"]
+    known = {f.name for f in dataclasses.fields(ADAPTERS[method])}
+    problems = []
+    for key in cfg.adapter.keys():
+        if key not in known:
+            owners = sorted(n for n, m in ADAPTERS.items()
+                            if key in {f.name for f in dataclasses.fields(m)})
+            hint = f"; it belongs to adapter={'/'.join(owners)}" if owners else ""
+            problems.append(f"adapter.{key}={cfg.adapter[key]!r} is not a setting of "
+                            f"adapter={method}: remove it{hint}")
+    return problems
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # the loaders of pipeline.records.LOADERS
+
+
+def _check_data(data: DataConfig) -> List[str]:
+    problems = []
+    if data.max_length < 8:
+        problems.append(f"data.max_length={data.max_length} must be >= 8")
+    for key in ("validation_size", "test_size"):
+        value = getattr(data, key)
+        if not value >= 0:
+            problems.append(f"data.{key}={value} must be >= 0 (a fraction < 1 or a count)")
+    fractions = [v for v in (data.validation_size, data.test_size) if v < 1]
+    if sum(fractions) >= 1:
+        problems.append(f"data.validation_size + data.test_size = {sum(fractions)} leaves no "
+                        "training examples; make them smaller")
+    if data.packing and data.pack_length < data.max_length:
+        problems.append(f"data.pack_length={data.pack_length} must be >= data.max_length="
+                        f"{data.max_length} (every example must fit in a packed row); raise it")
+    for key in ("max_examples", "max_validation_examples", "max_test_examples"):
+        value = getattr(data, key)
+        if value is not None and value <= 0:
+            problems.append(f"data.{key}={value} must be > 0 or null")
+    if data.template == "plain" and data.format == "messages":
+        problems.append("data.format=messages needs data.template=chat (a chat template renders "
+                        "the turns); use data.template=chat")
+    if data.splits is not None and (not isinstance(data.splits, (dict, DictConfig)) or not all(
+            k in ("train", "validation", "test") and isinstance(v, str) for k, v in data.splits.items())):
+        problems.append(f"data.splits={data.splits!r} must map train/validation/test to source split "
+                        "names, e.g. data.splits='{train: train, validation: validation, test: test}'")
+    for i, source in enumerate(data.mix):
+        if (source.examples is None) == (source.fraction is None):
+            problems.append(f"data.mix[{i}] ({source.data}) needs examples (a count) or fraction (of the "
+                            "main training examples), one of them")
+        elif not (source.examples or 0) >= 0 or not (source.fraction or 0) >= 0:
+            problems.append(f"data.mix[{i}] ({source.data}): examples and fraction must be >= 0")
+        if not (CONF_DIR / "data" / f"{source.data}.yaml").exists():
+            options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+            problems.append(f"data.mix[{i}].data={source.data!r} is not a data option; available: {', '.join(options)}")
+    path = data.path
+    looks_local = path.startswith(("/", ".", "~")) or Path(path).suffix in LOCAL_SUFFIXES
+    if looks_local and not Path(os.path.expanduser(path)).exists():
+        problems.append(f"data.path={path!r} does not exist")
+    return problems
+
+
+
+def _check_model(model: ModelConfig) -> List[str]:
+    problems = []
+    if model.source == "hub" and not model.path:
+        problems.append("model.path is required with model.source=hub (a hub id or a local folder)")
+    elif model.source == "hub" and model.path.startswith(("/", ".", "~")) \
+            and not Path(os.path.expanduser(model.path)).is_dir():
+        problems.append(f"model.path={model.path!r} is not an existing folder (a local path; "
+                        "a hub id looks like org/name)")
+    if model.source == "gguf" and not (model.gguf_package and model.gguf_file):
+        problems.append("model.gguf_package and model.gguf_file are required with model.source=gguf")
+    if model.source == "tiny":
+        if model.tiny is None:
+            problems.append("model.tiny must describe the architecture with model.source=tiny")
+        elif model.tiny.architecture not in ("llama", "gpt2"):
+            problems.append(f"model.tiny.architecture={model.tiny.architecture!r} is not one of llama, gpt2")
+        if not model.tokenizer:
+            problems.append("model.tokenizer is required with model.source=tiny (whose tokenizer to use)")
+    return problems
+
+
+def _check_trainer(trainer: TrainerConfig) -> List[str]:
+    problems = []
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps")
+    for key in positive:
+        if getattr(trainer, key) <= 0:
+            problems.append(f"trainer.{key}={getattr(trainer, key)} must be > 0")
+    if not trainer.learning_rate > 0:
+        problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
+    if trainer.max_steps == 0 or (trainer.max_steps < 0 and trainer.num_train_epochs <= 0):
+        problems.append("trainer.max_steps or trainer.num_train_epochs must be > 0")
+    if not 0 <= trainer.warmup_ratio < 1:
+        problems.append(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
+    for key in ("eval_steps", "eval_examples", "save_steps", "save_total_limit"):
+        value = getattr(trainer, key)
+        if value is not None and value <= 0:
+            problems.append(f"trainer.{key}={value} must be > 0 or null")
+    if trainer.extra:
+        from pipeline.training import unknown_extra_keys
+
+        problems += unknown_extra_keys(trainer.extra)
+    return problems
+
+
+def _check_preemption(preemption: PreemptionConfig) -> List[str]:
+    import signal
+
+    problems = [f"preemption.signals has {name!r}, not a signal name such as SIGTERM or SIGUSR1"
+                for name in preemption.signals
+                if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP")]
+    code = preemption.exit_code
+    if code is not None and not 0 < code < 256:
+        problems.append(f"preemption.exit_code={code} must be in 1..255 (0 would read as success)")
+    return problems
+
+
+def _check_evaluation(cfg: DictConfig) -> List[str]:
+    from pipeline.metrics import METRICS
+
+    ev: EvaluationConfig = cfg.evaluation
+    problems = []
+    sizes = {"eval": "validation_size", "test": "test_size"}
+    for split in ev.splits:
+        if split not in sizes:
+            problems.append(f"evaluation.splits has {split!r}; use eval and/or test")
+        elif getattr(cfg.data, sizes[split]) == 0:  # a negative size is reported by _check_data
+            problems.append(f"evaluation.splits has {split!r} but data.{sizes[split]}=0; remove it "
+                            f"or set data.{sizes[split]}")
+    options = {p.stem for p in (CONF_DIR / "data").glob("*.yaml")}
+    for name in ev.extra_datasets:
+        if name not in options:
+            problems.append(f"evaluation.extra_datasets has {name!r}, not a data option; "
+                            f"available: {', '.join(sorted(options))}")
+    for name in ev.metrics:
+        if name not in METRICS and not name.startswith("evaluate:"):
+            problems.append(f"evaluation.metrics has unknown metric {name!r}; available: "
+                            f"{', '.join(sorted(METRICS))}, or evaluate:<name or path>")
+    if {"accuracy", "macro_f1"} & set(ev.metrics) and not ev.labels:
+        problems.append("evaluation.labels must list the label set for accuracy / macro_f1, "
+                        "e.g. evaluation.labels=[positive,negative]")
+    if ev.max_examples is not None and ev.max_examples <= 0:
+        problems.append(f"evaluation.max_examples={ev.max_examples} must be > 0 or null")
+    if ev.loss_precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"evaluation.loss_precision={ev.loss_precision!r}: use auto, fp32 or bf16")
+    if ev.batch_size <= 0 or ev.decoding.max_new_tokens <= 0:
+        problems.append("evaluation.batch_size and evaluation.decoding.max_new_tokens must be > 0")
+    if ev.during_training and not (cfg.trainer.eval_steps and cfg.data.validation_size > 0
+                                   and ev.metrics):
+        problems.append("evaluation.during_training needs trainer.eval_steps, a validation split "
+                        "(data.validation_size > 0) and evaluation.metrics")
+    return problems
+
+
+def metric_names(cfg: DictConfig) -> List[str]:
+    """Every final metric name a run of ``cfg`` can report (for ``objective.metric``)."""
+    ev: EvaluationConfig = cfg.evaluation
+    generated = []
+    for name in ev.metrics:
+        if name in ("accuracy", "macro_f1"):
+            generated += [name, "unparsable_rate", *[f"f1/{label}" for label in ev.labels or []]]
+        elif not name.startswith("evaluate:"):
+            generated.append(name)
+    sets = [s for s, size in (("eval", cfg.data.validation_size), ("test", cfg.data.test_size)) if size > 0]
+    names = [f"{side}/{s}/{m}" for side in ("base", "tuned", "delta") for s in sets + list(ev.extra_datasets)
+             for m in ["loss", "perplexity"] + (generated if s in ev.splits or s in ev.extra_datasets else [])]
+    fixed = ["train/loss", "train/steps", "train/tokens", "perf/train_tokens_per_s",
+             "perf/train_runtime_s", "perf/peak_rss_mb", "perf/wall_time_s", "perf/artifact_mb",
+             "params/trainable", "params/total", "params/trainable_pct"]
+    return sorted(set(names)) + fixed
+
+
+def _check_objective(cfg: DictConfig) -> List[str]:
+    name = cfg.objective.metric
+    if name in metric_names(cfg) or any(m.startswith("evaluate:") for m in cfg.evaluation.metrics):
+        return []
+    return [f"objective.metric={name!r} is not a metric this run reports; available: "
+            f"{', '.join(metric_names(cfg))}"]
+
+
+def _check_distributed(cfg: DictConfig, settings: AdapterSettings) -> List[str]:
+    """What cannot run under ``distributed`` with this adapter, precision and machine."""
+    import importlib.util
+
+    from pipeline import distributed
+
+    cuda = None
+    if cfg.distributed.nproc_per_node > 1:  # only then does the GPU count matter: torch is slow to import
+        import torch
+
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else None
+    installed = importlib.util.find_spec("deepspeed") is not None
+    return distributed.check(cfg.distributed, settings, cfg.trainer.precision, cuda, installed)
+
+
+def _check_resume(resume: str) -> List[str]:
+    if resume in ("never", "auto") or Path(resume).exists():
+        return []
+    return [f"resume={resume!r} is neither never, auto nor an existing run folder or checkpoint"]
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> List[str]:
+    """Dotted keys whose value is ``???``. Unlike ``OmegaConf.missing_keys`` this resolves no
+    interpolation: ``name: ${model.path}`` with ``path: ???`` would raise a type error there."""
+    missing = []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            missing.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not OmegaConf.is_interpolation(node, key):
+            missing += _missing_keys(child, f"{prefix}{key}.")
+    return missing
+
+
+def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None) -> None:
+    """Runs every cross-field check and raises one :class:`ConfigError` listing all problems.
+
+    Args:
+        cfg: the composed ``train`` config.
+        architecture: module names and model type of the base model (from its config, no
+            weights); when given, adapter target modules are checked against it.
+
+    Raises:
+        ConfigError: when anything is wrong; the message names key, value and fix.
+    """
+    missing = sorted(_missing_keys(cfg))
+    if missing:  # the other checks would trip over them
+        raise ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..."
+                           for key in missing])
+    problems = _check_choices(cfg)
+    problems += _check_unknown_adapter_keys(cfg)
+    problems += _check_data(cfg.data)
+    problems += _check_model(cfg.model)
+    problems += _check_trainer(cfg.trainer)
+    problems += _check_resume(cfg.resume)
+    problems += _check_preemption(cfg.preemption)
+    problems += _check_evaluation(cfg)
+    problems += _check_objective(cfg)
+    if cfg.adapter.method in ADAPTERS and not any(p.startswith("adapter.") for p in problems):
+        settings: AdapterSettings = OmegaConf.to_object(cfg.adapter)
+        problems += settings.check(architecture)
+        if settings.quantized and cfg.model.dtype == "float16" and cfg.trainer.precision != "fp16":
+            problems.append("model.dtype=float16 with a quantized base trains in fp16 weights "
+                            "without loss scaling; use model.dtype=float32 or trainer.precision=fp16")
+        problems += _check_distributed(cfg, settings)
+    if problems:
+        raise ConfigError(problems)

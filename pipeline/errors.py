@@ -1,0 +1,55 @@
+"""The errors a user is meant to read, and the entry points' way of showing them.
+
+A :class:`PipelineError` says what is wrong and how to fix it; :func:`run_task` prints it
+without a traceback. :class:`ConfigError` lists every configuration problem at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from omegaconf import DictConfig
+
+
+class PipelineError(Exception):
+    """An error in the user's input (config, data, model choice) or in the run itself that the
+    message fully explains: the CLI prints it without a traceback."""
+
+
+def run_task(task: Any, cfg: DictConfig) -> Any:
+    """Runs an entry point's task. A :class:`PipelineError` ends a single run with its message
+    on stderr and exit code 1: the message says what is wrong and how to fix it, and a traceback
+    would bury it. In a multirun it propagates, for the sweeper to record and go on."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return task(cfg)
+    except Interrupted as err:  # in a multirun too: the whole process is being stopped
+        print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except PipelineError as err:
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+class Interrupted(Exception):
+    """The run stopped early on request (a preemption signal) and can be resumed; the CLI
+    exits with ``exit_code`` (see ``preemption.exit_code``)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} configuration problem(s):\n{lines}")
