@@ -308,7 +308,7 @@ def test_sweep_through_submitit_launcher(tmp_path):
 def test_progress_line_counts_trials_and_names_the_best(tmp_path):
     import optuna
 
-    from pipeline.sweep import progress_line
+    from pipeline.sweep_loop import progress_line
 
     study = optuna.create_study(direction="minimize")
     assert progress_line(study, 4, ["tuned/eval/loss"]) == "trials 0/4 done (none yet)"
