@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.adapters import ADAPTERS, AdapterSettings
 from pipeline.errors import ConfigError
-from pipeline.precision import PRECISIONS
+from pipeline.precision import LOSS_PRECISIONS, PRECISIONS
 from pipeline.schema import (CONF_DIR, ArchitectureInfo, DataConfig, EvaluationConfig, ModelConfig,
                              PreemptionConfig, TrainerConfig)
 
@@ -28,6 +28,7 @@ CHOICES = {
     "model.source": ("hub", "gguf", "tiny"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "trainer.precision": PRECISIONS,
+    "evaluation.loss_precision": LOSS_PRECISIONS,
     "trainer.nan_policy": ("stop", "skip"),
     "trainer.sampling": ("random", "group_by_length", "sequential"),
     "objective.direction": ("minimize", "maximize"),
@@ -194,8 +195,6 @@ def _check_evaluation(cfg: DictConfig) -> List[str]:
                         "e.g. evaluation.labels=[positive,negative]")
     if ev.max_examples is not None and ev.max_examples <= 0:
         problems.append(f"evaluation.max_examples={ev.max_examples} must be > 0 or null")
-    if ev.loss_precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"evaluation.loss_precision={ev.loss_precision!r}: use auto, fp32 or bf16")
     if ev.batch_size <= 0 or ev.decoding.max_new_tokens <= 0:
         problems.append("evaluation.batch_size and evaluation.decoding.max_new_tokens must be > 0")
     if ev.during_training and not (cfg.trainer.eval_steps and cfg.data.validation_size > 0

@@ -88,7 +88,7 @@ CASES = [
     ("zero_steps", ["trainer.max_steps=0"], "trainer.max_steps or trainer.num_train_epochs must be > 0"),
     ("unknown_precision", ["trainer.precision=fp8"], "trainer.precision='fp8' is not one of auto, fp32, bf16, fp16"),
     ("unknown_loss_precision", ["evaluation.loss_precision=fp16"],
-     "evaluation.loss_precision='fp16': use auto, fp32 or bf16"),
+     "evaluation.loss_precision='fp16' is not one of auto, fp32, bf16"),
     ("unknown_nan_policy", ["trainer.nan_policy=ignore"], "trainer.nan_policy='ignore' is not one of stop, skip"),
     ("typo_in_trainer_extra", ["+trainer.extra.lerning_rate=1"],
      "trainer.extra.lerning_rate is not a TrainingArguments field; did you mean learning_rate"),
