@@ -3,6 +3,7 @@
     python benchmarks/sweep_pruning.py                               # embedded default, 30 min each
     python benchmarks/sweep_pruning.py --budget-min 12
     python benchmarks/sweep_pruning.py --budget-min 2 model=tiny_llama debug=fast   # a smoke test
+    python benchmarks/sweep_pruning.py --pruner '{_target_: optuna.pruners.SuccessiveHalvingPruner, min_resource: 5, reduction_factor: 4}' --baseline earlier.json
 
 Both sweeps run `python -m pipeline.train -m sweep=<sweep> sweep.timeout_min=<budget>` with the
 same sampler seed on the same data, everything else as shipped; the second with
@@ -71,16 +72,27 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=30.0, help="wall-clock budget of each sweep")
     parser.add_argument("--max-trials", type=int, default=500, help="sweep.n_trials (the budget ends it first)")
     parser.add_argument("--metric", default="tuned/test/bleu", help="the test metric to compare")
+    parser.add_argument("--pruner", help="the pruner to measure, as a sweep.pruner override value "
+                        "(a preset name or {_target_: ...}; default: the sweep's own)")
+    parser.add_argument("--baseline", type=Path, help="the last line (JSON) of an earlier run of this "
+                        "script with the same sweep, budget and overrides: its unpruned sweep and "
+                        "default config are reused instead of run again (half the time)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    chosen = [f"sweep.pruner={args.pruner}"] if args.pruner else []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        pruned = run_sweep("bench_pruned", out, args, [])
-        full = run_sweep("bench_unpruned", out, args, ["sweep.pruner=null"])
-        default = run_default(out, args)
+        pruned = run_sweep("bench_pruned", out, args, chosen)
+        if args.baseline:
+            earlier = json.loads(args.baseline.read_text().strip().splitlines()[-1])
+            full, default = earlier["unpruned"], earlier["default"]
+        else:
+            full = run_sweep("bench_unpruned", out, args, ["sweep.pruner=null"])
+            default = run_default(out, args)
     n = min(pruned["trials"], full["trials"])
     print(f"sweep={args.sweep}, budget {args.budget_min:g} min each, same sampler seed; "
-          f"overrides: {' '.join(args.overrides) or 'none (embedded default)'}")
+          f"pruner: {args.pruner or 'as shipped'}; overrides: {' '.join(args.overrides) or 'none (embedded default)'}"
+          + (f"; unpruned sweep and default config from {args.baseline}" if args.baseline else ""))
     print("| sweep | trials (complete) | training steps | steps, first %d trials | pruning evals s "
           "| best validation objective | best trial's %s |" % (n, args.metric))
     print("|---|---:|---:|---:|---:|---:|---:|")
