@@ -248,6 +248,7 @@ def test_measurement_undoes_the_autocast_accelerate_leaves_after_bf16_training(t
     with torch.no_grad():
         expected = tiny_model(input_ids=ids).logits
     model = copy.deepcopy(tiny_model)
+    AcceleratorState._reset_state(True)  # an earlier test's Trainer may have set another precision
     try:
         Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
     finally:
