@@ -103,8 +103,9 @@ def resolve_loss(requested: str) -> Choice:
 
     ``auto`` picks bf16 autocast where the hardware multiplies bf16 natively, whatever the run
     trains in, so that runs on one machine are measured alike. A loss is a mean over every
-    completion token; bf16 moved it by 0.06% to 0.55% relative on the default model
-    (``benchmarks/eval_loss.py``), at a third of fp32's time on an AVX512-bf16 CPU. The report
+    completion token; bf16 moved it by 0.03% to 1.1% relative (base and tuned models, the
+    embedded default and an 8,000-row classification file: ``benchmarks/eval_loss.py``,
+    ``benchmarks/README.md``), at a third of fp32's time on an AVX512-bf16 CPU. The report
     warns when the runs it compares were measured in different precisions.
     """
     if requested not in LOSS_PRECISIONS:

@@ -118,7 +118,7 @@ def precision_lines(runs: List["Run"]) -> List[str]:
         return []
     found = ", ".join(f"{p} in {n} run(s)" for p, n in sorted(counts.items()))
     return ["", "## Measured differently", "",
-            f"- Losses were measured in {found}: bf16 moves a loss by up to about 0.5% "
+            f"- Losses were measured in {found}: bf16 moves a loss by up to about 1% "
             "(benchmarks/eval_loss.py), so loss differences between these runs include that. "
             "For runs on mixed machines, set `evaluation.loss_precision=fp32` for all."]
 

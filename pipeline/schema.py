@@ -214,7 +214,7 @@ class EvaluationConfig:
     max_examples: Optional[int] = 100  # per set
     batch_size: int = 16
     # Loss and perplexity under bf16 autocast (auto: where the hardware multiplies bf16
-    # natively; about 3x faster on an AVX512-bf16 CPU, losses moved by up to ~0.5%) or fp32.
+    # natively; about 3x faster on an AVX512-bf16 CPU, losses moved by up to ~1%) or fp32.
     # Generation always runs in the model's own dtype. The choice is in run.json.
     loss_precision: str = "auto"  # auto | fp32 | bf16
     metrics: List[str] = field(default_factory=list)
