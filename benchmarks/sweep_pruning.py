@@ -7,7 +7,8 @@
 
 Both sweeps run `python -m pipeline.train -m sweep=<sweep> sweep.timeout_min=<budget>` with the
 same sampler seed on the same data, everything else as shipped; the second with
-`sweep.pruner=null`. Each has its own base-measurement cache, so each pays for measuring the base
+`sweep.pruner=null trainer.eval_steps=null` (without a pruner, evaluations during training would
+buy nothing). Each has its own base-measurement cache, so each pays for measuring the base
 once. Then the default config (`python -m pipeline.train`) runs once for its test BLEU.
 
 Reported per sweep: trials finished, training steps (a complete trial's final step, a pruned
@@ -87,7 +88,7 @@ def main() -> None:
             earlier = json.loads(args.baseline.read_text().strip().splitlines()[-1])
             full, default = earlier["unpruned"], earlier["default"]
         else:
-            full = run_sweep("bench_unpruned", out, args, ["sweep.pruner=null"])
+            full = run_sweep("bench_unpruned", out, args, ["sweep.pruner=null", "trainer.eval_steps=null"])
             default = run_default(out, args)
     n = min(pruned["trials"], full["trials"])
     print(f"sweep={args.sweep}, budget {args.budget_min:g} min each, same sampler seed; "

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -326,13 +326,53 @@ def record_metrics(trial: Optional[Any], metrics: Dict[str, Any]) -> None:
                                         if isinstance(v, (int, float))})
 
 
-def pruning_callback(trial: Any, metric: str) -> Any:
-    """A TrainerCallback reporting ``metric`` at each evaluation and stopping a pruned trial."""
+def pruner_rungs(cfg: DictConfig) -> Optional[Tuple[int, int]]:
+    """``(min_resource, reduction_factor)`` when the pruner is successive halving or Hyperband.
+
+    Those decide only at steps ``min_resource * reduction_factor**k`` (every bracket of Hyperband
+    too), so a trial evaluates there and nowhere else. None for other pruners (the median pruner
+    reads every evaluation) and for ``min_resource: auto`` (its rungs are known only later).
+    """
+    spec = cfg.sweep.pruner
+    if spec is None:
+        return None
+    spec = OmegaConf.create(PRUNERS[spec](cfg)) if isinstance(spec, str) else spec
+    kind = str(spec.get("_target_", "")).rsplit(".", 1)[-1]
+    defaults = {"SuccessiveHalvingPruner": ("auto", 4), "HyperbandPruner": (1, 3)}  # Optuna's
+    if kind not in defaults:
+        return None
+    low = spec.get("min_resource", defaults[kind][0])
+    factor = spec.get("reduction_factor", defaults[kind][1])
+    return (low, factor) if isinstance(low, int) and isinstance(factor, int) else None
+
+
+def is_rung(step: int, rungs: Tuple[int, int]) -> bool:
+    """Whether successive halving with ``rungs = (min_resource, reduction_factor)`` decides at
+    ``step``: 5, 15, 45, ... for (5, 3)."""
+    low, factor = rungs
+    if step < low or step % low:
+        return False
+    multiple = step // low
+    while multiple % factor == 0:
+        multiple //= factor
+    return multiple == 1
+
+
+def pruning_callback(trial: Any, metric: str, rungs: Optional[Tuple[int, int]] = None) -> Any:
+    """A TrainerCallback reporting ``metric`` at each evaluation and stopping a pruned trial.
+
+    With ``rungs`` (see :func:`pruner_rungs`), evaluations happen only at the steps where the
+    pruner decides: the evaluations in between would cost as much and change nothing.
+    """
     import optuna
     from transformers import TrainerCallback
 
     class Pruning(TrainerCallback):
         evaluations, seconds = 0, 0.0  # what reporting cost: kept on the trial
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if rungs is not None:  # runs after the Trainer's own schedule, and overrides it
+                control.should_evaluate = is_rung(state.global_step, rungs)
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if metrics is None or not state.is_world_process_zero:
@@ -356,7 +396,7 @@ def callbacks(cfg: DictConfig, trial: Optional[Any]) -> list:
     """The pruning callback when this job is a trial of a sweep with a pruner."""
     if trial is None or cfg.sweep.pruner is None:
         return []
-    return [pruning_callback(trial, intermediate_metric(cfg))]
+    return [pruning_callback(trial, intermediate_metric(cfg), pruner_rungs(cfg))]
 
 
 def is_pruned(err: BaseException) -> bool:

@@ -212,6 +212,16 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
             count = torch.as_tensor(real_tokens(inputs), device=self.args.device, dtype=torch.int64)
             self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
 
+        def evaluate(self, *args, **kwargs):
+            # Every data loader iteration draws its seed from the global RNG: without the fork,
+            # each evaluation would shift all later dropout masks and shuffles, and a run that
+            # evaluates every few steps (a sweep trial, for its pruner) would train another
+            # model than the same config without evaluations.
+            device = self.args.device
+            devices = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                return super().evaluate(*args, **kwargs)
+
         def evaluation_loop(self, *args, **kwargs):
             output = super().evaluation_loop(*args, **kwargs)
             prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")

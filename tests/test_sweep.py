@@ -217,7 +217,10 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
     for t in pruned:
         info = read_json(folder / f"trial_{t.number}" / "run.json")
         assert info["status"] == "pruned" and "TrialPruned" in info["error"]
-        assert t.last_step in (2, 4)
+        assert t.last_step == 2
+    # Trials evaluate only where successive halving decides (eval_steps=2: rungs 2, 6, ...), so
+    # not at step 4, where an evaluation every eval_steps would cost as much and decide nothing.
+    assert all(set(t.intermediate_values) == {2} for t in trials if t.state.name in ("COMPLETE", "PRUNED"))
     # The injected trial failed alone, with its error; the rest went on.
     injected = trials[0]
     assert injected.state.name == "FAIL" and "adapter.lora_dropout=1.5 must be in [0, 1)" in injected.user_attrs["error"]
@@ -342,6 +345,18 @@ def test_pruner_presets_and_their_first_rung(tmp_path):
     median = compose_sweep("lora_rank_alpha_lr", tmp_path, "sweep.pruner=median")
     assert isinstance(sweep.make_pruner(median), optuna.pruners.MedianPruner) and sweep.check(median) == []
     assert isinstance(sweep.make_pruner(compose_sweep("qlora_rank_alpha_lr", tmp_path)), optuna.pruners.HyperbandPruner)
+    # Where they decide, so where trials evaluate: eval_steps x 3^k for both presets, nowhere for
+    # the median pruner (it reads every evaluation).
+    assert sweep.pruner_rungs(cfg) == (7, 3) and sweep.pruner_rungs(median) is None
+    assert sweep.pruner_rungs(compose_sweep("qlora_rank_alpha_lr", tmp_path)) == (5, 3)
+    assert [s for s in range(1, 200) if sweep.is_rung(s, (7, 3))] == [7, 21, 63, 189]
+    assert [s for s in range(1, 70) if sweep.is_rung(s, (4, 4))] == [4, 16, 64]
+    halving = compose_sweep("lora_rank_alpha_lr", tmp_path,
+                            "sweep.pruner={_target_: optuna.pruners.SuccessiveHalvingPruner}")
+    assert sweep.pruner_rungs(halving) is None  # min_resource: auto, known only later
+    with open_dict(halving):
+        halving.sweep.pruner.min_resource = 2
+    assert sweep.pruner_rungs(halving) == (2, 4)  # Optuna's default reduction factor
     bad = compose_sweep("lora_rank_alpha_lr", tmp_path, "sweep.pruner=halving", "sweep.timeout_min=0",
                         "sweep.max_memory_gb=-1")
     problems = "\n".join(sweep.check(bad))

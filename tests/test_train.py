@@ -75,6 +75,28 @@ def test_each_method_trains_saves_and_reloads(method, tmp_path):
             torch.testing.assert_close(tuned(ids).logits, base_logits)
 
 
+def test_evaluations_during_training_do_not_change_what_is_trained(tmp_path):
+    """Each evaluation's data loader draws a seed from the global RNG; unless evaluation leaves the
+    RNG as it found it, every later dropout mask shifts, and a sweep trial (which evaluates every
+    few steps so its pruner can act) trains another model than the same config run alone."""
+    from safetensors.torch import load_file
+
+    common = [*FAST, "adapter.lora_dropout=0.3", "trainer.max_steps=6", "trainer.save_steps=null"]
+    run_train([*common, "trainer.eval_steps=1"], tmp_path / "evaluated")
+    run_train([*common, "trainer.eval_steps=null"], tmp_path / "alone")
+
+    def losses(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        return [row["train/loss"] for row in rows if "train/loss" in row]
+
+    assert len(losses(tmp_path / "evaluated")) == 6
+    assert losses(tmp_path / "evaluated") == losses(tmp_path / "alone")
+    evaluated = load_file(tmp_path / "evaluated" / "adapter" / "adapter_model.safetensors")
+    alone = load_file(tmp_path / "alone" / "adapter" / "adapter_model.safetensors")
+    for name, weight in alone.items():
+        assert torch.equal(evaluated[name], weight), name
+
+
 def test_resume_auto_continues_the_unfinished_run(tmp_path):
     overrides = [*FAST, "trainer.save_steps=2", "trainer.eval_steps=null"]
     first = tmp_path / "runs" / "2026-01-01" / "10-00-00_lora"
