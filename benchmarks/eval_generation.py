@@ -3,7 +3,7 @@
     python benchmarks/eval_generation.py                 # 100 prompts batched, 16 one by one
     python benchmarks/eval_generation.py --examples 100 --batch-size 16 --single 16
 
-Prints the wall time of evaluating `--examples` prompts through `pipeline.evaluation.generate`
+Prints the wall time of evaluating `--examples` prompts through `pipeline.scoring.generate`
 (batched, length-sorted, left padding) and the throughput ratio against generating `--single`
 prompts one at a time, with the same greedy decoding and max_new_tokens.
 """
@@ -15,7 +15,7 @@ import os
 import time
 
 from pipeline import config as C, data, model as models
-from pipeline.evaluation import generate
+from pipeline.scoring import generate
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python benchmarks/eval_loss.py --cases default
 
 For each case the run's own loss sets (validation and test, after the pipeline's caps) are
-measured on the base model through `pipeline.evaluation.evaluate_loss`, once in fp32 and once
+measured on the base model through `pipeline.scoring.evaluate_loss`, once in fp32 and once
 under bf16 autocast, alternating per set after one warm-up batch of each. Prints seconds, tokens
 per second, the speed ratio and the relative difference of the losses. bf16 pays off only where
 the CPU multiplies it natively (AVX512-bf16/AMX); elsewhere `loss_precision=auto` keeps fp32.
@@ -34,7 +34,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pipeline import data, evaluation, model as models, packing
+    from pipeline import data, scoring, model as models, packing
     from pipeline.precision import cpu_kind
     from whole_run import case_overrides, classification_file
 
@@ -58,11 +58,11 @@ def main() -> None:
         for name, ds in sets.items():
             warm = ds.select(range(min(batch, len(ds))))
             for bf16 in (False, True):
-                evaluation.evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
+                scoring.evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
             seconds, losses = {}, {}
             for bf16 in (False, True):
                 start = time.perf_counter()
-                losses[bf16] = evaluation.evaluate_loss(model, ds, collate, batch, name, bf16=bf16)[f"{name}/loss"]
+                losses[bf16] = scoring.evaluate_loss(model, ds, collate, batch, name, bf16=bf16)[f"{name}/loss"]
                 seconds[bf16] = time.perf_counter() - start
             tokens = sum(len(ids) for ids in ds["input_ids"])
             diff = abs(losses[True] - losses[False]) / losses[False]

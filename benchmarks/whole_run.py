@@ -90,7 +90,7 @@ def script(out: Path, overrides: list) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pipeline import data, evaluation, metrics as M, model as models
+    from pipeline import data, scoring, metrics as M, model as models
     from pipeline.precision import resolve, resolve_loss
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -105,7 +105,7 @@ def script(out: Path, overrides: list) -> None:
     set_seed(cfg.seed)
     tokenizer = models.load_tokenizer(folder, cfg.model)
     splits = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer)
-    evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
+    evaluator = scoring.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
                                            plain_template=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.config.use_cache = False
@@ -131,7 +131,7 @@ def script(out: Path, overrides: list) -> None:
                     tokens += int((labels[:, 1:] != -100).sum())
             result[f"{name}/loss"] = nll / tokens
         for s in evaluator.sets:
-            outputs = evaluation.generate(model, tokenizer, s.prompts, cfg.evaluation.decoding,
+            outputs = scoring.generate(model, tokenizer, s.prompts, cfg.evaluation.decoding,
                                           cfg.evaluation.batch_size)
             values, _ = M.compute(list(cfg.evaluation.metrics), outputs, s.references,
                                   labels=list(cfg.evaluation.labels) if cfg.evaluation.labels else None)

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from pipeline.evaluation import Evaluator, Measurement
+from pipeline.scoring import Evaluator, Measurement
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
         quantization: the adapter's quantisation settings (None for a float base).
         evaluator: the run's evaluation sets and settings.
     """
-    from pipeline.tracking import package_versions
+    from pipeline.runfolder import package_versions
 
     settings = {k: v for k, v in model_settings.items() if k not in ("name", "gradient_checkpointing")}
     evaluation = evaluator.cfg
@@ -136,7 +136,7 @@ def _incomplete(payload: Dict[str, Any], key: str, measurement: Measurement, eva
 
 def store(cache_dir: str, key: str, measurement: Measurement) -> Path:
     """Writes the entry atomically (a reader sees the whole file or none)."""
-    from pipeline.tracking import write_json
+    from pipeline.runfolder import write_json
 
     path = entry_path(cache_dir, key)
     write_json(path, {"fingerprint": key, "format": FORMAT, "metrics": measurement.metrics,

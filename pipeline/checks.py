@@ -128,6 +128,8 @@ def _check_model(model: ModelConfig) -> List[str]:
             problems.append("model.tiny must describe the architecture with model.source=tiny")
         elif model.tiny.architecture not in ("llama", "gpt2"):
             problems.append(f"model.tiny.architecture={model.tiny.architecture!r} is not one of llama, gpt2")
+        elif model.tiny.dtype not in ("float32", "bfloat16"):
+            problems.append(f"model.tiny.dtype={model.tiny.dtype!r} is not one of float32, bfloat16")
         if not model.tokenizer:
             problems.append("model.tokenizer is required with model.source=tiny (whose tokenizer to use)")
     return problems
@@ -151,7 +153,7 @@ def _check_trainer(trainer: TrainerConfig) -> List[str]:
         if value is not None and value <= 0:
             problems.append(f"trainer.{key}={value} must be > 0 or null")
     if trainer.extra:
-        from pipeline.training import unknown_extra_keys
+        from pipeline.trainer import unknown_extra_keys
 
         problems += unknown_extra_keys(trainer.extra)
     return problems

@@ -246,7 +246,7 @@ class Difference:
 
 
 def read_predictions(path: Path) -> Rows:
-    """The rows of one run's ``eval/predictions.jsonl`` (see ``evaluation.write_predictions``)."""
+    """The rows of one run's ``eval/predictions.jsonl`` (see ``scoring.write_predictions``)."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

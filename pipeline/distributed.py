@@ -134,7 +134,7 @@ def trainer_arguments(cfg: DistributedConfig, run_dir: Path) -> Dict[str, Any]:
     """
     args: Dict[str, Any] = {"ddp_backend": cfg.backend} if cfg.backend else {}
     if cfg.strategy == "deepspeed":
-        from pipeline.tracking import write_json
+        from pipeline.runfolder import write_json
 
         args["deepspeed"] = deepspeed_config(cfg)
         if is_main_process():
@@ -154,7 +154,7 @@ def join_process_group(cfg: DistributedConfig, run_dir: Path) -> Path:
     import torch
     import torch.distributed as dist
 
-    from pipeline.tracking import move_log_handlers
+    from pipeline.runfolder import move_log_handlers
 
     if world_size() <= 1:
         return run_dir

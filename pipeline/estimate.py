@@ -126,7 +126,7 @@ def count_for_config(cfg: Any) -> ParameterCounts:
 
     from pipeline import model as models
 
-    folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
+    folder = models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
     architecture = models.describe(folder, cfg.model)
     config = AutoConfig.from_pretrained(folder, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
@@ -190,21 +190,38 @@ def describe(cfg: Any, counts: ParameterCounts) -> str:
     return head + "\n" + for_config(cfg, counts).table()
 
 
-def main(argv: list) -> int:
-    """Composes the ``train`` config from ``argv`` overrides and prints the estimate."""
+def compose_train(argv: list) -> Any:
+    """The validated ``train`` config for ``argv`` overrides (raises ``ConfigError``)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from pipeline import config as C
 
+    GlobalHydra.instance().clear()
     with initialize_config_dir(str(C.CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["paths.run_dir=.", *argv], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
+    C.validate(cfg)
+    return cfg
+
+
+def predict(argv: list) -> MemoryEstimate:
+    """The estimate for ``pipeline.train`` with ``argv`` overrides (benchmarks compare it with
+    what a run measures)."""
+    cfg = compose_train(argv)
+    return for_config(cfg, count_for_config(cfg))
+
+
+def main(argv: list) -> int:
+    """Composes the ``train`` config from ``argv`` overrides and prints the estimate."""
+    from pipeline import config as C
+
     try:
-        C.validate(cfg)
+        cfg = compose_train(argv)
     except C.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

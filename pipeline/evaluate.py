@@ -15,36 +15,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import data, evaluation, model as models, packing, tracking, training
+from pipeline import data, scoring, model as models, packing, runfolder, trainer
 
 log = logging.getLogger("pipeline.evaluate")
-
-
-def read_run(run: str) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
-    """Data, base model, adapter settings and artifact folder (adapter/ or model/) of a run
-    folder, from its config.yaml.
-
-    Raises:
-        ConfigError: when ``run`` is not a run folder or has no artifact.
-    """
-    run_dir = Path(run)
-    if not (run_dir / "config.yaml").exists():
-        raise C.ConfigError([f"run={run!r} is not a run folder (no config.yaml)"])
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    data_cfg = C.typed(C.DataConfig, saved.data)
-    model_cfg = C.typed(C.ModelConfig, saved.model)
-    settings = C.typed(C.ADAPTERS[saved.adapter.method], saved.adapter)
-    artifact = next((run_dir / n for n in ("adapter", "model") if (run_dir / n).exists()), None)
-    if artifact is None:
-        status = tracking.read_json(run_dir / "run.json").get("status") if (run_dir / "run.json").exists() else None
-        raise C.ConfigError([f"run={run!r} has no adapter/ or model/ folder (status: {status})"])
-    return data_cfg, model_cfg, settings, artifact
 
 
 def _source(cfg: DictConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
     """Data, model, adapter settings and artifact folder: from the run folder when given."""
     if cfg.run:
-        return read_run(cfg.run)
+        return runfolder.read_run(cfg.run)
     if not cfg.adapter_path:
         raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter or model folder>"])
     return (OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.model),
@@ -66,25 +45,25 @@ def _models(folder: str, model_cfg: C.ModelConfig, settings: Any, artifact: Path
 
 def evaluate(cfg: DictConfig) -> dict:
     """Measures base and tuned model on the configured sets; returns the metrics."""
-    run = tracking.RunFolder(Path(cfg.paths.run_dir))
+    run = runfolder.RunFolder(Path(cfg.paths.run_dir))
     run.start(cfg, list(hydra.core.hydra_config.HydraConfig.get().overrides.task))
     try:
         data_cfg, model_cfg, settings, artifact = _source(cfg)
         folder = models.resolve_folder(model_cfg, cfg.paths.cache_dir, data_cfg.seed)
         tokenizer = models.load_tokenizer(folder, model_cfg)
         splits = data.build_datasets(data_cfg, tokenizer)
-        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=data_cfg.seed,
+        evaluator = scoring.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=data_cfg.seed,
                                                plain_template=data_cfg.template == "plain")
         tuned_model, base_model = _models(folder, model_cfg, settings, artifact)
-        args = training.training_arguments(
+        args = trainer.training_arguments(
             C.TrainerConfig(per_device_eval_batch_size=cfg.evaluation.batch_size), run.path / "tmp",
             cfg.seed, has_eval=False, report_to=[], run_name=run.path.name)
 
-        def measure(model: Any, label: str) -> evaluation.Measurement:
-            trainer = training.build_trainer(model, tokenizer, args, None, None,
-                                             packing.collator(tokenizer, False), "stop",
-                                             run.path / "history.jsonl")
-            return evaluator.measure(trainer, label)
+        def measure(model: Any, label: str) -> scoring.Measurement:
+            hf_trainer = trainer.build_trainer(model, tokenizer, args, None, None,
+                                               packing.collator(tokenizer, False), "stop",
+                                               run.path / "history.jsonl")
+            return evaluator.measure(hf_trainer, label)
 
         if base_model is None:
             with tuned_model.disable_adapter():
@@ -92,10 +71,10 @@ def evaluate(cfg: DictConfig) -> dict:
         else:
             base = measure(base_model, "base")
         tuned = measure(tuned_model, "tuned")
-        metrics = training.compare(base.metrics, tuned.metrics)
-        evaluation.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
+        metrics = trainer.compare(base.metrics, tuned.metrics)
+        scoring.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         run.write_metrics(metrics)
-        print("base vs tuned:\n" + evaluation.comparison_table(metrics))
+        print("base vs tuned:\n" + scoring.comparison_table(metrics))
         run.finish("success", evaluated=str(artifact))
         return metrics
     except BaseException as err:

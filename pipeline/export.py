@@ -67,7 +67,7 @@ def resolve_sweep(cfg: DictConfig) -> None:
 def read_source(cfg: DictConfig) -> ExportSource:
     resolve_sweep(cfg)
     if cfg.run:
-        from pipeline.evaluate import read_run
+        from pipeline.runfolder import read_run
 
         data_cfg, model_cfg, settings, artifact = read_run(cfg.run)
         return ExportSource(model_cfg, artifact, settings.quantization(), Path(cfg.run), data_cfg.seed)
@@ -128,7 +128,7 @@ def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Pat
 
     import time
 
-    from pipeline.tracking import folder_size_mb
+    from pipeline.runfolder import folder_size_mb
 
     started = time.monotonic()
     tokenizer = models.load_tokenizer(folder, source.model_cfg)
@@ -188,12 +188,12 @@ def write_adapter(cfg: DictConfig, source: ExportSource, folder: str, target: Pa
 
 
 def _provenance(tmp: Path, source: ExportSource, folder: str, merged: bool) -> None:
-    from pipeline import tracking
+    from pipeline import runfolder
 
-    tracking.write_json(tmp / "export.json", {
+    runfolder.write_json(tmp / "export.json", {
         "run": str(source.run) if source.run else None, "artifact": str(source.artifact),
         "base": folder, "base_model": source.model_cfg.name, "merged": merged,
-        "quantized_base": bool(source.quantization), "packages": tracking.package_versions()})
+        "quantized_base": bool(source.quantization), "packages": runfolder.package_versions()})
 
 
 def _replace_folder(target: Path, write: Any) -> None:

@@ -76,22 +76,29 @@ def _tiny_config(tiny: TinyModelConfig, tokenizer: Any) -> Any:
 
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
+    vocab_size = tiny.vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ModelError(f"model.tiny.vocab_size={vocab_size} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} tokens; raise it or set it to null")
     if tiny.architecture == "gpt2":
-        return GPT2Config(vocab_size=len(tokenizer), n_embd=tiny.hidden_size, n_layer=tiny.num_layers,
+        return GPT2Config(vocab_size=vocab_size, n_embd=tiny.hidden_size, n_layer=tiny.num_layers,
                           n_head=tiny.num_heads, n_positions=tiny.max_position_embeddings, **special)
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=tiny.hidden_size,
                        intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_layers,
                        num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_kv_heads,
                        max_position_embeddings=tiny.max_position_embeddings,
-                       tie_word_embeddings=True, **special)
+                       tie_word_embeddings=tiny.tie_word_embeddings, **special)
 
 
-def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int) -> Path:
+def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int, weights: bool = True) -> Path:
+    """The random model's folder; ``weights=False``: its config and tokenizer only (enough to
+    describe and count it, in seconds even at a real model's shape)."""
     from omegaconf import OmegaConf
 
     spec = json.dumps({"tiny": OmegaConf.to_container(OmegaConf.structured(cfg.tiny)),
                        "tokenizer": cfg.tokenizer, "seed": seed}, sort_keys=True)
-    target = cache_dir / "models" / f"{cfg.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+    name = f"{cfg.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+    target = cache_dir / "models" / (name if weights else name + "-config")
     if (target / "config.json").exists():
         return target
 
@@ -99,14 +106,55 @@ def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_folder(load_option("model", cfg.tokenizer),
-                                                                 cache_dir, seed))
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(_tiny_config(cfg.tiny, tokenizer))
-        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(cfg.tokenizer, cache_dir, seed))
+        config = _tiny_config(cfg.tiny, tokenizer)
+        if weights:
+            torch.manual_seed(seed)
+            # On the GPU when there is one: initialising billions of weights there takes seconds.
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.tiny.dtype))
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
+    if weights:
+        log.info("Building the random model %s once into %s (later runs load the cache)", cfg.name, target)
     return _atomic_folder(target, build)
+
+
+def _tokenizer_folder(name: str, cache_dir: Path, seed: int) -> str:
+    """Where a random model's tokenizer comes from: a folder, or model option ``name``'s. A GGUF
+    option's tokenizer is extracted alone into the cache (seconds; its weights stay unconverted),
+    keyed by package and file name, so a cache that holds it needs no package."""
+    if name and Path(os.path.expanduser(name)).is_dir():
+        return os.path.expanduser(name)
+    option = load_option("model", name)
+    if option.source != "gguf":
+        return resolve_folder(option, cache_dir, seed)
+    from pipeline import atomic
+
+    target = cache_dir / "tokenizers" / f"{option.gguf_package}-{Path(option.gguf_file).stem}"
+    if (target / "tokenizer_config.json").exists():
+        return str(target)
+
+    def extract(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        source = _package_dir(option.gguf_package) / option.gguf_file
+        AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(tmp)
+
+    return str(atomic.write_folder(target, extract,
+                                   accept_existing=lambda t: (t / "tokenizer_config.json").exists()))
+
+
+def config_folder(cfg: ModelConfig, cache_dir: Path, seed: int = 0) -> str:
+    """Like :func:`resolve_folder`, but for a random model only its config and tokenizer: what
+    describing and counting it need, without building its weights."""
+    if cfg.source == "tiny":
+        return str(_tiny_folder(cfg, Path(os.path.expanduser(cache_dir)), seed, weights=False))
+    return resolve_folder(cfg, cache_dir, seed)
 
 
 def resolve_folder(cfg: ModelConfig, cache_dir: Path, seed: int = 0) -> str:

@@ -99,7 +99,7 @@ def resolve(requested: str) -> Choice:
 
 def resolve_loss(requested: str) -> Choice:
     """``evaluation.loss_precision``: how evaluation losses are computed (generation always runs
-    in the model's own dtype, see ``pipeline.evaluation.Evaluator.measure``).
+    in the model's own dtype, see ``pipeline.scoring.Evaluator.measure``).
 
     ``auto`` picks bf16 autocast where the hardware multiplies bf16 natively, whatever the run
     trains in, so that runs on one machine are measured alike. A loss is a mean over every

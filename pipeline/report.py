@@ -59,7 +59,7 @@ class Run:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    from pipeline.tracking import read_json
+    from pipeline.runfolder import read_json
 
     return read_json(path) if path.exists() else {}
 

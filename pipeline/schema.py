@@ -109,7 +109,8 @@ class DataConfig:
 
 @dataclass
 class TinyModelConfig:
-    """A randomly initialised model built from a config (tests, ``debug=fast``)."""
+    """A randomly initialised model built from a config: tiny for tests and ``debug=fast``, or a
+    real model's shape (``model=synthetic_llama_8b``) to measure memory and speed offline."""
 
     architecture: str = "llama"  # llama | gpt2
     hidden_size: int = 64
@@ -118,6 +119,9 @@ class TinyModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
+    vocab_size: Optional[int] = None  # null: the tokenizer's; a real model's size counts its rows
+    tie_word_embeddings: bool = True
+    dtype: str = "float32"  # the stored random weights: float32 | bfloat16
 
 
 @dataclass

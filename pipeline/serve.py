@@ -76,7 +76,7 @@ def resolve_sweep(cfg: DictConfig) -> None:
 def base_cfg(cfg: DictConfig) -> C.ModelConfig:
     """The base model: the run's (from its config.yaml) when ``run`` is given, else ``model``."""
     if cfg.run:
-        from pipeline.evaluate import read_run
+        from pipeline.runfolder import read_run
 
         return read_run(cfg.run)[1]
     return OmegaConf.to_object(cfg.model)
@@ -85,7 +85,7 @@ def base_cfg(cfg: DictConfig) -> C.ModelConfig:
 def base_seed(cfg: DictConfig) -> int:
     """A tiny base model is rebuilt from its seed: the run's, when serving a run."""
     if cfg.run:
-        from pipeline.evaluate import read_run
+        from pipeline.runfolder import read_run
 
         return read_run(cfg.run)[0].seed
     return cfg.seed

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import tracking
+from pipeline import runfolder
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -216,7 +216,7 @@ def make_storage(url: str, heartbeat_s: Optional[int] = None) -> Any:
 def _mark_stale_run(study: Any, trial: Any) -> None:
     """A trial whose worker died: its run folder (when this machine sees it) says so too."""
     run_dir = trial.user_attrs.get("run_dir")
-    run = tracking.RunFolder(Path(run_dir)) if run_dir else None
+    run = runfolder.RunFolder(Path(run_dir)) if run_dir else None
     if run is not None and run.info_path.exists() and run.info().get("status") == "running":
         run.update(status="failed", error="the sweep worker stopped while this trial ran "
                    "(no heartbeat for 2 x sweep.heartbeat_s)")
@@ -295,7 +295,7 @@ def job_trial(cfg: DictConfig) -> Optional[Any]:
     return optuna.trial.Trial(study, trial_id)
 
 
-def start_trial(cfg: DictConfig, run: tracking.RunFolder) -> Optional[Any]:
+def start_trial(cfg: DictConfig, run: runfolder.RunFolder) -> Optional[Any]:
     """Stores the job's resolved config and run folder on its trial; returns the trial."""
     trial = job_trial(cfg)
     if trial is not None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig
 
 from pipeline import config as C
-from pipeline import sweep_report, tracking
+from pipeline import runfolder, sweep_report
 from pipeline.sweep import (COUNTED, _format, _instantiate, check, is_pruned, make_pruner, make_storage,
                             objectives, overrides, storage_url, suggest)
 
@@ -145,7 +145,7 @@ def _tell(study: Any, trial: Any, job: Any, metric_names: List[str]) -> str:
         # Trial.user_attrs is this process's cached copy; the job wrote to the storage.
         metrics = study._storage.get_trial_user_attrs(trial._trial_id).get("metrics", {})
         try:
-            values = [tracking.objective_value(metrics, name) for name in metric_names]
+            values = [runfolder.objective_value(metrics, name) for name in metric_names]
         except KeyError as err:
             error = err
         else:

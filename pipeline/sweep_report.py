@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from pipeline import atomic, tracking
+from pipeline import atomic, runfolder
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -126,7 +126,7 @@ def report(study: Any, folder: Path, config: DictConfig, passed: Sequence[str],
                "rejected": {t.number: t.user_attrs["rejected"] for t in trials if "rejected" in t.user_attrs},
                "failed": {t.number: t.user_attrs.get("error", "no error recorded: its worker stopped")
                           for t in trials if t.state.name == "FAIL"}}
-    tracking.write_json(folder / "report.json", summary)
+    runfolder.write_json(folder / "report.json", summary)
     text = report_markdown(summary)
     atomic.write_text(folder / "report.md", text)
     log.info("sweep report (%s):\n%s", folder / "report.md", text)

@@ -17,8 +17,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline import (base_cache, checkpoints, data, distributed, estimate, evaluation, model as models,
-                      precision, preemption, sweep, tracking, training)
+from pipeline import (base_cache, checkpoints, data, distributed, estimate, scoring, model as models,
+                      precision, preemption, runfolder, sweep, tracking, trainer)
 
 log = logging.getLogger("pipeline.train")
 
@@ -64,7 +64,7 @@ class _Loaded:
     tokenizer: Any
     splits: data.Splits
     model: Any
-    evaluator: evaluation.Evaluator
+    evaluator: scoring.Evaluator
     summary: dict  # startup figures that go into metrics.json
     zero3_init: Any = None  # held for the job's life (DeepSpeed ZeRO-3 zero.Init)
 
@@ -75,7 +75,7 @@ class _Job:
     measurement) -> save. A resume may switch the run folder (``run``); ``trial`` is the Optuna
     trial when the job is one of a sweep; ``signals`` stop it resumably in any phase."""
 
-    def __init__(self, cfg: DictConfig, run: tracking.RunFolder, overrides: list):
+    def __init__(self, cfg: DictConfig, run: runfolder.RunFolder, overrides: list):
         self.cfg, self.run, self.overrides = cfg, run, overrides
         self.trial = None
         self.signals = preemption.RunSignals(list(cfg.preemption.signals), cfg.preemption.exit_code)
@@ -128,7 +128,7 @@ class _Job:
         model = settings.apply(models.load_model(folder, cfg.model, settings.quantization()), architecture)
         summary = _startup_summary(cfg, model, splits)
         log.info(estimate.describe(cfg, estimate.count_parameters(model)))
-        evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
+        evaluator = scoring.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
                                                plain_template=cfg.data.template == "plain")
         summary.update(evaluator.counts())
         run.update(loss_precision=evaluator.loss_precision.as_record())
@@ -141,7 +141,7 @@ class _Job:
                                             loaded.evaluator)
         self.wandb_run = tracking.start_wandb(cfg, run) if distributed.is_main_process() else None
         sweep.record_wandb(self.trial, self.wandb_run)
-        return training.fit(
+        return trainer.fit(
             cfg.trainer, loaded.model, loaded.tokenizer, loaded.splits, run.path, seed=cfg.seed,
             trains=loaded.settings.trains, packing=cfg.data.packing,
             report_to=["wandb"] if self.wandb_run else [], run_name=run.path.name, resume_from=resume_from,
@@ -157,13 +157,13 @@ class _Job:
         self.signals.enter("saving")
         predictions = run.path / "eval" / "predictions.jsonl"
         if distributed.is_main_process():
-            evaluation.write_predictions(predictions, loaded.evaluator.sets, base, tuned)
+            scoring.write_predictions(predictions, loaded.evaluator.sets, base, tuned)
         metrics.update(loaded.summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
         run.write_metrics(metrics)
-        log.info("base vs tuned:\n%s", evaluation.comparison_table(metrics))
+        log.info("base vs tuned:\n%s", scoring.comparison_table(metrics))
         tracking.finish_wandb(self.wandb_run, metrics, predictions)
         sweep.record_metrics(self.trial, metrics)
-        objective = tracking.objective_value(metrics, cfg.objective.metric)
+        objective = runfolder.objective_value(metrics, cfg.objective.metric)
         run.finish("success", objective={cfg.objective.metric: objective}, phase="done")
         return objective
 
@@ -173,13 +173,13 @@ class _BaseMeasurement:
     the cache of base measurements (cached), or a measurement now (measured). Recorded in
     ``run.json`` as ``base_measurement`` with the fingerprint."""
 
-    def __init__(self, run: tracking.RunFolder, cache_dir: str, key, measurement):
+    def __init__(self, run: runfolder.RunFolder, cache_dir: str, key, measurement):
         self.run, self.cache_dir, self.key, self.measurement = run, cache_dir, key, measurement
 
     @classmethod
-    def find(cls, cfg: DictConfig, run: tracking.RunFolder, folder: str, quantization,
-             evaluator: evaluation.Evaluator) -> "_BaseMeasurement":
-        resumed = evaluation.Measurement.load(run.path / "eval" / "base.json")
+    def find(cls, cfg: DictConfig, run: runfolder.RunFolder, folder: str, quantization,
+             evaluator: scoring.Evaluator) -> "_BaseMeasurement":
+        resumed = scoring.Measurement.load(run.path / "eval" / "base.json")
         key = None
         # Several processes measure together (ZeRO-3 gathers weights collectively): they must
         # agree on measuring, which a cache that another run may fill meanwhile cannot promise.
@@ -195,7 +195,7 @@ class _BaseMeasurement:
         run.update(base_measurement=source, base_fingerprint=key)
         return cls(run, cfg.paths.base_cache_dir, key, resumed or cached)
 
-    def save(self, measured: evaluation.Measurement) -> None:
+    def save(self, measured: scoring.Measurement) -> None:
         """Keeps a new measurement in the run folder (for a resume) and in the cache."""
         if not distributed.is_main_process():
             return
@@ -206,7 +206,7 @@ class _BaseMeasurement:
 
 def _resume_folder(cfg: DictConfig, run_dir: Path, overrides: list) -> Path:
     """For ``resume=auto`` / a path: the run folder to continue (``run_dir`` when none is found)."""
-    found = Path(cfg.resume) if cfg.resume != "auto" else tracking.find_resumable(run_dir, overrides)
+    found = Path(cfg.resume) if cfg.resume != "auto" else runfolder.find_resumable(run_dir, overrides)
     if found is None:
         return run_dir
     if cfg.resume != "auto" and found != run_dir:
@@ -214,13 +214,13 @@ def _resume_folder(cfg: DictConfig, run_dir: Path, overrides: list) -> Path:
     return found.parent.parent if found.name.startswith("checkpoint-") else found
 
 
-def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) -> tracking.RunFolder:
+def _resume_target(cfg: DictConfig, run: runfolder.RunFolder, overrides: list) -> runfolder.RunFolder:
     """For ``resume=auto`` / a path: the run folder to continue (this one when none is found)."""
     found = _resume_folder(cfg, run.path, overrides)
     if found == run.path:
         return run
     log.info("Resuming the run in %s", found)
-    tracking.move_log_handlers(run.path, found)
+    runfolder.move_log_handlers(run.path, found)
     shutil.rmtree(run.path, ignore_errors=True)  # only Hydra's copy of the config was written
     cfg.paths.run_dir = str(found)
     resumed = type(run)(found)
@@ -228,7 +228,7 @@ def _resume_target(cfg: DictConfig, run: tracking.RunFolder, overrides: list) ->
     return resumed
 
 
-def _resume_checkpoint(cfg: DictConfig, run: tracking.RunFolder):
+def _resume_checkpoint(cfg: DictConfig, run: runfolder.RunFolder):
     """The checkpoint to continue from: the one ``resume=<checkpoint>`` names (it must be
     complete), else the run folder's newest complete one (None: start afresh)."""
     if cfg.resume not in ("never", "auto") and Path(cfg.resume).name.startswith("checkpoint-"):
@@ -245,34 +245,34 @@ def _best_metric(cfg: DictConfig, splits: data.Splits):
         if cfg.evaluation.during_training:
             logged += [m.split("/")[-1] for m in C.metric_names(cfg) if m.startswith("tuned/eval/")
                        and not m.endswith(("/loss", "/perplexity"))]
-    return training.best_metric(cfg.objective.metric, cfg.objective.direction, logged)
+    return trainer.best_metric(cfg.objective.metric, cfg.objective.direction, logged)
 
 
-def _run_folder(cfg: DictConfig) -> tracking.RunFolder:
+def _run_folder(cfg: DictConfig) -> runfolder.RunFolder:
     """This process's view of the run folder; every rank of a multi-process run shares rank 0's,
     and only rank 0 writes it (other ranks also log warnings only)."""
     if distributed.world_size() == 1:
-        return tracking.RunFolder(Path(cfg.paths.run_dir))
+        return runfolder.RunFolder(Path(cfg.paths.run_dir))
     cfg.paths.run_dir = str(distributed.join_process_group(cfg.distributed, Path(cfg.paths.run_dir)))
     if distributed.is_main_process():
-        return tracking.RunFolder(Path(cfg.paths.run_dir))
+        return runfolder.RunFolder(Path(cfg.paths.run_dir))
     logging.getLogger().setLevel(logging.WARNING)
-    return tracking.ReplicaRunFolder(Path(cfg.paths.run_dir))
+    return runfolder.ReplicaRunFolder(Path(cfg.paths.run_dir))
 
 
 def _launch_workers(cfg: DictConfig, overrides: list) -> float:
     """Starts ``distributed.nproc_per_node`` workers running this same command and returns the
     objective rank 0 recorded. Checks the config first, so a bad one fails before any launch."""
-    run = tracking.RunFolder(Path(cfg.paths.run_dir))
+    run = runfolder.RunFolder(Path(cfg.paths.run_dir))
     target = run.path
     try:
         C.validate(cfg)
         if cfg.resume != "never":  # the workers join the folder to continue
             target = _resume_folder(cfg, run.path, overrides)
             if target != run.path:
-                tracking.move_log_handlers(run.path, target)
+                runfolder.move_log_handlers(run.path, target)
                 shutil.rmtree(run.path, ignore_errors=True)
-                run = tracking.RunFolder(target)
+                run = runfolder.RunFolder(target)
         distributed.launch(cfg.distributed, "pipeline.train", overrides, target)
     except BaseException as err:
         if not run.info_path.exists():  # failed before rank 0 started: record it here
@@ -283,17 +283,17 @@ def _launch_workers(cfg: DictConfig, overrides: list) -> float:
     return float(run.info()["objective"][cfg.objective.metric])
 
 
-def _callbacks(cfg: DictConfig, run: tracking.RunFolder) -> list:
+def _callbacks(cfg: DictConfig, run: runfolder.RunFolder) -> list:
     """Trainer callbacks that this run's config asks for."""
     def record(checkpoint, best, best_value):
         run.update(last_checkpoint=checkpoint, best_checkpoint=best, best_metric=best_value)
 
     return [preemption.preemption_callback(list(cfg.preemption.signals), cfg.preemption.exit_code),
             checkpoints.checkpoint_recorder(record),
-            training.first_step_callback(lambda: _first_step(run))]
+            trainer.first_step_callback(lambda: _first_step(run)), tracking.model_state_callback()]
 
 
-def _first_step(run: tracking.RunFolder) -> None:
+def _first_step(run: runfolder.RunFolder) -> None:
     """Records when training began (``first_step_at`` in run.json): start-up cost."""
     now = time.time()
     run.update(first_step_at=now)

@@ -44,10 +44,10 @@ def make_run(run_dir: Path, adapter: Path, overrides: List[str]) -> Path:
     """A finished-looking run folder: the composed train config and ``adapter`` as its adapter/."""
     import shutil
 
-    from pipeline import tracking
+    from pipeline import runfolder
 
     cfg = compose_train(["model=tiny_llama", "debug=fast", "logger=none", *overrides], run_dir)
-    tracking.RunFolder(run_dir).start(cfg, overrides)
+    runfolder.RunFolder(run_dir).start(cfg, overrides)
     shutil.copytree(adapter, run_dir / "adapter")
-    tracking.RunFolder(run_dir).finish("success")
+    runfolder.RunFolder(run_dir).finish("success")
     return run_dir

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import base_cache, data, evaluation, model as models, precision
+from pipeline import base_cache, data, scoring, model as models, precision
 from tests.conftest import compose_train, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "logger=none"]
@@ -23,7 +23,7 @@ def _key(tmp_path: Path, overrides, folder: str = None, quantization=None) -> st
     folder = folder or models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
     tokenizer = models.load_tokenizer(folder, cfg.model)
     splits = data.build_datasets(cfg.data, tokenizer)
-    evaluator = evaluation.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
+    evaluator = scoring.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
                                            plain_template=cfg.data.template == "plain")
     return base_cache.fingerprint(folder, OmegaConf.to_container(cfg.model, resolve=True),
                                   quantization, evaluator)

@@ -138,7 +138,7 @@ def test_bottleneck_settings_checked(tmp_path):
 def test_load_option_reads_a_group_option():
     model = C.load_option("model", "smollm2_135m")
     assert model.source == "gguf" and model.gguf_file.endswith(".gguf")
-    with pytest.raises(C.ConfigError, match="available: hub, smollm2_135m, tiny_gpt2, tiny_llama"):
+    with pytest.raises(C.ConfigError, match="available: hub, smollm2_135m, synthetic_llama_1b, synthetic_llama_3b, synthetic_llama_8b, tiny_gpt2, tiny_llama"):
         C.load_option("model", "nope")
 
 

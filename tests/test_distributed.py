@@ -73,11 +73,11 @@ def test_deepspeed_json_is_accepted_by_the_trainer(tmp_path, precision):
     """transformers fills every ``auto`` from TrainingArguments (no process group needed)."""
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from pipeline import precision as P, training
+    from pipeline import precision as P, trainer
 
     cfg = compose_train([*STEPS, "distributed=zero2", f"trainer.precision={precision}"], tmp_path)
     hf = HfTrainerDeepSpeedConfig(distributed.deepspeed_config(cfg.distributed))
-    args = training.training_arguments(cfg.trainer, tmp_path, 0, has_eval=False, report_to=[], run_name="x")
+    args = trainer.training_arguments(cfg.trainer, tmp_path, 0, has_eval=False, report_to=[], run_name="x")
     hf.trainer_config_process(args)
     filled = json.dumps(hf.config)
     assert '"auto"' not in filled.replace('"reduce_bucket_size": "auto"', "")

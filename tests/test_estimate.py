@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +73,36 @@ def test_counts_from_the_config_match_the_loaded_model(tmp_path, tiny_folder):
     assert qcounts.trainable == counts.trainable and qcounts.quantized > 0
     text = E.describe(qcfg, qcounts)
     assert "adapter=qlora" in text and "total per device" in text
+
+
+@pytest.mark.parametrize("shape, parameters, tied", [
+    ("synthetic_llama_1b", 1_235_814_400, True),   # Llama-3.2-1B
+    ("synthetic_llama_3b", 3_212_749_824, True),   # Llama-3.2-3B
+    ("synthetic_llama_8b", 8_030_261_248, False),  # Llama-3.1-8B
+])
+def test_synthetic_shapes_count_as_the_real_models_without_building_weights(tmp_path, shape, parameters, tied):
+    """Real shapes with random weights: counted (and estimated) from their config alone, in
+    seconds; only a run builds the weights."""
+    from pipeline import model as models
+
+    cfg = compose_train([f"model={shape}", "adapter=full"],
+                        tmp_path / "run")
+    counts = E.count_for_config(cfg)
+    assert counts.total == counts.trainable == parameters
+    folder = Path(models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == 128256 and config["tie_word_embeddings"] is tied
+    assert not list(folder.glob("*.safetensors")) and (folder / "tokenizer.json").exists()
+    # QLoRA's estimate at this shape: 4-bit linear layers, 16-bit embeddings (and head).
+    qlora = E.predict([f"model={shape}", "adapter=qlora"])
+    lora = E.predict([f"model={shape}", "adapter=lora"])
+    assert qlora.gradients == lora.gradients and qlora.weights < 0.45 * lora.weights
+
+
+def test_a_tiny_vocabulary_below_the_tokenizers_is_refused(tmp_path):
+    from pipeline import model as models
+
+    cfg = compose_train(["model=tiny_llama", "model.tiny.vocab_size=100"],
+                        tmp_path / "run")
+    with pytest.raises(models.ModelError, match="model.tiny.vocab_size=100 is smaller than the tokenizer's"):
+        models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)

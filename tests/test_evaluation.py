@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline import config as C, evaluation
+from pipeline import config as C, scoring
 from tests.conftest import ROOT, compose_train, read_json, run_train, write_jsonl
 
 FAST = ["model=tiny_llama", "debug=fast"]
@@ -38,8 +38,8 @@ def test_batched_generation_equals_one_by_one_and_keeps_order(tiny_model, tokeni
     decoding = C.DecodingConfig(max_new_tokens=6, seed=0)
     tokenizer.padding_side = "right"  # generation pads on the left, then restores what it found
     tiny_model.train()
-    batched = evaluation.generate(tiny_model, tokenizer, prompts, decoding, batch_size=3)
-    single = [evaluation.generate(tiny_model, tokenizer, [p], decoding, batch_size=1)[0] for p in prompts]
+    batched = scoring.generate(tiny_model, tokenizer, prompts, decoding, batch_size=3)
+    single = [scoring.generate(tiny_model, tokenizer, [p], decoding, batch_size=1)[0] for p in prompts]
     assert batched == single and all(batched) and len(set(batched)) == 3
     assert tokenizer.padding_side == "right" and tiny_model.training
 
@@ -55,26 +55,26 @@ def test_generation_restores_padding_side_and_mode_when_it_fails(tiny_model, tok
 
     monkeypatch.setattr(tiny_model, "generate", failing_generate)
     with pytest.raises(RuntimeError, match="out of memory"):
-        evaluation.generate(tiny_model, tokenizer, ["Hi"], C.DecodingConfig(max_new_tokens=2, seed=0), batch_size=1)
+        scoring.generate(tiny_model, tokenizer, ["Hi"], C.DecodingConfig(max_new_tokens=2, seed=0), batch_size=1)
     assert seen == [("left", False)]  # generation ran left-padded, in eval mode
     assert tokenizer.padding_side == "right" and tiny_model.training
     tiny_model.eval()
 
 
 def test_stop_strings_cut_outputs():
-    assert evaluation._cut_at_stop("Bonjour\n### next", ["###", "\n\n"]) == "Bonjour"
-    assert evaluation._cut_at_stop("abc", []) == "abc"
+    assert scoring._cut_at_stop("Bonjour\n### next", ["###", "\n\n"]) == "Bonjour"
+    assert scoring._cut_at_stop("abc", []) == "abc"
 
 
 def test_measurement_round_trip(tmp_path):
-    m = evaluation.Measurement({"test/bleu": 1.5}, {"test": ["a"]}, {"test": [{"bleu": 1.5}]})
+    m = scoring.Measurement({"test/bleu": 1.5}, {"test": ["a"]}, {"test": [{"bleu": 1.5}]})
     m.save(tmp_path / "base.json")
-    assert evaluation.Measurement.load(tmp_path / "base.json") == m
-    assert evaluation.Measurement.load(tmp_path / "missing.json") is None
+    assert scoring.Measurement.load(tmp_path / "base.json") == m
+    assert scoring.Measurement.load(tmp_path / "missing.json") is None
 
 
 def test_comparison_table_lists_base_tuned_delta():
-    table = evaluation.comparison_table({"base/test/bleu": 2.0, "tuned/test/bleu": 12.5,
+    table = scoring.comparison_table({"base/test/bleu": 2.0, "tuned/test/bleu": 12.5,
                                          "delta/test/bleu": 10.5, "train/loss": 1.0})
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "base", "tuned", "delta"]
@@ -174,7 +174,7 @@ def test_loss_is_token_weighted_and_independent_of_batch_size(tiny_model, tokeni
 
     records = [{"prompt": "p" * n, "completion": "word " * (3 * n + 1)} for n in (1, 4, 9, 2, 7)]
     rows = build_datasets(data_cfg(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer).train
-    losses = [evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, packing), bs, "test")
+    losses = [scoring.evaluate_loss(tiny_model, rows, collator(tokenizer, packing), bs, "test")
               for bs, packing in ((1, False), (2, False), (5, False), (5, True))]
     for other in losses[1:]:
         assert other["test/loss"] == pytest.approx(losses[0]["test/loss"], rel=1e-5)
@@ -199,10 +199,10 @@ def test_loss_under_bf16_autocast_is_close_to_fp32(tiny_model, tokenizer, tmp_pa
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(tiny_model, "forward", spy)
-    exact = evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 2, "test")
+    exact = scoring.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 2, "test")
     assert autocast and not any(autocast)
     autocast.clear()
-    cheap = evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 2, "test", bf16=True)
+    cheap = scoring.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 2, "test", bf16=True)
     assert autocast and all(autocast)
     assert cheap["test/loss"] != exact["test/loss"]  # it did run in another precision
     assert cheap["test/loss"] == pytest.approx(exact["test/loss"], rel=1e-2)
@@ -225,11 +225,11 @@ def test_loss_through_logits_to_keep_equals_the_full_logits(tiny_model, tokenize
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(tiny_model, "forward", spy)
-    kept = {packing: evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, packing), 3, "test")
+    kept = {packing: scoring.evaluate_loss(tiny_model, rows, collator(tokenizer, packing), 3, "test")
             for packing in (False, True)}
     assert calls and all(c is not None and 0 < len(c) for c in calls)  # the cheap path ran
-    monkeypatch.setattr(evaluation, "_keeps_logits", lambda model: False)
-    full = evaluation.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 3, "test")
+    monkeypatch.setattr(scoring, "_keeps_logits", lambda model: False)
+    full = scoring.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 3, "test")
     assert calls[-1] is None
     for packing in (False, True):
         assert kept[packing]["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
@@ -256,6 +256,6 @@ def test_measurement_undoes_the_autocast_accelerate_leaves_after_bf16_training(t
     with torch.no_grad():
         patched = model(input_ids=ids).logits
         assert not torch.equal(patched, expected)  # the trap: bf16 logits
-        with evaluation._without_training_autocast(model):
+        with scoring._without_training_autocast(model):
             assert torch.equal(model(input_ids=ids).logits, expected)
         assert torch.equal(model(input_ids=ids).logits, patched)  # the training setup is restored

@@ -74,11 +74,11 @@ def test_auto_is_the_default_and_a_bad_value_is_refused(tmp_path) -> None:
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_a_run_records_and_trains_in_the_choice(cpu_kind, monkeypatch, tmp_path, native, expected) -> None:
-    from pipeline import evaluation, training
+    from pipeline import scoring, trainer
 
     cpu_kind(native)
     seen, losses = [], []
-    real, real_loss = training.training_arguments, evaluation.evaluate_loss
+    real, real_loss = trainer.training_arguments, scoring.evaluate_loss
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
@@ -88,8 +88,8 @@ def test_a_run_records_and_trains_in_the_choice(cpu_kind, monkeypatch, tmp_path,
         losses.append(args[-1])  # bf16: whether the losses ran under bf16 autocast
         return real_loss(*args)
 
-    monkeypatch.setattr(training, "training_arguments", spy)
-    monkeypatch.setattr(evaluation, "evaluate_loss", loss_spy)
+    monkeypatch.setattr(trainer, "training_arguments", spy)
+    monkeypatch.setattr(scoring, "evaluate_loss", loss_spy)
     run_train([*FAST, "trainer.max_steps=2", f"paths.base_cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
     info = read_json(tmp_path / "run" / "run.json")
     record = info["precision"]
@@ -108,3 +108,16 @@ def test_loss_precision_can_be_set_either_way(cpu_kind, requested) -> None:
         assert choice.precision == requested and "was set" in choice.reason
     with pytest.raises(ValueError, match="evaluation.loss_precision='fp16'"):
         precision.resolve_loss("fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_on_cuda(tmp_path) -> None:
+    """A bf16 run on the GPU: it trains there (the loss falls, the model states and the peak are
+    measured on CUDA) and records bf16."""
+    run_train([*FAST, "trainer.precision=bf16", "trainer.max_steps=8", "trainer.learning_rate=1e-2",
+               f"paths.base_cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    info, metrics = read_json(tmp_path / "run" / "run.json"), read_json(tmp_path / "run" / "metrics.json")
+    assert info["precision"]["resolved"] == "bf16"
+    assert metrics["tuned/eval/loss"] < metrics["base/eval/loss"]
+    assert 0 < metrics["perf/model_state_cuda_mb"] < metrics["perf/peak_cuda_mb"]

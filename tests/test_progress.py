@@ -111,12 +111,12 @@ def test_a_terminal_shows_bars_and_a_log_shows_none(tmp_path) -> None:
 def test_training_progress_logs_steps_where_no_bar_shows(monkeypatch, caplog) -> None:
     from types import SimpleNamespace
 
-    from pipeline import training
+    from pipeline import trainer
 
     caplog.set_level(logging.INFO, "pipeline.progress")
     monkeypatch.setattr(P, "interactive", lambda: False)
     monkeypatch.setattr(P, "QUIET_BELOW_S", 0.0)
-    callback = training.progress_callback()
+    callback = trainer.progress_callback()
     state = SimpleNamespace(is_world_process_zero=True, max_steps=50, global_step=10)  # resumed at 10
     callback.on_train_begin(None, state, None)
     for _ in range(40):

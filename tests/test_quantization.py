@@ -60,12 +60,13 @@ def batch() -> torch.Tensor:
     return torch.randint(0, 128, (2, 16), generator=gen)
 
 
-def _load_4bit(folder: Path) -> torch.nn.Module:
+def _load_4bit(folder: Path, device: str = "cpu") -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(
         folder,
         quantization_config=bnb_config(4, quant_type="nf4", double_quant=True, compute_dtype="float32"),
         dtype=torch.float32,
         attn_implementation="eager",
+        **({"device_map": {"": device}} if device != "cpu" else {}),
     )
 
 
@@ -305,9 +306,9 @@ def qlora_run(tiny_folder: str, tmp_path: Path) -> Path:
 
 def test_evaluate_loads_a_qlora_run_guarded(qlora_run: Path, batch: torch.Tensor, avx512bf16_forced,
                                             loaded_models: list, tiny_folder: str) -> None:
-    from pipeline import evaluate
+    from pipeline import evaluate, runfolder
 
-    _, model_cfg, settings, artifact = evaluate.read_run(str(qlora_run))
+    _, model_cfg, settings, artifact = runfolder.read_run(str(qlora_run))
     assert settings.quantization()["bits"] == 4
     tuned, base = evaluate._models(tiny_folder, model_cfg, settings, artifact)
     assert base is None and len(loaded_models) == 1
@@ -326,3 +327,31 @@ def test_server_loads_a_qlora_run_guarded(qlora_run: Path, batch: torch.Tensor, 
     pool = ModelPool(base_cfg, "base", [source], os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline"), 42)
     assert any(linear4bit_modules(m) for m in loaded_models)
     _assert_guarded_after_eval(pool.choices["tuned"].model, batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_qlora_grads_match_a_dequantised_reference(base_dir: Path, batch: torch.Tensor) -> None:
+    """QLoRA on CUDA, bitsandbytes' own kernels: one step's LoRA gradients equal those of a float
+    twin whose linear weights are the dequantised 4-bit ones, after an evaluation forward and a
+    generation too (the CPU's failure mode, checked where the real users are)."""
+    quantized = _load_4bit(base_dir, "cuda")
+    dense = dequantized_state_dict(quantized)
+    assert len(dense) == NUM_LAYERS * LINEARS_PER_LAYER
+    model = _add_lora(quantized)
+    lora = _lora_state(model)
+    ref = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager").to("cuda")
+    assert not ref.load_state_dict({k: v.to("cuda") for k, v in dense.items()}, strict=False).unexpected_keys
+    ref = _add_lora(ref)
+    assert not ref.load_state_dict(lora, strict=False).unexpected_keys
+    ids = batch.to("cuda")
+    ref_grads = _lora_grads(ref, ids)
+    assert len(ref_grads) == NUM_LAYERS * len(TARGETS) * 2
+    for kind in ("forward", "generate"):
+        _eval_forward(model, ids, kind)
+        grads = _lora_grads(model, ids)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            assert grad is not None and grad.abs().max() > 0, name
+            # cuBLAS may pick TF32-free kernels that still sum in another order than the twin's.
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=f"{kind}: {name}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoints, preemption, training
+from pipeline import checkpoints, preemption, trainer
 from tests.conftest import ROOT, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity", "trainer.logging_steps=1"]
@@ -190,22 +190,22 @@ def test_rotation_keeps_the_best_checkpoint_by_the_objective(tmp_path):
 
 
 def test_best_metric_maps_the_objective_onto_the_trainer():
-    assert training.best_metric("tuned/eval/loss", "minimize", ["loss"]) == ("eval_loss", False)
-    assert training.best_metric("tuned/eval/bleu", "maximize", ["loss", "bleu"]) == ("eval_bleu", True)
-    assert training.best_metric("tuned/test/loss", "minimize", ["loss"]) is None
-    assert training.best_metric("tuned/eval/loss", "minimize", []) is None  # no evaluation during training
+    assert trainer.best_metric("tuned/eval/loss", "minimize", ["loss"]) == ("eval_loss", False)
+    assert trainer.best_metric("tuned/eval/bleu", "maximize", ["loss", "bleu"]) == ("eval_bleu", True)
+    assert trainer.best_metric("tuned/test/loss", "minimize", ["loss"]) is None
+    assert trainer.best_metric("tuned/eval/loss", "minimize", []) is None  # no evaluation during training
 
 
 def test_whole_run_loss_counts_the_steps_before_the_checkpoint():
     logged = [{"step": 1, "loss": 4.0}, {"step": 3, "loss": 2.0}]  # steps 1..3 sum to 8
-    assert training.whole_run_loss(1.0, logged, start=3, end=5) == pytest.approx((8 + 2 * 1.0) / 5)
-    assert training.whole_run_loss(1.5, [], start=0, end=5) == 1.5
+    assert trainer.whole_run_loss(1.0, logged, start=3, end=5) == pytest.approx((8 + 2 * 1.0) / 5)
+    assert trainer.whole_run_loss(1.5, [], start=0, end=5) == 1.5
 
 
 @pytest.mark.parametrize("phase", ["loading", "base evaluation", "final evaluation", "saving"])
 def test_a_signal_in_any_phase_marks_the_run_and_resume_auto_continues(phase, tmp_path, monkeypatch):
     # The run sends itself SIGTERM as it enters the phase (training itself: the tests above).
-    from pipeline import evaluation, model as models
+    from pipeline import scoring, model as models
 
     def signal_then(original):
         def wrapper(*args, **kwargs):
@@ -216,8 +216,8 @@ def test_a_signal_in_any_phase_marks_the_run_and_resume_auto_continues(phase, tm
             return original(*args, **kwargs)
         return wrapper
 
-    target = {"loading": (models, "load_model"), "base evaluation": (evaluation.Evaluator, "measure"),
-              "final evaluation": (evaluation.Evaluator, "measure"), "saving": (training, "save_artifact")}[phase]
+    target = {"loading": (models, "load_model"), "base evaluation": (scoring.Evaluator, "measure"),
+              "final evaluation": (scoring.Evaluator, "measure"), "saving": (trainer, "save_artifact")}[phase]
     monkeypatch.setattr(*target, signal_then(getattr(*target)))
     before = signal.getsignal(signal.SIGTERM)
     overrides = [*FAST, "trainer.max_steps=4", "trainer.save_steps=4", "trainer.eval_steps=null"]

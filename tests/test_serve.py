@@ -120,6 +120,25 @@ def test_adapter_switching_matches_in_process_generation(client, server, adapter
     assert complete(client, "bn").choices[0].finish_reason == "length"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_the_server_generates_on_cuda(client, server, adapters, tiny_folder):
+    """With a GPU the server puts every model there and answers as the same model does in
+    process on that GPU."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    service = server[0].state.service
+    assert {next(c.model.parameters()).device.type for c in service.pool.choices.values()} == {"cuda"}
+    ids = service.tokenizer(PROMPT, return_tensors="pt").to("cuda")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder), adapters["a"])
+    with torch.no_grad():
+        out = model.to("cuda").eval().generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    expected = service.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert complete(client, "a").choices[0].text == expected
+
+
 def test_chat_stream_equals_chat_and_reports_usage(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
     whole = client.chat.completions.create(model="a", messages=messages, max_tokens=10, temperature=0)

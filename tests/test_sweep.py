@@ -17,7 +17,7 @@ import pytest
 from omegaconf import open_dict
 
 from pipeline import checks, config as C
-from pipeline import sweep, sweep_loop, sweep_report, tracking
+from pipeline import runfolder, sweep, sweep_loop, sweep_report, tracking
 from tests.conftest import ROOT, compose_train, read_json
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
@@ -470,7 +470,7 @@ def test_serve_and_export_name_a_missing_or_ambiguous_sweep(tmp_path):
     for n in (1, 3):
         (folder / f"trial_{n}").mkdir(parents=True)
         (folder / f"trial_{n}" / "config.yaml").write_text("{}")
-    tracking.write_json(folder / "report.json", {"objectives": ["tuned/eval/loss", "params/trainable"], "best": [
+    runfolder.write_json(folder / "report.json", {"objectives": ["tuned/eval/loss", "params/trainable"], "best": [
         {"number": 1, "run_dir": str(folder / "trial_1")}, {"number": 3, "run_dir": "outputs/elsewhere/trial_3"}]})
     cfg.sweep = "front"
     serve.resolve_sweep(cfg)  # trial 3's recorded folder is relative to another cwd: found in the sweep folder
@@ -506,7 +506,7 @@ def test_importances_need_enough_completed_trials(tmp_path):
 def test_evaluations_during_training_score_a_fixed_slice():
     import datasets
 
-    from pipeline.training import evaluation_slice
+    from pipeline.trainer import evaluation_slice
 
     validation = datasets.Dataset.from_dict({"x": list(range(10))})
     assert evaluation_slice(validation, C.TrainerConfig(eval_examples=4))["x"] == [0, 1, 2, 3]

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from pipeline.config import ServerConfig
 from pipeline.server.engine import Delta, Engine, Failure, Finish, GenerationRequest
-from pipeline.server.metrics import Metrics
+from pipeline.server.counters import Metrics
 from pipeline.server.pool import ModelPool
 from pipeline.server.protocol import APIError, ChatRequest, CompletionRequest, Sampling, validation_error
 

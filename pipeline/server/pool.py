@@ -54,7 +54,7 @@ def source_from_path(name: str, path: str, model_cfg: C.ModelConfig, key: str) -
     Raises:
         ConfigError: when ``path`` is none of these; the message names ``key``.
     """
-    from pipeline.evaluate import read_run
+    from pipeline.runfolder import read_run
 
     folder = Path(path)
     if (folder / "config.yaml").exists():
@@ -136,7 +136,12 @@ class ModelPool:
 
 
 def _for_inference(model: Any) -> Any:
-    """Generation mode: eval, no gradients, KV cache on (training loads turn it off)."""
+    """Generation mode on the GPU when there is one: eval, no gradients, KV cache on (training
+    loads turn it off). A quantized base is already where bitsandbytes placed it."""
+    import torch
+
+    if torch.cuda.is_available() and getattr(model, "hf_quantizer", None) is None:
+        model.to(torch.device("cuda", torch.cuda.current_device()))
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = True

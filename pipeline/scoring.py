@@ -170,7 +170,7 @@ class Measurement:
     per_example: Dict[str, List[Dict[str, float]]] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        from pipeline.tracking import write_json
+        from pipeline.runfolder import write_json
 
         write_json(path, {"metrics": self.metrics, "outputs": self.outputs,
                           "per_example": self.per_example})

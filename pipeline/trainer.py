@@ -388,8 +388,8 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         report_to: Trainer integrations (``["wandb"]`` or ``[]``).
         run_name: the run's display name.
         resume_from: a checkpoint folder to continue from, or None.
-        evaluator: :class:`pipeline.evaluation.Evaluator` (losses and generation metrics).
-        base: the base model's :class:`~pipeline.evaluation.Measurement` from an earlier
+        evaluator: :class:`pipeline.scoring.Evaluator` (losses and generation metrics).
+        base: the base model's :class:`~pipeline.scoring.Measurement` from an earlier
             attempt of this run or from the base measurement cache, or None to measure it now
             (before training, the fresh adapter is an identity: the model is the base model).
         on_base: called with the base measurement once taken (to persist it).
@@ -407,7 +407,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     from peft import PeftModel
 
     from pipeline.packing import collator
-    from pipeline.tracking import folder_size_mb
+    from pipeline.runfolder import folder_size_mb
 
     args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
                               report_to=report_to, run_name=run_name, best=best,
