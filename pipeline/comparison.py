@@ -1,5 +1,6 @@
 """Which runs are one configuration, and how configurations compare: paired bootstrap
-differences, retention on sets the runs do not train on, and the Pareto front of quality vs cost.
+differences and retention on sets the runs do not train on (the Pareto front of quality vs
+cost is :mod:`pipeline.pareto`).
 
 Configurations. A row of a comparison is one configuration: the settings (dotted keys of the
 resolved config) whose values differ between the runs, except seeds, where a run writes and how
@@ -423,52 +424,6 @@ def retention(groups: Mapping[str, Sequence[Measured]], names: Sequence[str]) ->
             for label, runs in groups.items()}
 
 
-# --------------------------------------------------------------------------- Pareto front
-
-
 def higher_is_better(metric: str) -> bool:
     """False for losses, perplexities and the unparsable rate; True for quality scores."""
     return not metric.rsplit("/", 1)[-1].startswith(LOWER_IS_BETTER)
-
-
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether point ``a`` is at least as good as ``b`` everywhere and better somewhere.
-
-    Args:
-        a: Quality first (higher is better), then costs (lower is better).
-        b: The same for the other point.
-    """
-    no_worse = a[0] >= b[0] and all(x <= y for x, y in zip(a[1:], b[1:]))
-    return no_worse and tuple(a) != tuple(b)
-
-
-def pareto_front(points: Mapping[str, Sequence[float]], maximize: bool = True) -> List[str]:
-    """The labels of the non-dominated points, in the order given.
-
-    Args:
-        points: Per label, quality then each cost (lower cost is better).
-        maximize: Whether higher quality is better (False for a loss).
-
-    Returns:
-        Labels no other point dominates; equal points are all kept.
-    """
-    signed = {k: (v[0] if maximize else -v[0], *v[1:]) for k, v in points.items()}
-    return [k for k, p in signed.items() if not any(dominates(q, p) for q in signed.values())]
-
-
-def pareto_costs(table: Dict[str, Dict[str, Any]]) -> List[str]:
-    """The cost keys of the Pareto view every configuration has: trainable parameters, peak
-    memory (CUDA when measured, else RSS) and wall time."""
-    def everywhere(key: str) -> bool:
-        return all(not math.isnan(row.get(key, (math.nan, 0))[0]) for row in table.values())
-
-    memory = "perf/peak_cuda_mb" if everywhere("perf/peak_cuda_mb") else "perf/peak_rss_mb"
-    return [k for k in ("params/trainable", memory, "perf/wall_time_s") if everywhere(k)]
-
-
-def pareto(table: Dict[str, Dict[str, Any]], metric: str) -> Tuple[List[str], List[str]]:
-    """The cost keys used and the non-dominated configurations over ``metric`` and those costs."""
-    costs = pareto_costs(table)
-    points = {label: (row[metric][0], *(row[k][0] for k in costs)) for label, row in table.items()
-              if not math.isnan(row.get(metric, (math.nan, 0))[0])}
-    return costs, pareto_front(points, maximize=higher_is_better(metric))

@@ -1,6 +1,7 @@
 """The configuration: where it lives, its registration in Hydra, and how entry points read it.
 
-- :mod:`pipeline.schema`: the typed schemas (re-exported here);
+- :mod:`pipeline.schema`: the typed schemas of the stages and of training, and
+  :mod:`pipeline.app_schema` those of evaluate, serve and export (re-exported here);
 - :mod:`pipeline.checks`: the rules across fields, :func:`validate` (re-exported here);
 - :mod:`pipeline.errors`: the errors a user reads (re-exported here);
 - here: registration of the schemas, the adapter methods and the sweeps in Hydra's ConfigStore,
@@ -21,12 +22,12 @@ from omegaconf import OmegaConf
 from pipeline.adapters import ADAPTERS, AdapterSettings
 from pipeline.checks import metric_names, validate
 from pipeline.errors import ConfigError, Interrupted, PipelineError, run_task
+from pipeline.app_schema import EvaluateConfig, ExportConfig, ExportSettings, ServeConfig, ServerConfig
 from pipeline.schema import (ASSETS_DIR, CONF_DIR, SWEEPS_DIR, SCHEMAS, MixSource, DataConfig,
                              TinyModelConfig, ModelConfig, TrainerConfig, DecodingConfig,
                              EvaluationConfig, WandbConfig, LoggerConfig, PathsConfig,
                              DistributedConfig, PreemptionConfig, ObjectiveConfig, SweepParam,
-                             SweepConfig, TrainConfig, EvaluateConfig, ServerConfig, ServeConfig,
-                             ExportSettings, ExportConfig, ArchitectureInfo)
+                             SweepConfig, TrainConfig, ArchitectureInfo)
 
 # Re-exported: entry points and tests read every config name as config.<name>.
 __all__ = [

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipeline import atomic, comparison as C, plots
+from pipeline import atomic, comparison as C, pareto as P, plots
 from pipeline.report_page import (QUALITY_PREFIXES, configuration_lines, log_to_wandb, not_compared_lines,
                                   paired_lines, pareto_lines, precision_lines, retention_lines, retention_names,
                                   write_csv, write_html)
@@ -219,7 +219,7 @@ def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignor
     table = summarize_groups(configurations)
     metric, baseline = _choose(runs, table, metric, baseline)
     differences, why_not = paired_differences(configurations, metric, baseline, replicates)
-    pareto = C.pareto(table, metric)
+    pareto = P.pareto(table, metric)
     retention = C.retention(configurations.groups, retention_names(metric))
     notes = C.overlaps(table, metric)
     varied = ", ".join(f"`{k}`" for k in configurations.keys) or "nothing (one configuration)"

@@ -141,15 +141,16 @@ class _Job:
                                             loaded.evaluator)
         self.wandb_run = tracking.start_wandb(cfg, run) if distributed.is_main_process() else None
         sweep.record_wandb(self.trial, self.wandb_run)
-        return trainer.fit(
+        hf_trainer = trainer.prepare(
             cfg.trainer, loaded.model, loaded.tokenizer, loaded.splits, run.path, seed=cfg.seed,
-            trains=loaded.settings.trains, packing=cfg.data.packing,
+            packing=cfg.data.packing, pack_length=cfg.data.pack_length,
             report_to=["wandb"] if self.wandb_run else [], run_name=run.path.name, resume_from=resume_from,
-            evaluator=loaded.evaluator, base=base_source.measurement, on_base=base_source.save,
-            callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, self.trial),
+            evaluator=loaded.evaluator, callbacks=_callbacks(cfg, run) + sweep.callbacks(cfg, self.trial),
             best=_best_metric(cfg, loaded.splits),
-            distributed=distributed.trainer_arguments(cfg.distributed, run.path),
-            pack_length=cfg.data.pack_length, phases=self.signals)
+            distributed=distributed.trainer_arguments(cfg.distributed, run.path))
+        return trainer.fit(hf_trainer, cfg.trainer, run.path, trains=loaded.settings.trains,
+                           resume_from=resume_from, evaluator=loaded.evaluator,
+                           base=base_source.measurement, on_base=base_source.save, phases=self.signals)
 
     def _save(self, loaded: _Loaded, metrics: dict, base: Any, tuned: Any) -> float:
         """Predictions, metrics, the comparison table, W&B and the run's status; the objective."""

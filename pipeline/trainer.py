@@ -178,18 +178,31 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
     ``extra_eval(model)`` adds metrics (e.g. BLEU on a validation slice) to every evaluation
     during training, logged as ``eval/<name>`` and seen by callbacks (pruning) like the loss.
     """
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=data_collator, processing_class=tokenizer,
+        callbacks=[_recording_callback(history_path), progress_callback(), *(callbacks or [])])
+    trainer.nan_policy, trainer.extra_eval = nan_policy, extra_eval
+    return trainer
+
+
+def _trainer_class() -> type:
+    """The Trainer that :func:`build_trainer` makes (defined on first use: importing this
+    module does not import transformers)."""
     import torch
     from transformers import Trainer
 
     class PipelineTrainer(Trainer):
         skipped_steps = 0
+        nan_policy: str = "stop"
+        extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if torch.isfinite(loss):
                 return loss
             step = self.state.global_step + 1
-            if nan_policy == "stop":
+            if self.nan_policy == "stop":
                 raise NonFiniteLossError(
                     f"training loss is {loss.item()} at step {step}; lower trainer.learning_rate, "
                     "use trainer.precision=fp32, or set trainer.nan_policy=skip")
@@ -225,14 +238,11 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
         def evaluation_loop(self, *args, **kwargs):
             output = super().evaluation_loop(*args, **kwargs)
             prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
-            if extra_eval is not None and prefix == "eval" and self.state.global_step > 0:
-                output.metrics.update({f"eval_{k}": v for k, v in extra_eval(self.model).items()})
+            if self.extra_eval is not None and prefix == "eval" and self.state.global_step > 0:
+                output.metrics.update({f"eval_{k}": v for k, v in self.extra_eval(self.model).items()})
             return output
 
-    return PipelineTrainer(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=data_collator, processing_class=tokenizer,
-        callbacks=[_recording_callback(history_path), progress_callback(), *(callbacks or [])])
+    return PipelineTrainer
 
 
 def best_metric(objective: str, direction: str, logged: List[str]) -> Optional[Tuple[str, bool]]:
@@ -366,15 +376,12 @@ def _train(trainer: Any, cfg: TrainerConfig, resume_from: Optional[str]) -> Dict
             "train/skipped_steps": trainer.skipped_steps}
 
 
-def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Path, *, seed: int,
-        trains: bool, packing: bool, report_to: List[str], run_name: str,
-        resume_from: Optional[str], evaluator: Any, base: Optional[Any] = None,
-        on_base: Optional[Callable[[Any], None]] = None,
-        callbacks: Optional[List[Any]] = None,
-        best: Optional[Tuple[str, bool]] = None,
-        distributed: Optional[Dict[str, Any]] = None,
-        pack_length: int = 512, phases: Optional[RunSignals] = None) -> Tuple[Dict[str, Any], Any, Any]:
-    """Measures the base model, trains, measures the tuned model and saves it.
+def prepare(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Path, *, seed: int,
+            packing: bool, report_to: List[str], run_name: str, resume_from: Optional[str],
+            evaluator: Any, callbacks: Optional[List[Any]] = None, best: Optional[Tuple[str, bool]] = None,
+            distributed: Optional[Dict[str, Any]] = None, pack_length: int = 512) -> Any:
+    """The run's Trainer: its arguments, batches and callbacks, the history cut back to
+    ``resume_from``.
 
     Args:
         cfg: trainer settings.
@@ -383,20 +390,42 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         splits: :class:`pipeline.data.Splits`.
         run_dir: the run folder (checkpoints go in ``checkpoints/``).
         seed: the run's seed.
-        trains: False for ``adapter=none`` (evaluation only).
-        packing: padding-free batches.
+        packing: padding-free batches, of ``pack_length`` tokens per row.
         report_to: Trainer integrations (``["wandb"]`` or ``[]``).
         run_name: the run's display name.
         resume_from: a checkpoint folder to continue from, or None.
+        evaluator: :class:`pipeline.scoring.Evaluator` (its metrics during training, if any).
+        callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
+        best: ``(metric_for_best_model, greater_is_better)`` from :func:`best_metric`, or None.
+        distributed: multi-process ``TrainingArguments`` (DeepSpeed config, DDP backend).
+    """
+    from pipeline.packing import collator
+
+    args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
+                              report_to=report_to, run_name=run_name, best=best,
+                              distributed=distributed)
+    rewind_history(run_dir / "history.jsonl", resume_from)
+    return build_trainer(model, tokenizer, args, splits.train, evaluation_slice(splits.validation, cfg),
+                         collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
+                         callbacks=callbacks, extra_eval=evaluator.during_training)
+
+
+def fit(trainer: Any, cfg: TrainerConfig, run_dir: Path, *, trains: bool, resume_from: Optional[str],
+        evaluator: Any, base: Optional[Any] = None, on_base: Optional[Callable[[Any], None]] = None,
+        phases: Optional[RunSignals] = None) -> Tuple[Dict[str, Any], Any, Any]:
+    """Measures the base model, trains, measures the tuned model and saves it.
+
+    Args:
+        trainer: from :func:`prepare`.
+        cfg: trainer settings.
+        run_dir: the run folder (the artifact goes in ``adapter/`` or ``model/``).
+        trains: False for ``adapter=none`` (evaluation only).
+        resume_from: the checkpoint ``trainer`` continues from, or None.
         evaluator: :class:`pipeline.scoring.Evaluator` (losses and generation metrics).
         base: the base model's :class:`~pipeline.scoring.Measurement` from an earlier
             attempt of this run or from the base measurement cache, or None to measure it now
             (before training, the fresh adapter is an identity: the model is the base model).
         on_base: called with the base measurement once taken (to persist it).
-        callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
-        best: ``(metric_for_best_model, greater_is_better)`` from :func:`best_metric`, or None.
-        distributed: multi-process ``TrainingArguments`` (DeepSpeed config, DDP backend).
-        pack_length: with ``packing``, the token budget of one packed row.
         phases: the run's :class:`RunSignals`, told each phase (base evaluation, training,
             final evaluation, saving).
 
@@ -406,18 +435,10 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
     """
     from peft import PeftModel
 
-    from pipeline.packing import collator
     from pipeline.runfolder import folder_size_mb
 
-    args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
-                              report_to=report_to, run_name=run_name, best=best,
-                              distributed=distributed)
-    rewind_history(run_dir / "history.jsonl", resume_from)
-    trainer = build_trainer(model, tokenizer, args, splits.train, evaluation_slice(splits.validation, cfg),
-                            collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
-                            callbacks=callbacks, extra_eval=evaluator.during_training)
     enter = phases.enter if phases is not None else (lambda phase: None)
-    base = _base_measurement(trainer, model, evaluator, base, on_base, resume_from, enter)
+    base = _base_measurement(trainer, trainer.model, evaluator, base, on_base, resume_from, enter)
     metrics: Dict[str, Any] = {}
     tuned = base
     if trains:
@@ -426,7 +447,7 @@ def fit(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Any, run_dir: Pa
         enter("final evaluation")
         tuned = evaluator.measure(trainer, "tuned")
         enter("saving")
-        artifact = save_artifact(trainer, run_dir, isinstance(model, PeftModel))
+        artifact = save_artifact(trainer, run_dir, isinstance(trainer.model, PeftModel))
         metrics["perf/artifact_mb"] = folder_size_mb(artifact)
     metrics.update(compare(base.metrics, tuned.metrics))
     return metrics, base, tuned

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import comparison, report
+from pipeline import comparison, pareto, report
 
 RUNS = [  # method, seed, status, tuned/test/bleu, base/test/bleu, params/trainable, peak rss
     ("lora", 1, "success", 12.0, 1.0, 1000, 3000.0),
@@ -534,7 +534,7 @@ def test_corpus_bleu_is_recomputed_on_each_resample():
      ["small", "big"]),
 ])
 def test_pareto_front_keeps_the_non_dominated(points, maximize, front):
-    assert comparison.pareto_front(points, maximize=maximize) == front
+    assert pareto.pareto_front(points, maximize=maximize) == front
 
 
 def test_pareto_uses_cuda_memory_when_every_configuration_has_it():
@@ -544,5 +544,5 @@ def test_pareto_uses_cuda_memory_when_every_configuration_has_it():
                    "perf/peak_rss_mb": (2000.0, 0)},
              "c": {"tuned/test/bleu": (8.0, 1.0), "params/trainable": (2e3, 0), "perf/peak_cuda_mb": (950.0, 0),
                    "perf/peak_rss_mb": (1000.0, 0)}}
-    assert comparison.pareto(table, "tuned/test/bleu") == (["params/trainable", "perf/peak_cuda_mb"], ["a", "b"])
-    assert comparison.pareto(table, "tuned/test/loss") == (["params/trainable", "perf/peak_cuda_mb"], [])
+    assert pareto.pareto(table, "tuned/test/bleu") == (["params/trainable", "perf/peak_cuda_mb"], ["a", "b"])
+    assert pareto.pareto(table, "tuned/test/loss") == (["params/trainable", "perf/peak_cuda_mb"], [])
