@@ -58,7 +58,7 @@ def _examples(evaluator: Evaluator) -> Dict[str, Any]:
     return {"loss": loss, "generation": generation}
 
 
-def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optional[Dict[str, Any]],
+def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optional[Any],
                 evaluator: Evaluator) -> str:
     """The cache key of a base measurement (a hex digest).
 
@@ -77,7 +77,8 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
         decoding.pop("seed", None)  # greedy and beam search do not draw: a multirun's seeds share it
     return _digest({
         "format": FORMAT,
-        "weights": _weights(folder, settings), "model": settings, "quantization": quantization,
+        "weights": _weights(folder, settings), "model": settings,
+        "quantization": quantization.as_dict() if quantization else None,
         "examples": _examples(evaluator),
         "decoding": decoding, "metrics": list(evaluation.metrics),
         "labels": list(evaluation.labels) if evaluation.labels else None,

@@ -27,7 +27,7 @@ from pipeline.schema import (ASSETS_DIR, CONF_DIR, SWEEPS_DIR, SCHEMAS, MixSourc
                              TinyModelConfig, ModelConfig, TrainerConfig, DecodingConfig,
                              EvaluationConfig, WandbConfig, LoggerConfig, PathsConfig,
                              DistributedConfig, PreemptionConfig, ObjectiveConfig, SweepParam,
-                             SweepConfig, TrainConfig, ArchitectureInfo)
+                             SweepConfig, TrainConfig, ArchitectureInfo, QuantizationSettings)
 
 # Re-exported: entry points and tests read every config name as config.<name>.
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "EvaluationConfig", "WandbConfig", "LoggerConfig", "PathsConfig", "DistributedConfig",
     "PreemptionConfig", "ObjectiveConfig", "SweepParam", "SweepConfig", "TrainConfig",
     "EvaluateConfig", "ServerConfig", "ServeConfig", "ExportSettings", "ExportConfig",
-    "ArchitectureInfo", "adapter_settings", "register_configs", "expose_sweeper_plugin",
+    "ArchitectureInfo", "QuantizationSettings", "adapter_settings", "register_configs", "expose_sweeper_plugin",
     "register_sweeps", "forget_sweeps", "unique_dir", "register_resolvers", "load_option",
     "typed",
 ]

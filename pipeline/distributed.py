@@ -315,14 +315,14 @@ def _check_deepspeed(cfg: DistributedConfig, adapter: Any, precision: str, insta
         problems.append("distributed.offload_params needs distributed.zero_stage=3 (only ZeRO-3 "
                         "shards parameters); use distributed=zero3_offload")
     if getattr(adapter, "quantized", False):
-        quantization = adapter.quantization() or {}
-        if quantization.get("bits") == 8 and cfg.zero_stage == 3:
+        quantization = adapter.quantization()
+        if quantization.bits == 8 and cfg.zero_stage == 3:
             problems.append("adapter.bits=8 cannot be sharded by ZeRO-3 (bitsandbytes' 8-bit weights "
                             "are not partitionable); use adapter.bits=4 with adapter.quant_storage, "
                             "or distributed=zero2")
         elif cfg.zero_stage == 3:
-            compute = quantization.get("compute_dtype")
-            if quantization.get("quant_storage") != compute:
+            compute = quantization.compute_dtype
+            if quantization.quant_storage != compute:
                 problems.append(f"adapter=qlora under ZeRO-3 needs adapter.quant_storage equal to the "
                                 f"compute dtype ({compute}), or the 4-bit weights cannot be sharded: "
                                 f"set adapter.quant_storage={compute}")

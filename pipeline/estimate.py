@@ -157,13 +157,13 @@ def for_config(cfg: Any, counts: ParameterCounts) -> MemoryEstimate:
 
     dist = cfg.distributed
     settings = OmegaConf.to_object(cfg.adapter)
-    quantization = settings.quantization() or {}
+    quantization = settings.quantization()
     weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, 4)
     return estimate(counts, stage=dist.zero_stage if dist.strategy == "deepspeed" else 0,
                     processes=_processes(dist),
                     mixed_precision=resolve_precision(cfg.trainer.precision).precision in ("bf16", "fp16"),
                     deepspeed=dist.strategy == "deepspeed", offload_optimizer=dist.offload_optimizer,
-                    offload_params=dist.offload_params, quantized_bits=quantization.get("bits", 4),
+                    offload_params=dist.offload_params, quantized_bits=quantization.bits if quantization else 4,
                     weight_bytes=weight_bytes)
 
 

@@ -15,7 +15,7 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -42,7 +42,7 @@ class ExportError(C.PipelineError, ValueError):
 class ExportSource:
     model_cfg: C.ModelConfig
     artifact: Path  # adapter/ or model/
-    quantization: Optional[Dict[str, Any]]
+    quantization: Optional[C.QuantizationSettings]
     run: Optional[Path]
     seed: int  # a tiny base model's initialisation seed
 

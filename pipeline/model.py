@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from pipeline.config import ArchitectureInfo, ModelConfig, PipelineError, TinyModelConfig, load_option
+from pipeline.schema import QuantizationSettings
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +215,13 @@ def load_tokenizer(folder: str, cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(folder: str, cfg: ModelConfig, quantization: Optional[Dict[str, Any]] = None) -> Any:
+def load_model(folder: str, cfg: ModelConfig, quantization: Optional[QuantizationSettings] = None) -> Any:
     """Loads the causal LM for training.
 
     Args:
         folder: what :func:`resolve_folder` returned.
         cfg: dtype, attention implementation, gradient checkpointing, trust_remote_code.
-        quantization: keyword arguments of :func:`pipeline.quantization.bnb_config`, for a
+        quantization: the settings of a quantized base (QLoRA), or None for a float base;
             k-bit base (QLoRA), or None.
     """
     import torch
@@ -233,13 +234,13 @@ def load_model(folder: str, cfg: ModelConfig, quantization: Optional[Dict[str, A
     if quantization:
         from pipeline.quantization import bnb_config
 
-        kwargs["quantization_config"] = bnb_config(**quantization)
+        kwargs["quantization_config"] = bnb_config(**quantization.as_dict())
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (shards) the weights itself
             kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if quantization and quantization.get("bits") == 4:
+    if quantization and quantization.bits == 4:
         from pipeline.quantization import guard_cpu_4bit
 
         # Every 4-bit load, whether it trains, evaluates, serves or exports: see guard_cpu_4bit.

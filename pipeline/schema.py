@@ -8,6 +8,8 @@ group's schemas are the registered methods' settings (:mod:`pipeline.adapters`).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -122,6 +124,26 @@ class TinyModelConfig:
     vocab_size: Optional[int] = None  # null: the tokenizer's; a real model's size counts its rows
     tie_word_embeddings: bool = True
     dtype: str = "float32"  # the stored random weights: float32 | bfloat16
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """A base quantized on load by bitsandbytes (QLoRA's): the arguments of
+    :func:`pipeline.quantization.bnb_config`, as the adapter settings resolve them."""
+
+    bits: int = 4  # 4 | 8
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"  # resolved: never "auto"
+    quant_storage: Optional[str] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Plain values: for ``bnb_config(**...)``, fingerprints and records."""
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """A stable text of the settings (models quantized alike share it)."""
+        return json.dumps(self.as_dict(), sort_keys=True)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import base_cache, data, scoring, model as models, precision
+from pipeline import base_cache, config as C, data, scoring, model as models, precision
 from tests.conftest import compose_train, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "logger=none"]
@@ -55,7 +55,7 @@ def test_every_input_changes_the_fingerprint(tmp_path, copied_model) -> None:
         "batch size": _key(tmp_path, ["evaluation.batch_size=3"], str(copied_model)),
         "loss precision": _key(tmp_path, [f"evaluation.loss_precision={other_precision}"], str(copied_model)),
         "model dtype": _key(tmp_path, ["model.dtype=bfloat16"], str(copied_model)),
-        "quantization": _key(tmp_path, [], str(copied_model), {"bits": 4, "quant_type": "nf4"}),
+        "quantization": _key(tmp_path, [], str(copied_model), C.QuantizationSettings(bits=4, quant_type="nf4")),
         "another base": _key(tmp_path, []),  # the same weights in another folder
     }
     tokenizer_file = copied_model / "tokenizer_config.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_dequantized_merge_equals_the_adapter_on_the_4bit_base(lora_run, tmp_pat
     # keeps bitsandbytes off its AVX512-bf16 kernel (guard_cpu_4bit), and compute_dtype=auto
     # would pick bfloat16 on such a CPU; either would put bf16 rounding (~4e-3 here) into the
     # reference, not into the merge.
-    fp32 = {**source.quantization, "compute_dtype": "float32"}
+    fp32 = dataclasses.replace(source.quantization, compute_dtype="float32")
     quantized = PeftModel.from_pretrained(models.load_model(folder, source.model_cfg, fp32),
                                           run / "adapter").eval()
     with torch.no_grad():

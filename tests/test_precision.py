@@ -35,7 +35,7 @@ def test_auto_follows_the_cpu(cpu_kind, native, expected) -> None:
     assert ("AVX512-bf16" in choice.reason) and (("native" in choice.reason) == native)
     assert precision.compute_dtype("auto") == {"bf16": "bfloat16", "fp32": "float32"}[expected]
     lora = C.ADAPTERS["qlora"]()
-    assert lora.quantization()["compute_dtype"] == precision.compute_dtype("auto")
+    assert lora.quantization().compute_dtype == precision.compute_dtype("auto")
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])

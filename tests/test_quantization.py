@@ -15,6 +15,7 @@ import bitsandbytes as bnb  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from pipeline.schema import QuantizationSettings  # noqa: E402
 from pipeline.quantization import (  # noqa: E402
     bnb_config,
     dequantized_state_dict,
@@ -243,8 +244,7 @@ def test_unguarded_grads_are_missing_or_wrong_after_eval(base_dir: Path, batch: 
 # ----------------------------------------------------------------- every 4-bit load is guarded
 # These force bitsandbytes' AVX512-bf16 detection on, so they check the guard on any CPU.
 
-QUANTIZATION = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32",
-                "quant_storage": None}
+QUANTIZATION = QuantizationSettings(bits=4, quant_type="nf4", double_quant=True, compute_dtype="float32")
 
 
 @pytest.fixture
@@ -309,7 +309,7 @@ def test_evaluate_loads_a_qlora_run_guarded(qlora_run: Path, batch: torch.Tensor
     from pipeline import evaluate, runfolder
 
     _, model_cfg, settings, artifact = runfolder.read_run(str(qlora_run))
-    assert settings.quantization()["bits"] == 4
+    assert settings.quantization().bits == 4
     tuned, base = evaluate._models(tiny_folder, model_cfg, settings, artifact)
     assert base is None and len(loaded_models) == 1
     _assert_guarded_after_eval(tuned, batch)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional
 
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.schema import QuantizationSettings
 
 # Architectures whose projections are transformers' Conv1D, which bitsandbytes cannot quantize.
 NOT_QUANTIZABLE = {"gpt2": "its projections are Conv1D layers, which bitsandbytes does not quantize"}
@@ -101,11 +104,13 @@ class QLoraSettings(LoraSettings):
                             f"{NOT_QUANTIZABLE[architecture.model_type]}; use adapter=lora")
         return problems
 
-    def quantization(self) -> Dict[str, Any]:
+    def quantization(self) -> "QuantizationSettings":
         from pipeline.precision import compute_dtype
+        from pipeline.schema import QuantizationSettings
 
-        return {"bits": self.bits, "quant_type": self.quant_type, "double_quant": self.double_quant,
-                "compute_dtype": compute_dtype(self.compute_dtype), "quant_storage": self.quant_storage}
+        return QuantizationSettings(bits=self.bits, quant_type=self.quant_type, double_quant=self.double_quant,
+                                    compute_dtype=compute_dtype(self.compute_dtype),
+                                    quant_storage=self.quant_storage)
 
     def apply_for_counting(self, model: Any, architecture: Any) -> Any:
         # The same LoRA layers over a base that is quantized on load; k-bit preparation needs

@@ -18,6 +18,7 @@ from omegaconf import MISSING
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.config import ArchitectureInfo
+    from pipeline.schema import QuantizationSettings
 
 
 @dataclass
@@ -37,8 +38,8 @@ class AdapterSettings:
         """Returns problems with these settings (empty when fine); never raises."""
         return []
 
-    def quantization(self) -> Optional[Dict[str, Any]]:
-        """Keyword arguments for :func:`pipeline.quantization.bnb_config`, or None."""
+    def quantization(self) -> Optional["QuantizationSettings"]:
+        """How the base is quantized on load, or None for a float base."""
         return None
 
     def apply(self, model: Any, architecture: "ArchitectureInfo") -> Any:

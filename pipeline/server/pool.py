@@ -106,7 +106,7 @@ class ModelPool:
         from pipeline.adapters import load_adapter
 
         peft_type = json.loads((source.artifact / "adapter_config.json").read_text())["peft_type"]
-        key = (peft_type, json.dumps(source.quantization, sort_keys=True))
+        key = (peft_type, source.quantization.key() if source.quantization else "null")
         # PEFT matches adapter names inside parameter names: a served name such as "a" or "lora"
         # would collide with the "lora_" prefix, so PEFT gets names of its own.
         internal = f"adapter{len(self.choices)}"
