@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,13 +90,16 @@ def plan(models: list, gpus: int, flash: bool) -> dict:
     return runs
 
 
-def build(model: str) -> float:
-    """Builds a random model's weights into the cache in a process of its own; seconds taken."""
+def build(model: str) -> Tuple[float, str]:
+    """Builds a random model's weights into the cache in a process of its own: (seconds, error
+    or "")."""
     started = time.time()
     code = ("import sys; from pipeline import estimate, model as m; cfg = estimate.compose_train(sys.argv[1:]); "
             "m.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)")
-    subprocess.run([sys.executable, "-c", code, f"model={model}"], cwd=ROOT, check=True)
-    return time.time() - started
+    proc = subprocess.run([sys.executable, "-c", code, f"model={model}"], cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    error = "" if proc.returncode == 0 else f"building {model}: " + (lines[-1][:160] if lines else "failed")
+    return time.time() - started, error
 
 
 def run(name: str, overrides: list, out: Path) -> dict:
@@ -160,9 +164,12 @@ def main() -> int:
                 continue
             if model.startswith("synthetic") and model not in built:
                 built[model] = build(model)
-            results[name] = run(name, [f"model={model}", *base, *overrides, *args.overrides], Path(tmp))
+            if built.get(model, (0, ""))[1]:
+                results[name] = {"error": built[model][1]}
+            else:
+                results[name] = run(name, [f"model={model}", *base, *overrides, *args.overrides], Path(tmp))
             print(row(name, results[name], predictions[name]), flush=True)
-    print(f"\nrandom weights built in: {', '.join(f'{k} {v:.0f} s' for k, v in built.items()) or 'none'}; "
+    print(f"\nrandom weights built in: {', '.join(f'{k} {v[0]:.0f} s' for k, v in built.items()) or 'none'}; "
           f"{(time.time() - started) / 60:.1f} min in all")
     print("| run | trainable | tokens/s | estimate GiB | model states GiB | gap | peak GiB | activations GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -70,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": path}
     names = ["import torch", "import transformers, peft", "pipeline.train --help",
              "pipeline.train config error", "debug=fast: first step", "debug=fast: whole run"]
     times = {name: [] for name in names}

@@ -21,6 +21,12 @@ CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def python_path() -> str:
+    """PYTHONPATH for a subprocess: this checkout first, then what the environment had (packages
+    installed with ``pip install --target`` live there)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def compose_train(overrides: List[str], run_dir: Path) -> DictConfig:
     """The ``train`` config exactly as ``python -m pipeline.train`` composes it, with the
     Hydra runtime values the task function reads (overrides, mode) set."""

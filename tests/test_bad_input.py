@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, PipelineError
-from tests.conftest import ROOT, read_json, run_train, write_jsonl
+from tests.conftest import ROOT, python_path, read_json, run_train, write_jsonl
 
 FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity"]
 GOOD = {"prompt": "Say hi", "completion": "hi"}
@@ -188,7 +188,7 @@ def test_unwritable_run_folder_names_it(files):
 
 
 def cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     return subprocess.run([sys.executable, "-m", "pipeline.train", *FAST, *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline import config as C, distributed
-from tests.conftest import CONF, ROOT, compose_train
+from tests.conftest import CONF, ROOT, compose_train, python_path
 
 # fp32 on every CPU kind (auto picks bf16 on AVX512-bf16, where DeepSpeed then keeps and saves
 # bf16 weights) and no dropout (each rank draws its own masks): the runs then compare to the
@@ -147,7 +147,7 @@ def _clean_env() -> Dict[str, str]:
     """This environment without any launcher's variables: the command must launch its workers."""
     launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
-    return {**env, "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    return {**env, "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "PYTHONPATH": python_path()}
 
 
 def _train_cli(overrides: List[str], run_dir: Path) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoints, preemption, trainer
-from tests.conftest import ROOT, read_json, run_train
+from tests.conftest import ROOT, python_path, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity", "trainer.logging_steps=1"]
 
@@ -25,7 +25,7 @@ def cli(overrides, run_dir: Path, **kwargs) -> subprocess.Popen:
     # of this test session leaves WANDB_SERVICE set, and the killed run's stream would stay
     # registered in that shared service.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    env.update(PYTHONPATH=str(ROOT), WANDB_SILENT="true")
+    env.update(PYTHONPATH=python_path(), WANDB_SILENT="true")
     return subprocess.Popen([sys.executable, "-m", "pipeline.train", *overrides, f"hydra.run.dir={run_dir}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)

@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from pipeline import config as C
 from tests.adapter_factory import make_bottleneck, make_lora, make_run
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, python_path
 
 KEY = "test-key-123"
 PROMPT = "The capital of France is"
@@ -402,7 +402,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path):
     import sys
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "model=tiny_llama", f"server.port={port}",
                              f"paths.output_dir={tmp_path}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -18,7 +18,7 @@ from omegaconf import open_dict
 
 from pipeline import checks, config as C
 from pipeline import runfolder, sweep, sweep_loop, sweep_report, tracking
-from tests.conftest import ROOT, compose_train, read_json
+from tests.conftest import ROOT, compose_train, python_path, read_json
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 # Seconds per trial: tiny model, losses only (no generation), no checkpoints.
@@ -33,7 +33,7 @@ def sweep_command(name: str, out: Path, *extra: str) -> List[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    return {**os.environ, "PYTHONPATH": python_path(), "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
 
 
 def run_sweep(cmd: List[str], timeout: int = 600) -> subprocess.CompletedProcess:

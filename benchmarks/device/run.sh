@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see README.md beside this file): installs the carried wheels, then
 # benchmarks/gpu_check.py and the GPU tests, logging into $OUT. Step 2 runs whatever step 1 did.
-# Caps (seconds, under the tool's 600): GPU_CHECK_TIMEOUT=430, PYTEST_TIMEOUT=120.
+# Caps (seconds; the whole job fits in 10 minutes): GPU_CHECK_TIMEOUT=430, PYTEST_TIMEOUT=120.
 cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD PY=${PY:-python3} SITE=${SITE:-/tmp/site} OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -27,7 +27,7 @@ print("bitsandbytes library:", type(lib).__name__, getattr(getattr(lib, "_lib", 
 EOF
 } 2>&1 | grep -v "kernels-community" | tee "$OUT/env.txt"
 
-timeout -k 15 -s INT "${GPU_CHECK_TIMEOUT:-430}" "$PY" benchmarks/gpu_check.py --budget-min 7 \
+timeout -k 15 -s INT "${GPU_CHECK_TIMEOUT:-430}" "$PY" benchmarks/gpu_check.py --budget-min 5.5 \
   --models synthetic_llama_8b synthetic_llama_1b 2>&1 | tee "$OUT/gpu_check.log"
 rc1=${PIPESTATUS[0]}
 grep '^{"device"' "$OUT/gpu_check.log" > "$OUT/gpu_check.json"
