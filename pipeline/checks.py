@@ -32,7 +32,6 @@ CHOICES = {
     "trainer.nan_policy": ("stop", "skip"),
     "trainer.sampling": ("random", "group_by_length", "sequential"),
     "objective.direction": ("minimize", "maximize"),
-    "evaluation.task": ("generation", "qa", "classification", "perplexity"),
     "evaluation.decoding.strategy": ("greedy", "sample", "beam"),
 }
 

@@ -234,7 +234,6 @@ class EvaluationConfig:
     metric loaded by ``evaluate.load``); an empty list evaluates loss and perplexity only.
     """
 
-    task: str = "generation"  # generation | qa | classification | perplexity (documentation)
     splits: List[str] = field(default_factory=lambda: ["test"])  # eval (validation) and/or test
     extra_datasets: List[str] = field(default_factory=list)  # data options, evaluated on their test split
     max_examples: Optional[int] = 100  # per set
