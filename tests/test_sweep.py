@@ -345,9 +345,9 @@ def test_pruner_presets_and_their_first_rung(tmp_path):
     median = compose_sweep("lora_rank_alpha_lr", tmp_path, "sweep.pruner=median")
     assert isinstance(sweep.make_pruner(median), optuna.pruners.MedianPruner) and sweep.check(median) == []
     assert isinstance(sweep.make_pruner(compose_sweep("qlora_rank_alpha_lr", tmp_path)), optuna.pruners.HyperbandPruner)
-    # Where they decide, so where trials evaluate: eval_steps x 3^k for both presets, nowhere for
-    # the median pruner (it reads every evaluation).
-    assert sweep.pruner_rungs(cfg) == (7, 3) and sweep.pruner_rungs(median) is None
+    # Where they decide, so where trials evaluate: eval_steps x 4^k (asha), x 3^k (hyperband);
+    # nowhere in particular for the median pruner (it reads every evaluation).
+    assert sweep.pruner_rungs(cfg) == (7, 4) and sweep.pruner_rungs(median) is None
     assert sweep.pruner_rungs(compose_sweep("qlora_rank_alpha_lr", tmp_path)) == (5, 3)
     assert [s for s in range(1, 200) if sweep.is_rung(s, (7, 3))] == [7, 21, 63, 189]
     assert [s for s in range(1, 70) if sweep.is_rung(s, (4, 4))] == [4, 16, 64]
