@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from pipeline.config import ArchitectureInfo, ModelConfig, PipelineError, TinyModelConfig, load_option
-from pipeline.schema import QuantizationSettings
+from pipeline.config import (ArchitectureInfo, ModelConfig, PipelineError, QuantizationSettings, TinyModelConfig,
+                             load_option)
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,7 @@ def load_model(folder: str, cfg: ModelConfig, quantization: Optional[Quantizatio
     Args:
         folder: what :func:`resolve_folder` returned.
         cfg: dtype, attention implementation, gradient checkpointing, trust_remote_code.
-        quantization: the settings of a quantized base (QLoRA), or None for a float base;
-            k-bit base (QLoRA), or None.
+        quantization: the settings of a quantized base (QLoRA), or None for a float base.
     """
     import torch
     from transformers import AutoModelForCausalLM
