@@ -103,13 +103,15 @@ def test_adapter_switching_matches_in_process_generation(client, server, adapter
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    tokenizer = server[0].state.service.tokenizer
-    ids = tokenizer(PROMPT, return_tensors="pt")
+    service = server[0].state.service
+    tokenizer = service.tokenizer
+    device = next(service.pool.choices["tiny_llama"].model.parameters()).device  # CUDA when there is one
+    ids = tokenizer(PROMPT, return_tensors="pt").to(device)
 
     def reference(adapter=None) -> str:
         model = AutoModelForCausalLM.from_pretrained(tiny_folder)
         model = PeftModel.from_pretrained(model, adapter) if adapter else model
-        out = model.eval().generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        out = model.to(device).eval().generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
     texts = {m: complete(client, m).choices[0].text for m in ("tiny_llama", "a", "b", "tuned", "a")}
