@@ -94,7 +94,7 @@ def build(model: str) -> Tuple[float, str]:
     """Builds a random model's weights into the cache in a process of its own: (seconds, error
     or "")."""
     started = time.time()
-    code = ("import sys; from pipeline import estimate, model as m; cfg = estimate.compose_train(sys.argv[1:]); "
+    code = ("import sys; from pipeline import config as C, model as m; cfg = C.compose_train(sys.argv[1:]); "
             "m.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)")
     proc = subprocess.run([sys.executable, "-c", code, f"model={model}"], cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

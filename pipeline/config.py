@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from pipeline.adapters import ADAPTERS, AdapterSettings
+from pipeline.app_schema import EvaluateConfig, ExportConfig, ExportSettings, ServeConfig, ServerConfig
 from pipeline.checks import metric_names, validate
 from pipeline.errors import ConfigError, Interrupted, PipelineError, run_task
-from pipeline.app_schema import EvaluateConfig, ExportConfig, ExportSettings, ServeConfig, ServerConfig
 from pipeline.schema import (ASSETS_DIR, CONF_DIR, SWEEPS_DIR, SCHEMAS, MixSource, DataConfig,
                              TinyModelConfig, ModelConfig, TrainerConfig, DecodingConfig,
                              EvaluationConfig, WandbConfig, LoggerConfig, PathsConfig,
@@ -39,7 +39,7 @@ __all__ = [
     "EvaluateConfig", "ServerConfig", "ServeConfig", "ExportSettings", "ExportConfig",
     "ArchitectureInfo", "QuantizationSettings", "adapter_settings", "register_configs", "expose_sweeper_plugin",
     "register_sweeps", "forget_sweeps", "unique_dir", "register_resolvers", "load_option",
-    "typed",
+    "typed", "compose_train",
 ]
 
 
@@ -164,6 +164,30 @@ def load_option(group: str, name: str, **overrides: Any) -> Any:
     node = OmegaConf.load(path)
     node.pop("defaults", None)
     return typed(SCHEMAS[group], node, overrides)
+
+
+def compose_train(overrides: List[str]) -> Any:
+    """The validated ``train`` config for ``overrides``, as ``pipeline.train`` composes it, for
+    tools that print and exit (``pipeline.estimate``, ``pipeline.data``, benchmarks): no run
+    folder, no log file.
+
+    Raises:
+        ConfigError: every problem validation finds; Hydra's ``ConfigCompositionException`` for
+            an override that does not compose.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.run_dir=.", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime...} interpolations resolve
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+    return cfg
 
 
 def typed(schema: type, *nodes: Any) -> Any:

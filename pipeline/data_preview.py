@@ -96,10 +96,7 @@ def preview(cfg: Any, tokenizer: Any, examples: int, colour: bool) -> str:
 
 
 def main(argv: List[str]) -> int:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import ConfigCompositionException
-    from omegaconf import open_dict
 
     from pipeline import config as C
     from pipeline import model as models
@@ -109,13 +106,9 @@ def main(argv: List[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="train config overrides, e.g. data=my_jsonl data.path=x")
     args = parser.parse_args(argv)
     try:
-        with initialize_config_dir(str(C.CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=["paths.run_dir=.", *args.overrides], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        C.validate(cfg)
-        folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
+        cfg = C.compose_train(args.overrides)
+        # Only the tokenizer is read: a random model's config folder holds it, without its weights.
+        folder = models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
         tokenizer = models.load_tokenizer(folder, cfg.model)
         sys.stdout.write(preview(cfg, tokenizer, args.examples, sys.stdout.isatty()))
     except (C.PipelineError, ConfigCompositionException) as err:  # a bad override: one line, no traceback

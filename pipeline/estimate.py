@@ -190,29 +190,12 @@ def describe(cfg: Any, counts: ParameterCounts) -> str:
     return head + "\n" + for_config(cfg, counts).table()
 
 
-def compose_train(argv: list) -> Any:
-    """The validated ``train`` config for ``argv`` overrides (raises ``ConfigError``)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from pipeline import config as C
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(C.CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["paths.run_dir=.", *argv], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    C.validate(cfg)
-    return cfg
-
-
 def predict(argv: list) -> MemoryEstimate:
     """The estimate for ``pipeline.train`` with ``argv`` overrides (benchmarks compare it with
     what a run measures)."""
-    cfg = compose_train(argv)
+    from pipeline import config as C
+
+    cfg = C.compose_train(argv)
     return for_config(cfg, count_for_config(cfg))
 
 
@@ -221,7 +204,7 @@ def main(argv: list) -> int:
     from pipeline import config as C
 
     try:
-        cfg = compose_train(argv)
+        cfg = C.compose_train(argv)
     except C.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
