@@ -33,6 +33,12 @@ class EvaluateConfig:
 class ServerConfig:
     """How the OpenAI-compatible server listens, batches and limits requests."""
 
+    # builtin: this package's server (every adapter method, dynamic batching); vllm: vLLM's own
+    # OpenAI-compatible server on the same models, names, key and address (LoRA adapters only;
+    # see pipeline/vllm_engine.py for its environment). The batching and limit settings below
+    # are the built-in engine's; vLLM takes its own from ``vllm_args``.
+    engine: str = "builtin"  # builtin | vllm
+    vllm_args: List[str] = field(default_factory=list)  # extra `vllm serve` arguments
     host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set it deliberately
     port: int = 8000
     # The API key is read from this environment variable (unset or empty: no key required);

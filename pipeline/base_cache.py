@@ -84,6 +84,8 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
         "labels": list(evaluation.labels) if evaluation.labels else None,
         "batch_size": evaluation.batch_size, "loss_precision": evaluator.loss_precision.precision,
         "packages": package_versions(PACKAGES),
+        # vLLM's kernels may break a near-tie otherwise (the default is left out: older keys hold)
+        **({"engine": evaluation.engine} if evaluation.engine != "transformers" else {}),
     })
 
 

@@ -33,6 +33,7 @@ CHOICES = {
     "trainer.sampling": ("random", "group_by_length", "sequential"),
     "objective.direction": ("minimize", "maximize"),
     "evaluation.decoding.strategy": ("greedy", "sample", "beam"),
+    "evaluation.engine": ("transformers", "vllm"),
 }
 
 
@@ -194,6 +195,15 @@ def _check_evaluation(cfg: DictConfig) -> List[str]:
     if {"accuracy", "macro_f1"} & set(ev.metrics) and not ev.labels:
         problems.append("evaluation.labels must list the label set for accuracy / macro_f1, "
                         "e.g. evaluation.labels=[positive,negative]")
+    if ev.engine == "vllm":
+        method = ADAPTERS.get(cfg.adapter.method)
+        if method is not None and not method.vllm:
+            problems.append(f"evaluation.engine=vllm: vLLM does not generate with adapter="
+                            f"{cfg.adapter.method} (LoRA, full and none only); use "
+                            "evaluation.engine=transformers")
+        if ev.decoding.strategy == "beam" and ev.metrics:
+            problems.append("evaluation.engine=vllm: evaluation.decoding.strategy=beam is not "
+                            "supported; use greedy or sample, or evaluation.engine=transformers")
     if ev.max_examples is not None and ev.max_examples <= 0:
         problems.append(f"evaluation.max_examples={ev.max_examples} must be > 0 or null")
     if ev.batch_size <= 0 or ev.decoding.max_new_tokens <= 0:

@@ -9,9 +9,7 @@ Every export folder is written in a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
-import json
 import logging
-import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
 from pipeline import model as models
+from pipeline import vllm_engine
 
 log = logging.getLogger("pipeline.export")
 
-# vLLM accepts only these values of --max-lora-rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 QUANTIZED_MERGE = ("the run's adapter was trained on a 4-bit base (adapter=qlora); merging into 4-bit "
                    "weights would re-quantise base + adapter and lose most of what the adapter learnt. "
                    "Set export.dequantize=true to merge into a float copy of the dequantised 4-bit "
@@ -145,7 +142,8 @@ def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Pat
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "vllm_command.sh").write_text(f"vllm serve {shlex.quote(str(target.resolve()))}\n")
+        (tmp / "vllm_command.sh").write_text(
+            vllm_engine.shell_command([str(target.resolve()), "--dtype", cfg.export.dtype]) + "\n")
         _provenance(tmp, source, folder, merged=True)
 
     saving = time.monotonic()
@@ -154,27 +152,29 @@ def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Pat
 
 
 def vllm_command(folder: str, model_cfg: C.ModelConfig, name: str, adapter: Path, served: Path) -> str:
-    """``vllm serve <base> --enable-lora --lora-modules <name>=<adapter> --max-lora-rank <r>``.
+    """``vllm serve <base> --dtype <dtype> --enable-lora ... --lora-modules <name>=<adapter>``.
 
     The base is what the adapter was trained on: the hub id for a hub model, else the local
-    folder (a converted GGUF or a tiny model), whose weights the hub version may not equal.
+    folder (a converted GGUF or a tiny model), whose weights the hub version may not equal. The
+    dtype is the one ``pipeline.serve`` loads the base in, so both answer alike.
     """
-    settings = json.loads((adapter / "adapter_config.json").read_text())
-    if settings.get("peft_type") != "LORA" or settings.get("use_dora"):
-        kind = "DoRA" if settings.get("use_dora") else settings.get("peft_type")
-        raise ExportError(f"vLLM serves LoRA adapters only, and this one is {kind}: use "
-                          "export.merge=true (a merged model vLLM serves as is), or pipeline.serve")
     base = model_cfg.path if model_cfg.source == "hub" else folder
-    rank = max([settings.get("r", 8), *settings.get("rank_pattern", {}).values()])
-    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-    return (f"vllm serve {shlex.quote(str(base))} --enable-lora "
-            f"--lora-modules {shlex.quote(f'{name}={served.resolve()}')} --max-lora-rank {max_rank}")
+    try:
+        args = vllm_engine.serve_arguments(base, vllm_engine.model_dtype(folder, model_cfg.dtype),
+                                           {name: served}, settings_from={name: adapter})
+    except vllm_engine.VllmError as err:
+        raise ExportError(f"{err}; or pipeline.serve") from err
+    return vllm_engine.shell_command(args)
 
 
 def write_adapter(cfg: DictConfig, source: ExportSource, folder: str, target: Path) -> str:
     if not (source.artifact / "adapter_config.json").exists():
         raise ExportError(f"{source.artifact} is a fully fine-tuned model, not an adapter: use "
                           "export.merge=true to export it")
+    try:
+        vllm_engine.refuse_quantized(str(source.artifact), source.quantization)
+    except vllm_engine.VllmError as err:
+        raise ExportError(str(err)) from err
     command = vllm_command(folder, source.model_cfg, cfg.export.lora_name, source.artifact,
                            target / "adapter")
 
@@ -216,7 +216,7 @@ def export(cfg: DictConfig) -> Path:
     if cfg.export.merge:
         write_merged(cfg, source, folder, target)
         print(f"merged model: {target}\nserve it: python -m pipeline.serve model=hub model.path={target}"
-              f"\nor: vllm serve {target}")
+              f"\nor: vllm serve {target} --dtype {cfg.export.dtype}")
     else:
         command = write_adapter(cfg, source, folder, target)
         print(f"adapter: {target / 'adapter'}\nvLLM command (also in {target / 'vllm_command.sh'}):\n{command}")

@@ -253,6 +253,11 @@ class EvaluationConfig:
     # Reuse the base model's measurement across runs that share its fingerprint (same base,
     # quantisation, tokenizer, examples, decoding and metrics): pipeline/base_cache.py.
     cache_base: bool = True
+    # Who generates the answers: transformers' generate (every method, greedy/sample/beam) or
+    # vLLM's offline engine (LoRA and full fine-tuning on a float base; greedy or sample),
+    # in its own environment (pipeline/vllm_engine.py). Greedy answers are the same but where
+    # kernels break a near-tie differently; losses are always computed by transformers.
+    engine: str = "transformers"  # transformers | vllm
 
 
 # --------------------------------------------------------------------------- logger / paths

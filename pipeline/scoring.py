@@ -114,6 +114,13 @@ def predict(model: Any, tokenizer: Any, sets: List[EvalSet], cfg: EvaluationConf
     if not cfg.metrics:
         return predictions
     for s in sets:
+        if cfg.engine == "vllm":
+            from pipeline import vllm_engine
+
+            log.info("%s %s generation: %d prompts through vLLM", label, s.name, len(s.prompts))
+            texts = vllm_engine.predict(model, tokenizer, s.prompts, cfg.decoding, s.add_special_tokens)
+            predictions.outputs[s.name] = [_cut_at_stop(t, cfg.decoding.stop_strings) for t in texts]
+            continue
         predictions.outputs[s.name] = generate(model, tokenizer, s.prompts, cfg.decoding,
                                                cfg.batch_size, s.add_special_tokens,
                                                what=f"{label} {s.name} generation".strip())

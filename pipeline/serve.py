@@ -120,10 +120,79 @@ def build_app(cfg: DictConfig):
     return create_app(pool, OmegaConf.to_object(cfg.server), api_key(cfg))
 
 
+def vllm_arguments(cfg: DictConfig) -> List[str]:
+    """``vllm serve`` arguments for the same models, names, address and limits; every problem
+    vLLM would have with them is raised here, before anything starts.
+
+    Raises:
+        VllmError: for adapters vLLM cannot serve (DoRA, IA3, bottleneck, QLoRA), a fully
+            fine-tuned run served beside other models, or adapters on different bases.
+    """
+    from pipeline import model as models
+    from pipeline import vllm_engine
+
+    resolve_sweep(cfg)
+    check(cfg)
+    base = base_cfg(cfg)
+    folder = models.resolve_folder(base, cfg.paths.cache_dir, base_seed(cfg))
+    served = sources(cfg, base)
+    loras, problems = {}, []
+    for source in served:
+        where = models.resolve_folder(source.model_cfg, cfg.paths.cache_dir,
+                                      base_seed(cfg) if source.seed is None else source.seed)
+        try:
+            vllm_engine.refuse_quantized(source.name, source.quantization)
+            if source.is_adapter:
+                vllm_engine.lora_rank(source.artifact)
+                loras[source.name] = source.artifact
+            elif len(served) > 1:
+                problems.append(f"{source.name} is a fully fine-tuned model: vLLM serves one model per "
+                                "server, so serve it alone (no adapters=)")
+        except vllm_engine.VllmError as err:
+            problems.append(str(err))
+        if source.is_adapter and where != folder:
+            problems.append(f"{source.name}: trained on {where}, but the server's base is {folder}")
+    if problems:
+        raise vllm_engine.VllmError("server.engine=vllm cannot serve this:\n  - " + "\n  - ".join(problems))
+    full = [s for s in served if not s.is_adapter]
+    if full:  # a fully fine-tuned run: its own folder is the model
+        args = vllm_engine.serve_arguments(str(full[0].artifact), vllm_engine.model_dtype(
+            str(full[0].artifact), full[0].model_cfg.dtype), {}, full[0].name)
+    else:
+        args = vllm_engine.serve_arguments(folder, vllm_engine.model_dtype(folder, base.dtype), loras,
+                                           base_name(cfg))
+    s = cfg.server
+    return args + ["--host", s.host, "--port", str(s.port),
+                   "--uvicorn-log-level", s.log_level, *s.vllm_args]
+
+
+def serve_with_vllm(cfg: DictConfig) -> None:
+    """Replaces this process with vLLM's server (signals then reach vLLM directly)."""
+    from pipeline import vllm_engine
+
+    args = vllm_arguments(cfg)
+    command = vllm_engine.worker_command("serve", *args)
+    env = dict(os.environ)
+    key = api_key(cfg)
+    if key:
+        env["VLLM_API_KEY"] = key  # never on the command line, where ps and logs would show it
+    log.info("serving through vLLM on http://%s:%d/v1 (API key %s): %s", cfg.server.host, cfg.server.port,
+             "required" if key else "not required", vllm_engine.shell_command(args))
+    if cfg.server.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("server.host=%s: the server is reachable from other machines", cfg.server.host)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execve(command[0], command, env)
+
+
 def serve(cfg: DictConfig) -> None:
     """Serves until interrupted."""
     import uvicorn
 
+    if cfg.server.engine == "vllm":
+        return serve_with_vllm(cfg)
+    if cfg.server.engine != "builtin":
+        raise C.ConfigError([f"server.engine={cfg.server.engine!r} is not one of builtin, vllm"])
     app = build_app(cfg)
     s = cfg.server
     log.info("serving %s on http://%s:%d/v1 (API key %s)", ", ".join(app.state.service.pool.choices),

@@ -155,3 +155,21 @@ def test_cli_typo_exits_nonzero_naming_key(tmp_path):
                          timeout=120)
     assert out.returncode != 0
     assert "learning_rat" in out.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["adapter=dora"], "vLLM does not generate with adapter=dora"),
+    (["adapter=qlora"], "vLLM does not generate with adapter=qlora"),
+    (["adapter=bottleneck"], "vLLM does not generate with adapter=bottleneck"),
+    (["evaluation.decoding.strategy=beam", "evaluation.metrics=[bleu]"], "strategy=beam is not supported"),
+    (["evaluation.engine=vlm"], "evaluation.engine='vlm' is not one of transformers, vllm"),
+])
+def test_evaluation_engine_vllm_is_checked_at_composition(overrides, message, tmp_path):
+    engine = [] if any(o.startswith("evaluation.engine") for o in overrides) else ["evaluation.engine=vllm"]
+    with pytest.raises(C.ConfigError, match=message):
+        C.validate(compose_train([*engine, *overrides], tmp_path))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full", "none"])
+def test_evaluation_engine_vllm_accepts_what_vllm_runs(adapter, tmp_path):
+    C.validate(compose_train(["evaluation.engine=vllm", f"adapter={adapter}"], tmp_path))

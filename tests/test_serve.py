@@ -363,6 +363,31 @@ def test_serve_settings_are_checked_before_loading(tmp_path, adapters):
         compose_serve(["server.prot=1"], tmp_path)  # a typo fails at composition
 
 
+def test_vllm_engine_serves_the_same_names_and_refuses_what_it_cannot(tmp_path, adapters, tiny_folder,
+                                                                      monkeypatch):
+    """server.engine=vllm: the `vllm serve` arguments, and every refusal before anything starts."""
+    from pipeline.serve import vllm_arguments
+    from pipeline.vllm_engine import VllmError
+
+    monkeypatch.setenv("PIPELINE_API_KEY", KEY)
+    args = vllm_arguments(compose_serve(["model=tiny_llama", "server.engine=vllm", "server.port=8123",
+                                         f"run={adapters['run']}", f"adapters={{a: {adapters['a']}}}",
+                                         "server.vllm_args=[--max-num-seqs,4]"], tmp_path))
+    assert args[:5] == [tiny_folder, "--dtype", "float32", "--served-model-name", "tiny_llama"]
+    modules = args[args.index("--lora-modules") + 1:args.index("--host")]
+    assert modules == [f"tuned={(adapters['run'] / 'adapter').resolve()}", f"a={Path(adapters['a']).resolve()}"]
+    assert args[args.index("--max-lora-rank") + 1] == "8" and args[args.index("--max-loras") + 1] == "2"
+    assert args[-6:] == ["--port", "8123", "--uvicorn-log-level", "info", "--max-num-seqs", "4"]
+    assert KEY not in " ".join(args)  # the key travels in vLLM's environment only
+
+    qlora = make_run(tmp_path / "qrun", adapters["a"], ["adapter=qlora"])
+    with pytest.raises(VllmError) as err:
+        vllm_arguments(compose_serve(["model=tiny_llama", "server.engine=vllm", f"run={qlora}",
+                                      f"adapters={{bn: {adapters['bn']}}}"], tmp_path))
+    assert "tuned was trained on a 4-bit base (QLoRA)" in str(err.value)
+    assert "vLLM serves LoRA adapters only, and this one is BOTTLENECK" in str(err.value)
+
+
 @pytest.mark.slow
 def test_load_500_requests_16_concurrent(server):
     import asyncio

@@ -12,6 +12,7 @@ from pipeline.adapters.registry import AdapterSettings, register_adapter
 @dataclass
 class FullSettings(AdapterSettings):
     method: str = "full"
+    vllm: ClassVar[bool] = True
 
     def apply(self, model: Any, architecture: Any) -> Any:
         model.requires_grad_(True)
@@ -25,6 +26,7 @@ class NoneSettings(AdapterSettings):
 
     method: str = "none"
     trains: ClassVar[bool] = False
+    vllm: ClassVar[bool] = True
 
     def apply(self, model: Any, architecture: Any) -> Any:
         model.requires_grad_(False)

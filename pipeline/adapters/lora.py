@@ -27,6 +27,7 @@ class LoraSettings(AdapterSettings):
     modules_to_save: Optional[List[str]] = None
 
     use_dora: ClassVar[bool] = False
+    vllm: ClassVar[bool] = True
 
     def check(self, architecture: Any) -> List[str]:
         problems = []
@@ -71,6 +72,7 @@ class DoraSettings(LoraSettings):
 
     method: str = "dora"
     use_dora: ClassVar[bool] = True
+    vllm: ClassVar[bool] = False  # vLLM has no DoRA magnitudes
 
 
 @register_adapter("qlora")
@@ -88,6 +90,7 @@ class QLoraSettings(LoraSettings):
     quant_storage: Optional[str] = None  # set to the compute dtype for ZeRO-3 / FSDP sharding
 
     quantized: ClassVar[bool] = True
+    vllm: ClassVar[bool] = False  # vLLM would run the adapter on the float base
 
     def check(self, architecture: Any) -> List[str]:
         problems = super().check(architecture)

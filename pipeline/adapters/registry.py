@@ -26,13 +26,15 @@ class AdapterSettings:
     """Base schema of the ``adapter`` group.
 
     Class attributes describe the method to the rest of the pipeline:
-    ``trains`` (False for a frozen baseline) and ``quantized`` (the base loads in k-bit).
+    ``trains`` (False for a frozen baseline), ``quantized`` (the base loads in k-bit) and
+    ``vllm`` (vLLM generates with what it trains: ``evaluation.engine=vllm``, ``server.engine=vllm``).
     """
 
     method: str = MISSING
 
     trains: ClassVar[bool] = True
     quantized: ClassVar[bool] = False
+    vllm: ClassVar[bool] = False
 
     def check(self, architecture: Optional["ArchitectureInfo"]) -> List[str]:
         """Returns problems with these settings (empty when fine); never raises."""

