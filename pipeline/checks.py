@@ -201,6 +201,11 @@ def _check_evaluation(cfg: DictConfig) -> List[str]:
             problems.append(f"evaluation.engine=vllm: vLLM does not generate with adapter="
                             f"{cfg.adapter.method} (LoRA, full and none only); use "
                             "evaluation.engine=transformers")
+        if cfg.distributed.nproc_per_node > 1:
+            problems.append("evaluation.engine=vllm runs in one process: every rank of "
+                            f"distributed.nproc_per_node={cfg.distributed.nproc_per_node} would start "
+                            "an engine; use evaluation.engine=transformers, or re-evaluate the run with "
+                            "python -m pipeline.evaluate run=<run> evaluation.engine=vllm")
         if ev.decoding.strategy == "beam" and ev.metrics:
             problems.append("evaluation.engine=vllm: evaluation.decoding.strategy=beam is not "
                             "supported; use greedy or sample, or evaluation.engine=transformers")

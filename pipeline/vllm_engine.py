@@ -215,7 +215,8 @@ def on_disk(model: Any, tmp: Path) -> tuple[str, Optional[Path]]:
     """What vLLM loads for an in-memory model: (base folder, adapter folder or None).
 
     A LoRA model keeps its base folder (the frozen weights it was loaded from) and saves its
-    adapter into ``tmp``; any other model is saved whole into ``tmp``.
+    adapter into ``tmp`` (no adapter inside PEFT's ``disable_adapter()``: the base model); any
+    other model is saved whole into ``tmp``.
 
     Raises:
         VllmError: for a 4-bit base, or an adapter vLLM does not serve.
@@ -226,6 +227,10 @@ def on_disk(model: Any, tmp: Path) -> tuple[str, Optional[Path]]:
         base = model.get_base_model()
         if getattr(base, "hf_quantizer", None):
             refuse_quantized("the model", True)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if any(m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)):
+            return base.name_or_path, None
         model.save_pretrained(tmp / "adapter", selected_adapters=[model.active_adapter])
         adapter = tmp / "adapter"
         nested = adapter / model.active_adapter  # PEFT nests every adapter but "default"

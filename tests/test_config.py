@@ -163,6 +163,7 @@ def test_cli_typo_exits_nonzero_naming_key(tmp_path):
     (["adapter=bottleneck"], "vLLM does not generate with adapter=bottleneck"),
     (["evaluation.decoding.strategy=beam", "evaluation.metrics=[bleu]"], "strategy=beam is not supported"),
     (["evaluation.engine=vlm"], "evaluation.engine='vlm' is not one of transformers, vllm"),
+    (["distributed=ddp", "distributed.nproc_per_node=2"], "every rank of distributed.nproc_per_node=2"),
 ])
 def test_evaluation_engine_vllm_is_checked_at_composition(overrides, message, tmp_path):
     engine = [] if any(o.startswith("evaluation.engine") for o in overrides) else ["evaluation.engine=vllm"]
