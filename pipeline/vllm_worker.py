@@ -80,10 +80,9 @@ def generate(request_path: str, result_path: str) -> None:
                               use_tqdm=request.get("progress", True))
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs],
               "start_s": ready - started, "generate_s": time.perf_counter() - ready}
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
+    # The caller reads this only after a zero exit status, so a half-written file is never read.
+    with open(result_path, "w") as f:
         json.dump(result, f)
-    os.replace(tmp, result_path)
 
 
 if __name__ == "__main__":
