@@ -120,8 +120,8 @@ def serve_arguments(base: str, dtype: str, loras: Dict[str, Path], base_name: Op
     if base_name:
         args += ["--served-model-name", base_name]
     if loras:
-        args += ["--enable-lora", "--max-loras", str(len(loras)),
-                 "--max-lora-rank", str(max_lora_rank([lora_rank(settings_from.get(n, p)) for n, p in loras.items()])),
+        rank = max_lora_rank([lora_rank(settings_from.get(name, path)) for name, path in loras.items()])
+        args += ["--enable-lora", "--max-loras", str(len(loras)), "--max-lora-rank", str(rank),
                  "--lora-modules", *[f"{name}={Path(path).resolve()}" for name, path in loras.items()]]
     return args
 
@@ -166,8 +166,9 @@ def generate(model_folder: str, dtype: str, prompts: List[List[int]], decoding: 
         raise VllmError("evaluation.engine=vllm: evaluation.decoding.strategy=beam is not supported; use "
                         "greedy or sample, or evaluation.engine=transformers")
     sample = decoding.strategy == "sample"
-    request = {"gpu_memory_utilization": _free_gpu_share(),
+    request = {
         "model": model_folder, "dtype": dtype, "prompts": prompts,
+        "gpu_memory_utilization": _free_gpu_share(),
         "adapter": str(adapter) if adapter else None,
         "max_lora_rank": max_lora_rank([lora_rank(adapter)]) if adapter else None,
         "max_model_len": max(len(p) for p in prompts) + decoding.max_new_tokens if prompts else None,
@@ -245,14 +246,11 @@ def predict(model: Any, tokenizer: Any, prompts: List[str], decoding: Any,
             add_special_tokens: bool) -> List[str]:
     """The evaluation's :func:`pipeline.scoring.generate` through vLLM: the same prompt ids,
     decoded the same way."""
-    import torch
-
     ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     with tempfile.TemporaryDirectory(prefix="vllm-model-") as tmp:
         folder, adapter = on_disk(model, Path(tmp))
-        with torch.no_grad():
-            generated = generate(folder, dtype, ids, decoding, stop_ids(tokenizer, model), adapter)
+        generated = generate(folder, dtype, ids, decoding, stop_ids(tokenizer, model), adapter)
     return tokenizer.batch_decode(generated.outputs, skip_special_tokens=True)
 
 
@@ -268,7 +266,6 @@ def install(target: Path, cuda: bool, torch_index: Optional[str]) -> None:
         subprocess.run([str(target / "bin" / "python"), "-m", "pip", *args], check=True)
 
     subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
-    pip("install", "-q", "--upgrade", "pip")
     if cuda:
         pip("install", "-q", "vllm")
     else:

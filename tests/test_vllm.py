@@ -206,8 +206,8 @@ def test_serve_engine_vllm_serves_the_run_by_its_names_behind_the_key(lora_run, 
 
     port, key, log = free_port(), "vllm-test-key", tmp_path / "serve.log"
     env = {**os.environ, "PIPELINE_API_KEY": key, "PYTHONPATH": python_path()}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", f"run={lora_run}", "server.engine=vllm",
-                             f"server.port={port}", f"paths.output_dir={tmp_path}"],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", f"run={lora_run}",
+                             "server.engine=vllm", f"server.port={port}", f"paths.output_dir={tmp_path}"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -283,7 +283,8 @@ def test_evaluate_engine_vllm_measures_base_and_tuned_apart(lora_run, tmp_path):
         with initialize_config_dir(str(CONF), version_base="1.3"):
             cfg = compose("evaluate", overrides=[f"run={lora_run}", f"evaluation.engine={engine}",
                                                   "evaluation.max_examples=8", "logger=none",
-                                                  f"paths.run_dir={tmp_path / engine}", f"paths.root_dir={ROOT}"])
+                                                  f"paths.run_dir={tmp_path / engine}",
+                                                  f"paths.root_dir={ROOT}"])
         evaluate(cfg)
         path = tmp_path / engine / "eval" / "predictions.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
