@@ -114,6 +114,23 @@ def start_server(pool, args, max_wait_ms: float) -> tuple:
     return server, f"http://127.0.0.1:{port}/v1"
 
 
+def default_pool(count: int, tmp: Path) -> tuple:
+    """(model config, adapter folder, ``count`` django_en_fr test prompts, a model pool serving the
+    default model with a fresh LoRA adapter as ``tuned``)."""
+    from pipeline.server.pool import ModelPool, Source
+
+    cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
+    model_cfg = C.load_option("model", "smollm2_135m")
+    folder = models.resolve_folder(model_cfg, cache)
+    tokenizer = models.load_tokenizer(folder, model_cfg)
+    data_cfg = C.load_option("data", "django_en_fr", seed=0, validation_size=0.0,
+                             test_size=float(count), max_length=256)
+    prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])[:count]
+    adapter = fresh_lora(folder, tmp / "lora")
+    pool = ModelPool(model_cfg, model_cfg.name, [Source("tuned", model_cfg, adapter)], cache, 0)
+    return model_cfg, adapter, prompts, pool
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -124,17 +141,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per setting")
     args = parser.parse_args()
 
-    from pipeline.server.pool import ModelPool, Source
-
-    cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
-    model_cfg = C.load_option("model", "smollm2_135m")
-    folder = models.resolve_folder(model_cfg, cache)
-    tokenizer = models.load_tokenizer(folder, model_cfg)
-    data_cfg = C.load_option("data", "django_en_fr", seed=0, validation_size=0.0,
-                             test_size=float(args.requests), max_length=256)
-    prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])[: args.requests]
-    adapter = fresh_lora(folder, Path(tempfile.mkdtemp()) / "lora")
-    pool = ModelPool(model_cfg, model_cfg.name, [Source("tuned", model_cfg, adapter)], cache, 0)
+    model_cfg, _, prompts, pool = default_pool(args.requests, Path(tempfile.mkdtemp()))
     # One server (and engine) per setting over the same loaded model; only one works at a time.
     servers = {wait: start_server(pool, args, wait) for wait in args.max_wait_ms}
     first_url = servers[args.max_wait_ms[0]][1]

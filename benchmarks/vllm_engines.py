@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import clients, fresh_lora, start_server  # noqa: E402
+from serve_throughput import clients, default_pool, start_server  # noqa: E402
 
-from pipeline import config as C, data, model as models, scoring, vllm_engine  # noqa: E402
+from pipeline import config as C, scoring, vllm_engine  # noqa: E402
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -56,19 +56,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    from pipeline.server.pool import ModelPool, Source
+    from pipeline.server.pool import ModelPool
 
     vllm_engine.python()  # fails early, saying how to install it
-    cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
-    model_cfg = C.load_option("model", "smollm2_135m")
-    folder = models.resolve_folder(model_cfg, cache)
-    tokenizer = models.load_tokenizer(folder, model_cfg)
-    data_cfg = C.load_option("data", "django_en_fr", seed=0, validation_size=0.0,
-                             test_size=float(args.prompts), max_length=256)
-    prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])[: args.prompts]
     tmp = Path(tempfile.mkdtemp())
-    adapter = fresh_lora(folder, tmp / "lora")
-    pool = ModelPool(model_cfg, model_cfg.name, [Source("tuned", model_cfg, adapter)], cache, 0)
+    model_cfg, adapter, prompts, pool = default_pool(args.prompts, tmp)
+    folder, tokenizer = pool.base_folder, pool.tokenizer
     decoding = C.DecodingConfig(max_new_tokens=args.max_tokens, seed=0)
     rows = []
 

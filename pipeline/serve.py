@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config as C
-from pipeline.server.pool import ModelPool, Source, source_from_path
+from pipeline.server.pool import ModelPool, Source, base_problems, source_from_path
 
 log = logging.getLogger("pipeline.serve")
 
@@ -136,10 +136,8 @@ def vllm_arguments(cfg: DictConfig) -> List[str]:
     base = base_cfg(cfg)
     folder = models.resolve_folder(base, cfg.paths.cache_dir, base_seed(cfg))
     served = sources(cfg, base)
-    loras, problems = {}, []
+    loras, problems = {}, base_problems(served, folder, cfg.paths.cache_dir, base_seed(cfg))
     for source in served:
-        where = models.resolve_folder(source.model_cfg, cfg.paths.cache_dir,
-                                      base_seed(cfg) if source.seed is None else source.seed)
         try:
             vllm_engine.refuse_quantized(source.name, source.quantization)
             if source.is_adapter:
@@ -150,8 +148,6 @@ def vllm_arguments(cfg: DictConfig) -> List[str]:
                                 "server, so serve it alone (no adapters=)")
         except vllm_engine.VllmError as err:
             problems.append(str(err))
-        if source.is_adapter and where != folder:
-            problems.append(f"{source.name}: trained on {where}, but the server's base is {folder}")
     if problems:
         raise vllm_engine.VllmError("server.engine=vllm cannot serve this:\n  - " + "\n  - ".join(problems))
     full = [s for s in served if not s.is_adapter]

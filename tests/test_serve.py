@@ -386,6 +386,10 @@ def test_vllm_engine_serves_the_same_names_and_refuses_what_it_cannot(tmp_path, 
                                       f"adapters={{bn: {adapters['bn']}}}"], tmp_path))
     assert "tuned was trained on a 4-bit base (QLoRA)" in str(err.value)
     assert "vLLM serves LoRA adapters only, and this one is BOTTLENECK" in str(err.value)
+    gpt2 = make_run(tmp_path / "gpt2run", adapters["a"], ["model=tiny_gpt2"])
+    with pytest.raises(VllmError, match="trained on model tiny_gpt2 .* but the server's base is"):
+        vllm_arguments(compose_serve(["model=tiny_llama", "server.engine=vllm",
+                                      f"adapters={{g: {gpt2}}}"], tmp_path))
 
 
 @pytest.mark.slow

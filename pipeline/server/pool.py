@@ -66,6 +66,20 @@ def source_from_path(name: str, path: str, model_cfg: C.ModelConfig, key: str) -
                          "(adapter_config.json) or model folder (config.json)"])
 
 
+def base_problems(sources: List[Source], base_folder: str, cache_dir: str, seed: int) -> List[str]:
+    """One line per adapter trained on another base than ``base_folder`` (``seed``: the
+    server's, for sources that do not carry their own)."""
+    problems = []
+    for source in sources:
+        own_seed = seed if source.seed is None else source.seed
+        folder = models.resolve_folder(source.model_cfg, cache_dir, own_seed)
+        if source.is_adapter and folder != base_folder:
+            problems.append(f"{source.name}: trained on model {source.model_cfg.name} ({folder}), "
+                            f"but the server's base is {base_folder}; serve it from its own "
+                            f"server, or set model= to its base")
+    return problems
+
+
 class ModelPool:
     """Loads the base and every source once; maps served names to :class:`Choice`."""
 
@@ -91,14 +105,7 @@ class ModelPool:
         self.context_length = _context_length(plain)
 
     def _check_bases(self, sources: List[Source], cache_dir: str, seed: int) -> None:
-        problems = []
-        for source in sources:
-            folder = models.resolve_folder(source.model_cfg, cache_dir,
-                                           seed if source.seed is None else source.seed)
-            if source.is_adapter and folder != self.base_folder:
-                problems.append(f"{source.name}: trained on model {source.model_cfg.name} ({folder}), "
-                                f"but the server's base is {self.base_folder}; serve it from its own "
-                                f"server, or set model= to its base")
+        problems = base_problems(sources, self.base_folder, cache_dir, seed)
         if problems:
             raise C.ConfigError(problems)
 
