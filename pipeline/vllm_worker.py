@@ -23,14 +23,11 @@ CPU_MEMORY_SHARE = 0.25
 CPU_KV_CACHE_GIB = "2"
 
 
-def _on_cpu() -> bool:
+def _prepare_platform() -> bool:
+    """True on a machine without CUDA, after selecting vLLM's CPU platform there."""
     import torch
 
-    return not torch.cuda.is_available()
-
-
-def _prepare_platform() -> bool:
-    cpu = _on_cpu()
+    cpu = not torch.cuda.is_available()
     if cpu:
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
@@ -77,7 +74,7 @@ def generate(request_path: str, result_path: str) -> None:
                             detokenize=False)
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in request["prompts"]], params,
                               lora_request=LoRARequest("tuned", 1, lora) if lora else None,
-                              use_tqdm=request.get("progress", True))
+                              use_tqdm=True)
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs],
               "start_s": ready - started, "generate_s": time.perf_counter() - ready}
     # The caller reads this only after a zero exit status, so a half-written file is never read.
