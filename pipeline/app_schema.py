@@ -8,7 +8,12 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
+from pipeline.choices import make_choice
 from pipeline.schema import DataConfig, EvaluationConfig, LoggerConfig, ModelConfig, PathsConfig
+
+
+WeightsDtype = make_choice("WeightsDtype", "float32", "bfloat16", "float16")
+ServerEngine = make_choice("ServerEngine", "builtin", "vllm")
 
 
 @dataclass
@@ -37,7 +42,7 @@ class ServerConfig:
     # OpenAI-compatible server on the same models, names, key and address (LoRA adapters only;
     # see pipeline/vllm_engine.py for its environment). The batching and limit settings below
     # are the built-in engine's; vLLM takes its own from ``vllm_args``.
-    engine: str = "builtin"  # builtin | vllm
+    engine: ServerEngine = ServerEngine.builtin
     vllm_args: List[str] = field(default_factory=list)  # extra `vllm serve` arguments
     host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set it deliberately
     port: int = 8000
@@ -79,7 +84,7 @@ class ServeConfig:
 class ExportSettings:
     merge: bool = False  # true: one merged safetensors model; false: adapter + vLLM command
     dequantize: bool = False  # merge into a dequantised copy of a 4-bit base (else refused)
-    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the merged weights
+    dtype: WeightsDtype = WeightsDtype.float32  # of the merged weights
     output: Optional[str] = None  # the export folder (null: <run>/export/merged or .../vllm)
     lora_name: str = "tuned"  # the name vLLM serves the adapter under
     overwrite: bool = False

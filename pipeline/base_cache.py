@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from pipeline.config import plain
 from pipeline.scoring import Evaluator, Measurement
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
 
     settings = {k: v for k, v in model_settings.items() if k not in ("name", "gradient_checkpointing")}
     evaluation = evaluator.cfg
-    decoding = _plain(evaluation.decoding)
+    decoding = plain(evaluation.decoding)
     if decoding.get("strategy") != "sample":
         decoding.pop("seed", None)  # greedy and beam search do not draw: a multirun's seeds share it
     return _digest({
@@ -88,15 +89,6 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
         **({"engine": evaluation.engine} if evaluation.engine != "transformers" else {}),
     })
 
-
-def _plain(node: Any) -> Any:
-    import dataclasses
-
-    from omegaconf import OmegaConf
-
-    if dataclasses.is_dataclass(node):
-        return dataclasses.asdict(node)
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def entry_path(cache_dir: str, key: str) -> Path:

@@ -9,45 +9,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.adapters import ADAPTERS, AdapterSettings
 from pipeline.errors import ConfigError
-from pipeline.precision import LOSS_PRECISIONS, PRECISIONS
 from pipeline.schema import (CONF_DIR, ArchitectureInfo, DataConfig, EvaluationConfig, ModelConfig,
                              PreemptionConfig, TrainerConfig)
-
-
-CHOICES = {
-    "data.format": ("auto", "prompt_completion", "instruction", "messages", "sharegpt"),
-    "data.train_on": ("all", "last"),
-    "data.template": ("chat", "plain"),
-    "data.truncation": ("drop", "truncate", "error"),
-    "model.source": ("hub", "gguf", "tiny"),
-    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
-    "trainer.precision": PRECISIONS,
-    "evaluation.loss_precision": LOSS_PRECISIONS,
-    "trainer.nan_policy": ("stop", "skip"),
-    "trainer.sampling": ("random", "group_by_length", "sequential"),
-    "objective.direction": ("minimize", "maximize"),
-    "evaluation.decoding.strategy": ("greedy", "sample", "beam"),
-    "evaluation.engine": ("transformers", "vllm"),
-}
-
-
-def _get(cfg: DictConfig, dotted: str) -> Any:
-    return OmegaConf.select(cfg, dotted, throw_on_missing=False)
-
-
-def _check_choices(cfg: DictConfig) -> List[str]:
-    problems = []
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    return problems
 
 
 def _check_unknown_adapter_keys(cfg: DictConfig) -> List[str]:
@@ -296,8 +265,7 @@ def validate(cfg: DictConfig, architecture: Optional["ArchitectureInfo"] = None)
     if missing:  # the other checks would trip over them
         raise ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..."
                            for key in missing])
-    problems = _check_choices(cfg)
-    problems += _check_unknown_adapter_keys(cfg)
+    problems = _check_unknown_adapter_keys(cfg)
     problems += _check_data(cfg.data)
     problems += _check_model(cfg.model)
     problems += _check_trainer(cfg.trainer)

@@ -5,7 +5,9 @@
 - :mod:`pipeline.checks`: the rules across fields, :func:`validate` (re-exported here);
 - :mod:`pipeline.errors`: the errors a user reads (re-exported here);
 - here: registration of the schemas, the adapter methods and the sweeps in Hydra's ConfigStore,
-  the resolvers, and reading one option or one node as its schema object.
+  the resolvers, reading one option or one node as its schema object, and the conversion every
+  entry point makes once, after validation, from the composed ``DictConfig`` to its schema
+  object (:func:`typed_config`); records go back to plain values through :func:`plain`.
 
 This module imports no torch/transformers at import time: composing a config must stay fast.
 """
@@ -39,7 +41,7 @@ __all__ = [
     "EvaluateConfig", "ServerConfig", "ServeConfig", "ExportSettings", "ExportConfig",
     "ArchitectureInfo", "QuantizationSettings", "adapter_settings", "register_configs", "expose_sweeper_plugin",
     "register_sweeps", "forget_sweeps", "unique_dir", "register_resolvers", "load_option",
-    "typed", "compose_train",
+    "typed", "typed_config", "plain", "compose_train",
 ]
 
 
@@ -166,8 +168,9 @@ def load_option(group: str, name: str, **overrides: Any) -> Any:
     return typed(SCHEMAS[group], node, overrides)
 
 
-def compose_train(overrides: List[str]) -> Any:
-    """The validated ``train`` config for ``overrides``, as ``pipeline.train`` composes it, for
+def compose_train(overrides: List[str]) -> TrainConfig:
+    """The validated ``train`` config for ``overrides`` as a ``TrainConfig`` object, composed as
+    ``pipeline.train`` composes it, for
     tools that print and exit (``pipeline.estimate``, ``pipeline.data``, benchmarks): no run
     folder, no log file.
 
@@ -187,9 +190,41 @@ def compose_train(overrides: List[str]) -> Any:
     with open_dict(cfg):
         del cfg["hydra"]
     validate(cfg)
-    return cfg
+    return typed_config(cfg)
 
 
 def typed(schema: type, *nodes: Any) -> Any:
     """``nodes`` merged onto ``schema`` and checked by it, as a schema object."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), *nodes))
+
+
+def typed_config(cfg: Any) -> Any:
+    """An entry point's composed (and validated) config as its schema object, every
+    interpolation resolved: ``TrainConfig``, ``EvaluateConfig``, ``ServeConfig`` or
+    ``ExportConfig``, the adapter as its method's settings. Entry points convert once and pass
+    these objects on; the stages never see a ``DictConfig``.
+
+    Raises:
+        ConfigError: a value still missing (``???``), named by its key.
+    """
+    from omegaconf.errors import MissingMandatoryValue
+
+    if not OmegaConf.is_config(cfg):
+        return cfg
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", None) or str(err)
+        raise ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..."]) from None
+
+
+def plain(node: Any) -> Any:
+    """A config node or schema object as plain dicts, lists and values (choices as their
+    strings, interpolations resolved): for config.yaml, W&B, trial attributes and fingerprints."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        node = OmegaConf.structured(node)
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node

@@ -11,12 +11,13 @@ ignored with a warning and written again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
+
+from pipeline.config import plain
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ def _tokenizer(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _plain(settings: Any) -> Dict[str, Any]:
-    """A ``DataConfig`` (dataclass or composed DictConfig) as a plain dict."""
-    if dataclasses.is_dataclass(settings):
-        return dataclasses.asdict(settings)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(settings, resolve=True)
-
 
 def fingerprint(cfg: Any, tokenizer: Any) -> str:
     """The cache key of the tokenized splits of data settings ``cfg`` (a ``DataConfig``)."""
@@ -73,12 +66,12 @@ def fingerprint(cfg: Any, tokenizer: Any) -> str:
 
     from pipeline.config import load_option
 
-    settings = _plain(cfg)
+    settings = plain(cfg)
     sources = [{"settings": settings, "files": {key: _content(getattr(cfg, key))
                                                 for key in ("path", "validation_path", "test_path")}}]
     for source in cfg.mix:
         mixed = load_option("data", source.data, seed=cfg.seed, **dict(source.overrides))
-        sources.append({"settings": _plain(mixed), "files": {"path": _content(mixed.path)}})
+        sources.append({"settings": plain(mixed), "files": {"path": _content(mixed.path)}})
     payload = {"format": FORMAT, "sources": sources, "tokenizer": _tokenizer(tokenizer),
                "packages": {p: version(p) for p in ("datasets", "transformers", "tokenizers")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -119,9 +119,8 @@ def count_parameters(model: Any) -> ParameterCounts:
 
 
 def count_for_config(cfg: Any) -> ParameterCounts:
-    """Counts for the composed ``train`` config, from the model's config on the meta device."""
+    """Counts for a ``TrainConfig``, from the model's config on the meta device."""
     import torch
-    from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline import model as models
@@ -130,7 +129,7 @@ def count_for_config(cfg: Any) -> ParameterCounts:
     architecture = models.describe(folder, cfg.model)
     config = AutoConfig.from_pretrained(folder, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
-    settings = OmegaConf.to_object(cfg.adapter)
+    settings = cfg.adapter
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
         model = settings.apply_for_counting(model, architecture)
@@ -151,12 +150,10 @@ def _quantizable_weights(model: Any) -> int:
 
 def for_config(cfg: Any, counts: ParameterCounts) -> MemoryEstimate:
     """The estimate for the ``distributed``, ``trainer`` and ``adapter`` settings of ``cfg``."""
-    from omegaconf import OmegaConf
-
     from pipeline.precision import resolve as resolve_precision
 
     dist = cfg.distributed
-    settings = OmegaConf.to_object(cfg.adapter)
+    settings = cfg.adapter
     quantization = settings.quantization()
     weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, 4)
     return estimate(counts, stage=dist.zero_stage if dist.strategy == "deepspeed" else 0,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Tuple
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import config as C
 from pipeline import data, scoring, model as models, packing, runfolder, trainer
@@ -20,14 +20,13 @@ from pipeline import data, scoring, model as models, packing, runfolder, trainer
 log = logging.getLogger("pipeline.evaluate")
 
 
-def _source(cfg: DictConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
+def _source(cfg: C.EvaluateConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
     """Data, model, adapter settings and artifact folder: from the run folder when given."""
     if cfg.run:
         return runfolder.read_run(cfg.run)
     if not cfg.adapter_path:
         raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter or model folder>"])
-    return (OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.model),
-            C.adapter_settings(cfg.adapter_method), Path(cfg.adapter_path))
+    return cfg.data, cfg.model, C.adapter_settings(cfg.adapter_method), Path(cfg.adapter_path)
 
 
 def _models(folder: str, model_cfg: C.ModelConfig, settings: Any, artifact: Path) -> Tuple[Any, Any]:
@@ -48,6 +47,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run = runfolder.RunFolder(Path(cfg.paths.run_dir))
     run.start(cfg, list(hydra.core.hydra_config.HydraConfig.get().overrides.task))
     try:
+        cfg = C.typed_config(cfg)
         data_cfg, model_cfg, settings, artifact = _source(cfg)
         folder = models.resolve_folder(model_cfg, cfg.paths.cache_dir, data_cfg.seed)
         tokenizer = models.load_tokenizer(folder, model_cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import config as C
 from pipeline import model as models
@@ -44,7 +44,7 @@ class ExportSource:
     seed: int  # a tiny base model's initialisation seed
 
 
-def resolve_sweep(cfg: DictConfig) -> None:
+def resolve_sweep(cfg: C.ExportConfig) -> None:
     """``sweep=<name>``: exports the sweep's best trial (a multi-objective sweep has no single
     best: the error lists its Pareto front, to pick one with ``run=``)."""
     if not cfg.sweep:
@@ -61,7 +61,7 @@ def resolve_sweep(cfg: DictConfig) -> None:
     log.info("sweep %s: exporting its best trial, %s", cfg.sweep, cfg.run)
 
 
-def read_source(cfg: DictConfig) -> ExportSource:
+def read_source(cfg: C.ExportConfig) -> ExportSource:
     resolve_sweep(cfg)
     if cfg.run:
         from pipeline.runfolder import read_run
@@ -73,11 +73,11 @@ def read_source(cfg: DictConfig) -> ExportSource:
     if not (Path(cfg.adapter_path) / "adapter_config.json").exists():
         raise C.ConfigError([f"adapter_path={cfg.adapter_path!r} has no adapter_config.json"])
     settings = C.adapter_settings(cfg.adapter_method)
-    return ExportSource(OmegaConf.to_object(cfg.model), Path(cfg.adapter_path), settings.quantization(),
+    return ExportSource(cfg.model, Path(cfg.adapter_path), settings.quantization(),
                         None, cfg.seed)
 
 
-def output_folder(cfg: DictConfig, source: ExportSource) -> Path:
+def output_folder(cfg: C.ExportConfig, source: ExportSource) -> Path:
     if cfg.export.output:
         target = Path(cfg.export.output)
     else:
@@ -120,7 +120,7 @@ def merged_model(source: ExportSource, folder: str, dequantize: bool) -> Any:
         raise ExportError(f"export.merge=true: {err}; or export.merge=false") from err
 
 
-def write_merged(cfg: DictConfig, source: ExportSource, folder: str, target: Path) -> None:
+def write_merged(cfg: C.ExportConfig, source: ExportSource, folder: str, target: Path) -> None:
     import torch
 
     import time
@@ -167,7 +167,7 @@ def vllm_command(folder: str, model_cfg: C.ModelConfig, name: str, adapter: Path
     return vllm_engine.shell_command(args)
 
 
-def write_adapter(cfg: DictConfig, source: ExportSource, folder: str, target: Path) -> str:
+def write_adapter(cfg: C.ExportConfig, source: ExportSource, folder: str, target: Path) -> str:
     if not (source.artifact / "adapter_config.json").exists():
         raise ExportError(f"{source.artifact} is a fully fine-tuned model, not an adapter: use "
                           "export.merge=true to export it")
@@ -208,10 +208,9 @@ def export(cfg: DictConfig) -> Path:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    cfg = C.typed_config(cfg)
     source = read_source(cfg)
     target = output_folder(cfg, source)
-    if cfg.export.dtype not in ("float32", "bfloat16", "float16"):
-        raise C.ConfigError([f"export.dtype={cfg.export.dtype!r} is not one of float32, bfloat16, float16"])
     folder = models.resolve_folder(source.model_cfg, cfg.paths.cache_dir, source.seed)
     if cfg.export.merge:
         write_merged(cfg, source, folder, target)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from pipeline.config import (ArchitectureInfo, ModelConfig, PipelineError, QuantizationSettings, TinyModelConfig,
-                             load_option)
+                             load_option, plain)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ def _tiny_config(tiny: TinyModelConfig, tokenizer: Any) -> Any:
 def _tiny_folder(cfg: ModelConfig, cache_dir: Path, seed: int, weights: bool = True) -> Path:
     """The random model's folder; ``weights=False``: its config and tokenizer only (enough to
     describe and count it, in seconds even at a real model's shape)."""
-    from omegaconf import OmegaConf
-
-    spec = json.dumps({"tiny": OmegaConf.to_container(OmegaConf.structured(cfg.tiny)),
+    spec = json.dumps({"tiny": plain(cfg.tiny),
                        "tokenizer": cfg.tokenizer, "seed": seed}, sort_keys=True)
     name = f"{cfg.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
     target = cache_dir / "models" / (name if weights else name + "-config")

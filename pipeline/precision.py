@@ -13,10 +13,12 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from pipeline.choices import LossPrecision, Precision
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LOSS_PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = Precision.values()  # trainer.precision
+LOSS_PRECISIONS = LossPrecision.values()  # evaluation.loss_precision
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,19 @@ class RunFolderCheck(Callback):
     task runs, and its failure would be a traceback."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        self._check("hydra.run.dir", config.hydra.run.dir)
+        self._check("hydra.run.dir", self._folder(config, "run"))
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+        self._check("hydra.sweep.dir", self._folder(config, "sweep"))
+
+    @staticmethod
+    def _folder(config: Any, mode: str) -> str:
+        # Hydra calls this before it sets its own config for ${hydra:...} (paths.root_dir is
+        # ${hydra:runtime.cwd}); set it now, as the job's start does again right after.
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        return config.hydra[mode].dir
 
     @staticmethod
     def _check(key: str, folder: str) -> None:
@@ -139,9 +148,9 @@ class RunFolder:
         from pipeline.config import CONF_DIR
 
         try:
-            resolved = OmegaConf.to_container(cfg, resolve=True)
+            resolved = C.plain(cfg)
         except Exception:  # a missing value: validation reports it next; keep what we have
-            resolved = OmegaConf.to_container(cfg, resolve=False)
+            resolved = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
         self.create()
         write_text(self.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         info = self.info() if self.info_path.exists() else {}

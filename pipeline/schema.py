@@ -1,9 +1,11 @@
 """Typed config schemas: one dataclass per config group, and one per entry point's config.
 
 The YAML options under ``conf/`` extend them (``defaults: [/schema/<group>/<name>@_here_]``),
-so a typo or a wrong type fails at composition and names the key; :mod:`pipeline.config`
-registers them with Hydra and :mod:`pipeline.checks` holds the rules across fields. The adapter
-group's schemas are the registered methods' settings (:mod:`pipeline.adapters`).
+so a typo, a wrong type or a choice outside its values (a :class:`Choice` enum) fails at
+composition and names the key; :mod:`pipeline.config` registers them with Hydra and
+:mod:`pipeline.checks` holds the rules across fields. Entry points then convert the composed
+config once into these objects (:func:`pipeline.config.typed_config`) and pass them on. The
+adapter group's schemas are the registered methods' settings (:mod:`pipeline.adapters`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import II, MISSING, SI
+
+from pipeline.choices import (DataFormat, DecodingStrategy, Direction, EvaluationEngine, LossPrecision,
+                              ModelDtype, ModelSource, NanPolicy, Precision, Sampling, Strategy, Template,
+                              TrainOn, Truncation, WandbMode)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # The config groups (conf/) and the sweep definitions (sweeps/) ship inside the package: in a
@@ -49,7 +55,7 @@ class DataConfig:
 
     name: str = MISSING
     path: str = MISSING
-    format: str = "auto"  # auto | prompt_completion | instruction | messages | sharegpt
+    format: DataFormat = DataFormat.auto
     subset: Optional[str] = None  # hub dataset configuration name
     source_split: str = "train"  # split read from the source before our own split
     # Held-out sets as the user has them, used as they are (never re-split; only capped by
@@ -74,7 +80,7 @@ class DataConfig:
         "system": "system", "human": "user", "user": "user", "gpt": "assistant",
         "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"})
     # Which assistant turns of a multi-turn conversation carry loss: all | last.
-    train_on: str = "all"
+    train_on: TrainOn = TrainOn.all
     # Examples of validation/test whose conversation (exact) or prompt (normalised: case,
     # whitespace and punctuation ignored) also occurs in train are counted and reported
     # (run.json data_overlap); dedup=true removes those train examples.
@@ -83,9 +89,9 @@ class DataConfig:
     # (paths.data_cache_dir): a sweep tokenizes once.
     cache: bool = True
     system_prompt: Optional[str] = None
-    template: str = "chat"  # chat: the tokenizer's chat template | plain: prompt + completion + eos
+    template: Template = Template.chat  # chat: the tokenizer's chat template | plain: prompt + completion + eos
     max_length: int = 256
-    truncation: str = "drop"  # drop | truncate | error: what to do with longer examples
+    truncation: Truncation = Truncation.drop  # what to do with longer examples
     validation_size: float = 0.1  # fraction (< 1) or count (>= 1) of examples
     test_size: float = 0.1
     # A fraction of a large file is more than evaluation needs (every validation example is
@@ -156,14 +162,14 @@ class ModelConfig:
     """
 
     name: str = MISSING
-    source: str = "hub"  # hub | gguf | tiny
+    source: ModelSource = ModelSource.hub
     path: Optional[str] = None
     revision: Optional[str] = None
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None
     tokenizer: Optional[str] = None  # model config name or folder whose tokenizer a tiny model uses
     tiny: Optional[TinyModelConfig] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: ModelDtype = ModelDtype.float32
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -195,7 +201,7 @@ class TrainerConfig:
     optim: str = "adamw_torch"
     # auto: bf16 autocast where the device multiplies bf16 natively (AVX512-bf16/AMX CPUs,
     # Ampere+ GPUs), else fp32; see pipeline/precision.py. fp32 | bf16 | fp16 force one.
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     logging_steps: int = 10
     eval_steps: Optional[int] = 50  # null: evaluate only at the end
     # Evaluations during training (every eval_steps: the loss curve, pruning, best checkpoint)
@@ -204,9 +210,9 @@ class TrainerConfig:
     eval_examples: Optional[int] = None
     save_steps: Optional[int] = 100  # null: no intermediate checkpoints
     save_total_limit: Optional[int] = 2
-    sampling: str = "random"  # random | group_by_length (less padding) | sequential
+    sampling: Sampling = Sampling.random  # group_by_length: less padding
     dataloader_num_workers: int = 0
-    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -217,13 +223,13 @@ class TrainerConfig:
 class DecodingConfig:
     """How both the base and the tuned model generate (the same for both)."""
 
-    strategy: str = "greedy"  # greedy | sample | beam
+    strategy: DecodingStrategy = DecodingStrategy.greedy
     max_new_tokens: int = 48
     temperature: float = 1.0  # sample only
     top_p: float = 1.0  # sample only
     num_beams: int = 4  # beam only
     stop_strings: List[str] = field(default_factory=list)
-    seed: int = "${seed}"  # type: ignore[assignment]
+    seed: int = II("seed")  # the run's seed
 
 
 @dataclass
@@ -241,7 +247,7 @@ class EvaluationConfig:
     # Loss and perplexity under bf16 autocast (auto: where the hardware multiplies bf16
     # natively; about 3x faster on an AVX512-bf16 CPU, losses moved by up to ~1%) or fp32.
     # Generation always runs in the model's own dtype. The choice is in run.json.
-    loss_precision: str = "auto"  # auto | fp32 | bf16
+    loss_precision: LossPrecision = LossPrecision.auto
     metrics: List[str] = field(default_factory=list)
     labels: Optional[List[str]] = None  # classification: the label set outputs are parsed into
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -257,7 +263,7 @@ class EvaluationConfig:
     # vLLM's offline engine (LoRA and full fine-tuning on a float base; greedy or sample),
     # in its own environment (pipeline/vllm_engine.py). Greedy answers are the same but where
     # kernels break a near-tie differently; losses are always computed by transformers.
-    engine: str = "transformers"  # transformers | vllm
+    engine: EvaluationEngine = EvaluationEngine.transformers
 
 
 # --------------------------------------------------------------------------- logger / paths
@@ -271,7 +277,7 @@ class WandbConfig:
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     job_type: str = "train"
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
 
 
 @dataclass
@@ -286,9 +292,9 @@ class PathsConfig:
     cache_dir: str = MISSING
     run_dir: str = MISSING
     # Base-model measurements shared by the runs of sweeps and multiruns (pipeline/base_cache.py).
-    base_cache_dir: str = "${paths.cache_dir}/base_measurements"
+    base_cache_dir: str = SI("${paths.cache_dir}/base_measurements")
     # Tokenized splits shared alike (pipeline/data_cache.py; data.cache=false opts out).
-    data_cache_dir: str = "${paths.cache_dir}/tokenized"
+    data_cache_dir: str = SI("${paths.cache_dir}/tokenized")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -305,7 +311,7 @@ class DistributedConfig:
     torchrun or srun it joins the processes already started.
     """
 
-    strategy: str = "single"  # single | ddp | deepspeed
+    strategy: Strategy = Strategy.single
     nproc_per_node: int = 1
     nnodes: int = 1  # nodes of a SLURM job (the memory estimate shards over nnodes x nproc_per_node)
     zero_stage: int = 0  # deepspeed only: 1 | 2 | 3
@@ -341,7 +347,7 @@ class PreemptionConfig:
 @dataclass
 class ObjectiveConfig:
     metric: str = "tuned/eval/loss"
-    direction: str = "minimize"  # minimize | maximize
+    direction: Direction = Direction.minimize
 
 
 # --------------------------------------------------------------------------- sweeps

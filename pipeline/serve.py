@@ -15,7 +15,7 @@ import re
 from typing import List, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import config as C
 from pipeline.server.pool import ModelPool, Source, base_problems, source_from_path
@@ -25,7 +25,7 @@ log = logging.getLogger("pipeline.serve")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: C.ServeConfig) -> None:
     """Every problem with the serve settings at once, before any model loads."""
     s: C.ServerConfig = cfg.server
     problems = []
@@ -55,7 +55,7 @@ def check(cfg: DictConfig) -> None:
         raise C.ConfigError(problems)
 
 
-def resolve_sweep(cfg: DictConfig) -> None:
+def resolve_sweep(cfg: C.ServeConfig) -> None:
     """``sweep=<name>``: its best trial becomes ``run``; a multi-objective sweep's Pareto-front
     trials are each served as ``trial_<n>`` (the first as ``run``: the base comes from its config)."""
     if not cfg.sweep:
@@ -73,16 +73,16 @@ def resolve_sweep(cfg: DictConfig) -> None:
     log.info("sweep %s: serving %s", cfg.sweep, ", ".join(f"trial {n} ({runs[n]})" for n in runs))
 
 
-def base_cfg(cfg: DictConfig) -> C.ModelConfig:
+def base_cfg(cfg: C.ServeConfig) -> C.ModelConfig:
     """The base model: the run's (from its config.yaml) when ``run`` is given, else ``model``."""
     if cfg.run:
         from pipeline.runfolder import read_run
 
         return read_run(cfg.run)[1]
-    return OmegaConf.to_object(cfg.model)
+    return cfg.model
 
 
-def base_seed(cfg: DictConfig) -> int:
+def base_seed(cfg: C.ServeConfig) -> int:
     """A tiny base model is rebuilt from its seed: the run's, when serving a run."""
     if cfg.run:
         from pipeline.runfolder import read_run
@@ -91,36 +91,37 @@ def base_seed(cfg: DictConfig) -> int:
     return cfg.seed
 
 
-def base_name(cfg: DictConfig) -> str:
+def base_name(cfg: C.ServeConfig) -> str:
     return cfg.base_name or (base_cfg(cfg).name if cfg.run else cfg.model.name)
 
 
-def sources(cfg: DictConfig, base: C.ModelConfig) -> List[Source]:
+def sources(cfg: C.ServeConfig, base: C.ModelConfig) -> List[Source]:
     found = [source_from_path(cfg.run_name, cfg.run, base, "run")] if cfg.run else []
     return found + [source_from_path(str(name), str(path), base, f"adapters.{name}")
                     for name, path in (cfg.adapters or {}).items()]
 
 
-def api_key(cfg: DictConfig) -> Optional[str]:
+def api_key(cfg: C.ServeConfig) -> Optional[str]:
     """From the environment variable ``server.api_key_env``, else ``server.api_key``."""
     return os.environ.get(cfg.server.api_key_env) or cfg.server.api_key or None
 
 
-def build_app(cfg: DictConfig):
+def build_app(cfg: DictConfig | C.ServeConfig):
     """Loads the models and returns the ASGI app (tests call this, then start uvicorn)."""
     try:
         from pipeline.server.app import create_app
     except ImportError as err:
         raise C.PipelineError(f"serving needs FastAPI and uvicorn ({err}): pip install fastapi uvicorn") from err
 
+    cfg = C.typed_config(cfg)
     resolve_sweep(cfg)
     check(cfg)
     base = base_cfg(cfg)
     pool = ModelPool(base, base_name(cfg), sources(cfg, base), cfg.paths.cache_dir, base_seed(cfg))
-    return create_app(pool, OmegaConf.to_object(cfg.server), api_key(cfg))
+    return create_app(pool, cfg.server, api_key(cfg))
 
 
-def vllm_arguments(cfg: DictConfig) -> List[str]:
+def vllm_arguments(cfg: DictConfig | C.ServeConfig) -> List[str]:
     """``vllm serve`` arguments for the same models, names, address and limits; every problem
     vLLM would have with them is raised here, before anything starts.
 
@@ -131,6 +132,7 @@ def vllm_arguments(cfg: DictConfig) -> List[str]:
     from pipeline import model as models
     from pipeline import vllm_engine
 
+    cfg = C.typed_config(cfg)
     resolve_sweep(cfg)
     check(cfg)
     base = base_cfg(cfg)
@@ -162,7 +164,7 @@ def vllm_arguments(cfg: DictConfig) -> List[str]:
                    "--uvicorn-log-level", s.log_level, *s.vllm_args]
 
 
-def serve_with_vllm(cfg: DictConfig) -> None:
+def serve_with_vllm(cfg: C.ServeConfig) -> None:
     """Replaces this process with vLLM's server (signals then reach vLLM directly)."""
     from pipeline import vllm_engine
 
@@ -185,10 +187,9 @@ def serve(cfg: DictConfig) -> None:
     """Serves until interrupted."""
     import uvicorn
 
+    cfg = C.typed_config(cfg)
     if cfg.server.engine == "vllm":
         return serve_with_vllm(cfg)
-    if cfg.server.engine != "builtin":
-        raise C.ConfigError([f"server.engine={cfg.server.engine!r} is not one of builtin, vllm"])
     app = build_app(cfg)
     s = cfg.server
     log.info("serving %s on http://%s:%d/v1 (API key %s)", ", ".join(app.state.service.pool.choices),

@@ -8,6 +8,10 @@ report intermediate values and ask whether to stop: that works in another proces
 machine. Workers share a study only through its storage (SQLite on one machine, PostgreSQL on a
 cluster); re-running the same command continues the study.
 
+The sweeper works on the composed train config (a ``DictConfig``: it checks keys that may not
+exist yet); a trial's training job passes its ``TrainConfig`` object. The functions both call
+read both alike (attribute access only) and are typed ``Any``.
+
 Why not Hydra's own optuna sweeper plugin: it pins optuna<3, cannot prune, cannot resume and
 stops at the first failed trial.
 """
@@ -47,7 +51,7 @@ COUNTED = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 # --------------------------------------------------------------------------- the sweep definition
 
 
-def objectives(cfg: DictConfig) -> List[Any]:
+def objectives(cfg: Any) -> List[Any]:
     """The sweep's objectives: ``sweep.objectives``, or the run's single ``objective``."""
     return list(cfg.sweep.objectives) or [cfg.objective]
 
@@ -62,7 +66,7 @@ def is_group(key: str) -> bool:
     return "." not in key and (C.CONF_DIR / key).is_dir()
 
 
-def intermediate_metric(cfg: DictConfig) -> Optional[str]:
+def intermediate_metric(cfg: Any) -> Optional[str]:
     """The Trainer's per-evaluation metric that tracks the (first) objective, or None.
 
     ``tuned/eval/loss`` is ``eval_loss`` at every evaluation; ``tuned/eval/<m>`` is ``eval_<m>``
@@ -232,7 +236,7 @@ def _instantiate(node: Optional[Any]) -> Any:
     return instantiate(OmegaConf.to_container(node, resolve=True))
 
 
-def make_pruner(cfg: DictConfig) -> Any:
+def make_pruner(cfg: Any) -> Any:
     """The Optuna pruner of ``sweep.pruner`` (a preset name or ``{_target_: ...}``), or None."""
     spec = cfg.sweep.pruner
     if isinstance(spec, str):
@@ -283,7 +287,7 @@ def overrides(values: Dict[str, Any]) -> List[str]:
 # --------------------------------------------------------------------------- inside a trial's job
 
 
-def job_trial(cfg: DictConfig) -> Optional[Any]:
+def job_trial(cfg: Any) -> Optional[Any]:
     """The Optuna trial this training job runs (None outside a sweep), rebuilt from storage."""
     if cfg.sweep is None or cfg.sweep.trial is None:
         return None
@@ -297,11 +301,11 @@ def job_trial(cfg: DictConfig) -> Optional[Any]:
     return optuna.trial.Trial(study, trial_id)
 
 
-def start_trial(cfg: DictConfig, run: runfolder.RunFolder) -> Optional[Any]:
+def start_trial(cfg: Any, run: runfolder.RunFolder) -> Optional[Any]:
     """Stores the job's resolved config and run folder on its trial; returns the trial."""
     trial = job_trial(cfg)
     if trial is not None:
-        trial.set_user_attr("config", OmegaConf.to_container(cfg, resolve=True))
+        trial.set_user_attr("config", C.plain(cfg))
         trial.set_user_attr("run_dir", str(run.path))
         run.update(sweep={"study": cfg.sweep.name, "trial": cfg.sweep.trial})
     return trial
@@ -328,7 +332,7 @@ def record_metrics(trial: Optional[Any], metrics: Dict[str, Any]) -> None:
                                         if isinstance(v, (int, float))})
 
 
-def pruner_rungs(cfg: DictConfig) -> Optional[Tuple[int, int]]:
+def pruner_rungs(cfg: Any) -> Optional[Tuple[int, int]]:
     """``(min_resource, reduction_factor)`` when the pruner is successive halving or Hyperband.
 
     Those decide only at steps ``min_resource * reduction_factor**k`` (every bracket of Hyperband
@@ -394,7 +398,7 @@ def pruning_callback(trial: Any, metric: str, rungs: Optional[Tuple[int, int]] =
     return Pruning()
 
 
-def callbacks(cfg: DictConfig, trial: Optional[Any]) -> list:
+def callbacks(cfg: Any, trial: Optional[Any]) -> list:
     """The pruning callback when this job is a trial of a sweep with a pruner."""
     if trial is None or cfg.sweep.pruner is None:
         return []

@@ -128,7 +128,10 @@ def memory_rejection(trial_cfg: DictConfig, max_gb: float) -> Optional[str]:
     ``python -m pipeline.estimate`` computes them), or None when it fits."""
     from pipeline import estimate
 
-    needed = estimate.for_config(trial_cfg, estimate.count_for_config(trial_cfg)).total / estimate.GB
+    trial_cfg = trial_cfg.copy()
+    trial_cfg.paths.run_dir = "."  # known only once launched (Hydra's job folder); not estimated
+    settings = C.typed_config(trial_cfg)
+    needed = estimate.for_config(settings, estimate.count_for_config(settings)).total / estimate.GB
     if needed <= max_gb:
         return None
     return (f"model states need an estimated {needed:.3f} GiB per device (weights, gradients, optimizer; "

@@ -111,14 +111,14 @@ def start_wandb(cfg: Any, run: RunFolder) -> Any:
         return None
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
+    from pipeline.config import plain
 
     hydra_cfg = HydraConfig.get()
     group = settings.group
     if group is None and hydra_cfg.mode == RunMode.MULTIRUN:
         group = multirun_group(Path(hydra_cfg.sweep.dir))  # every job of a multirun shares it
     tags = [cfg.adapter.method, cfg.data.name, cfg.model.name, *cfg.tags, *settings.tags]
-    wandb_run = wandb_init(settings, run.path, OmegaConf.to_container(cfg, resolve=True),
+    wandb_run = wandb_init(settings, run.path, plain(cfg),
                            name=settings.name or run.path.name, group=group, tags=tags,
                            resume_id=run.info().get("wandb_id"))
     run.update(wandb_id=wandb_run.id, wandb_dir=str(Path(wandb_run.dir).parent))

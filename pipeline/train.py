@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import config as C
 from pipeline import (base_cache, checkpoints, data, distributed, estimate, scoring, model as models,
@@ -73,10 +73,12 @@ class _Job:
     """One training job through its phases: start (run folder, checks, resume target) -> load
     (data, model, adapter, evaluation sets) -> fit (base measurement, training, tuned
     measurement) -> save. A resume may switch the run folder (``run``); ``trial`` is the Optuna
-    trial when the job is one of a sweep; ``signals`` stop it resumably in any phase."""
+    trial when the job is one of a sweep; ``signals`` stop it resumably in any phase. ``cfg`` is
+    the composed config until it is validated, then its ``TrainConfig`` object (``composed``
+    keeps the node for the checks that need the model's architecture)."""
 
     def __init__(self, cfg: DictConfig, run: runfolder.RunFolder, overrides: list):
-        self.cfg, self.run, self.overrides = cfg, run, overrides
+        self.cfg, self.composed, self.run, self.overrides = cfg, cfg, run, overrides
         self.trial = None
         self.signals = preemption.RunSignals(list(cfg.preemption.signals), cfg.preemption.exit_code)
         self.wandb_run = None
@@ -89,11 +91,12 @@ class _Job:
 
     def _start(self) -> Optional[str]:
         """Records the run, checks the config, finds what to resume; returns the checkpoint."""
-        cfg, run = self.cfg, self.run
-        run.start(cfg, self.overrides)  # recorded even when validation fails
-        self.trial = sweep.start_trial(cfg, run)
+        run = self.run
+        run.start(self.composed, self.overrides)  # recorded even when validation fails
+        self.trial = sweep.start_trial(self.composed, run)
         tracking.reset_peak_memory()  # this run's own peak, also inside a multirun
-        C.validate(cfg)  # every cheap check, before any model is touched
+        C.validate(self.composed)  # every cheap check, before any model is touched
+        self.cfg = cfg = C.typed_config(self.composed)
         if cfg.resume != "never":
             self.run = run = _resume_target(cfg, run, self.overrides)
         resume_from = _resume_checkpoint(cfg, run)  # before any weights load: a bad one fails now
@@ -110,8 +113,8 @@ class _Job:
         # across the seeds of a multirun, as pipeline.evaluate/serve/export rebuild them.
         folder = models.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
         architecture = models.describe(folder, cfg.model)
-        C.validate(cfg, architecture)  # target modules, quantizability: need the architecture
-        settings = OmegaConf.to_object(cfg.adapter)
+        C.validate(self.composed, architecture)  # target modules, quantizability: need the architecture
+        settings = cfg.adapter
 
         import datasets
         import transformers
@@ -178,14 +181,14 @@ class _BaseMeasurement:
         self.run, self.cache_dir, self.key, self.measurement = run, cache_dir, key, measurement
 
     @classmethod
-    def find(cls, cfg: DictConfig, run: runfolder.RunFolder, folder: str, quantization,
+    def find(cls, cfg: C.TrainConfig, run: runfolder.RunFolder, folder: str, quantization,
              evaluator: scoring.Evaluator) -> "_BaseMeasurement":
         resumed = scoring.Measurement.load(run.path / "eval" / "base.json")
         key = None
         # Several processes measure together (ZeRO-3 gathers weights collectively): they must
         # agree on measuring, which a cache that another run may fill meanwhile cannot promise.
         if cfg.evaluation.cache_base and distributed.world_size() == 1:
-            key = base_cache.fingerprint(folder, OmegaConf.to_container(cfg.model, resolve=True),
+            key = base_cache.fingerprint(folder, C.plain(cfg.model),
                                          quantization, evaluator)
         cached = base_cache.load(cfg.paths.base_cache_dir, key, evaluator) if key and resumed is None else None
         source = "resumed" if resumed else "cached" if cached else "measured"
@@ -205,7 +208,7 @@ class _BaseMeasurement:
             base_cache.store(self.cache_dir, self.key, measured)
 
 
-def _resume_folder(cfg: DictConfig, run_dir: Path, overrides: list) -> Path:
+def _resume_folder(cfg: C.TrainConfig, run_dir: Path, overrides: list) -> Path:
     """For ``resume=auto`` / a path: the run folder to continue (``run_dir`` when none is found)."""
     found = Path(cfg.resume) if cfg.resume != "auto" else runfolder.find_resumable(run_dir, overrides)
     if found is None:
@@ -215,7 +218,7 @@ def _resume_folder(cfg: DictConfig, run_dir: Path, overrides: list) -> Path:
     return found.parent.parent if found.name.startswith("checkpoint-") else found
 
 
-def _resume_target(cfg: DictConfig, run: runfolder.RunFolder, overrides: list) -> runfolder.RunFolder:
+def _resume_target(cfg: C.TrainConfig, run: runfolder.RunFolder, overrides: list) -> runfolder.RunFolder:
     """For ``resume=auto`` / a path: the run folder to continue (this one when none is found)."""
     found = _resume_folder(cfg, run.path, overrides)
     if found == run.path:
@@ -229,7 +232,7 @@ def _resume_target(cfg: DictConfig, run: runfolder.RunFolder, overrides: list) -
     return resumed
 
 
-def _resume_checkpoint(cfg: DictConfig, run: runfolder.RunFolder):
+def _resume_checkpoint(cfg: C.TrainConfig, run: runfolder.RunFolder):
     """The checkpoint to continue from: the one ``resume=<checkpoint>`` names (it must be
     complete), else the run folder's newest complete one (None: start afresh)."""
     if cfg.resume not in ("never", "auto") and Path(cfg.resume).name.startswith("checkpoint-"):
@@ -237,7 +240,7 @@ def _resume_checkpoint(cfg: DictConfig, run: runfolder.RunFolder):
     return checkpoints.last_checkpoint(run.path / "checkpoints")
 
 
-def _best_metric(cfg: DictConfig, splits: data.Splits):
+def _best_metric(cfg: C.TrainConfig, splits: data.Splits):
     """The objective as the Trainer's metric_for_best_model, when evaluations during training
     measure it (so checkpoint rotation keeps the best checkpoint)."""
     logged = []
@@ -268,6 +271,7 @@ def _launch_workers(cfg: DictConfig, overrides: list) -> float:
     target = run.path
     try:
         C.validate(cfg)
+        cfg = C.typed_config(cfg)
         if cfg.resume != "never":  # the workers join the folder to continue
             target = _resume_folder(cfg, run.path, overrides)
             if target != run.path:
@@ -284,7 +288,7 @@ def _launch_workers(cfg: DictConfig, overrides: list) -> float:
     return float(run.info()["objective"][cfg.objective.metric])
 
 
-def _callbacks(cfg: DictConfig, run: runfolder.RunFolder) -> list:
+def _callbacks(cfg: C.TrainConfig, run: runfolder.RunFolder) -> list:
     """Trainer callbacks that this run's config asks for."""
     def record(checkpoint, best, best_value):
         run.update(last_checkpoint=checkpoint, best_checkpoint=best, best_metric=best_value)
@@ -301,7 +305,7 @@ def _first_step(run: runfolder.RunFolder) -> None:
     log.info("first training step begins %.1f s after the run started", now - run.started)
 
 
-def _startup_summary(cfg: DictConfig, model, splits: data.Splits) -> dict:
+def _startup_summary(cfg: C.TrainConfig, model, splits: data.Splits) -> dict:
     """Logs the derived numbers once (nanoGPT's "tokens per iteration") and returns them."""
     trainable, total = models.parameter_counts(model)
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))

@@ -3,13 +3,15 @@ with messages that name key, value and fix."""
 
 from __future__ import annotations
 
+import json
+import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+import yaml
+from omegaconf import OmegaConf
 
 from pipeline import config as C
 from tests.conftest import CONF, ROOT, compose_train, write_jsonl
@@ -58,6 +60,75 @@ def test_wrong_type_fails_at_composition(tmp_path):
     assert "adapter.r" in str(err.value.__cause__)
 
 
+def _choice_keys(schema: type, prefix: str):
+    """(dotted key, Choice enum) for every field of ``schema`` typed with a choice, recursively."""
+    import dataclasses
+    import typing
+
+    from pipeline.choices import Choice
+
+    for f in dataclasses.fields(schema):
+        kind = typing.get_type_hints(schema)[f.name]
+        if isinstance(kind, type) and issubclass(kind, Choice):
+            yield f"{prefix}{f.name}", kind
+        elif dataclasses.is_dataclass(kind):
+            yield from _choice_keys(kind, f"{prefix}{f.name}.")
+
+
+# (the adapter option it needs, dotted key, its Choice enum): the train config's own choices,
+# then each registered adapter method's.
+CHOICES = [("", key, choice) for key, choice in _choice_keys(C.TrainConfig, "")] + [
+    (f"adapter={method}", key, choice) for method, settings in sorted(C.ADAPTERS.items())
+    for key, choice in _choice_keys(settings, "adapter.")]
+
+
+def test_every_choice_is_typed():
+    keys = {key for _, key, _ in CHOICES}
+    assert keys >= {"data.format", "data.train_on", "data.template", "data.truncation", "model.source",
+                    "model.dtype", "trainer.precision", "trainer.sampling", "trainer.nan_policy",
+                    "evaluation.loss_precision", "evaluation.decoding.strategy", "evaluation.engine",
+                    "objective.direction", "distributed.strategy", "adapter.bias", "adapter.quant_type",
+                    "adapter.compute_dtype", "adapter.placement", "adapter.non_linearity"}
+    for _, _, choice in CHOICES:  # Hydra's submitit launcher pickles configs holding them
+        member = next(iter(choice))
+        assert pickle.loads(pickle.dumps(member)) is member
+
+
+@pytest.mark.parametrize("option,key,choice", CHOICES, ids=[f"{o or 'train'}:{k}" for o, k, _ in CHOICES])
+def test_a_choice_outside_its_values_fails_at_composition(option, key, choice, tmp_path):
+    """Each choice is checked when the config is composed, naming the key and the values."""
+    group = [option] if option else []
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train([*group, f"{key}=nonsense"], tmp_path)
+    cause = str(err.value.__cause__)
+    assert f"Invalid value 'nonsense', expected one of [{', '.join(choice.values())}]" in cause
+    assert f"full_key: {key}" in cause
+    # ... and every allowed value composes, and reads back as the plain string it was given
+    for value in choice.values():
+        cfg = compose_train([*group, f"{key}={value}"], tmp_path)
+        assert OmegaConf.select(cfg, key) == value and f"{OmegaConf.select(cfg, key)}" == value
+
+
+def test_the_typed_config_holds_schema_objects_and_records_plain_values(tmp_path):
+    """Entry points convert the composed config once; stages get dataclasses, records strings."""
+    cfg = compose_train(["adapter=qlora", "trainer.sampling=sequential"], tmp_path)
+    typed = C.typed_config(cfg)
+    assert isinstance(typed, C.TrainConfig) and isinstance(typed.trainer, C.TrainerConfig)
+    assert type(typed.adapter).__name__ == "QLoraSettings" and typed.adapter.quantization().bits == 4
+    assert typed.trainer.sampling == "sequential" and isinstance(typed.trainer.sampling, str)
+    plain = C.plain(typed)
+    assert plain == C.plain(cfg)
+    assert type(plain["trainer"]["sampling"]) is str and plain["trainer"]["sampling"] == "sequential"
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # config.yaml is plain YAML
+    assert json.loads(json.dumps(plain)) == plain  # and W&B / trial attributes plain JSON
+
+
+def test_a_missing_value_names_its_key_when_typed(tmp_path):
+    cfg = compose_train(["data=my_jsonl"], tmp_path)
+    with pytest.raises(C.ConfigError, match=r"data.path is required"):
+        C.typed_config(cfg)
+
+
 def test_setting_of_another_method_fails_at_composition(tmp_path):
     with pytest.raises(ConfigCompositionException) as err:
         compose_train(["adapter=full", "adapter.lora_alpha=16"], tmp_path)
@@ -74,15 +145,14 @@ def test_appended_setting_of_another_method_is_named(tmp_path):
 
 def test_all_problems_reported_at_once(tmp_path):
     cfg = compose_train(["adapter.r=0", "trainer.learning_rate=-1", "data.validation_size=0.5",
-                         "data.test_size=0.6", "data.truncation=cut"], tmp_path)
+                         "data.test_size=0.6"], tmp_path)
     with pytest.raises(C.ConfigError) as err:
         C.validate(cfg)
     text = str(err.value)
     assert "adapter.r=0 must be > 0; use adapter=full to train all weights" in text
     assert "trainer.learning_rate=-1.0 must be > 0" in text
     assert "leaves no training examples" in text
-    assert "data.truncation='cut' is not one of drop, truncate, error" in text
-    assert len(err.value.problems) == 4
+    assert len(err.value.problems) == 3
 
 
 def test_missing_data_file_is_named(tmp_path):
@@ -120,7 +190,6 @@ def test_qlora_refuses_unquantizable_architecture(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("adapter.bits=3", "adapter.bits=3 must be 4 or 8"),
-    ("adapter.quant_type=int4", "adapter.quant_type='int4' is not one of nf4, fp4"),
 ])
 def test_qlora_settings_checked(override, message, tmp_path):
     with pytest.raises(C.ConfigError, match=message):
@@ -128,10 +197,9 @@ def test_qlora_settings_checked(override, message, tmp_path):
 
 
 def test_bottleneck_settings_checked(tmp_path):
-    cfg = compose_train(["adapter=bottleneck", "adapter.placement=sideways", "adapter.r=-1"], tmp_path)
+    cfg = compose_train(["adapter=bottleneck", "adapter.r=-1"], tmp_path)
     with pytest.raises(C.ConfigError) as err:
         C.validate(cfg)
-    assert "adapter.placement='sideways' is not one of houlsby, pfeiffer" in str(err.value)
     assert "adapter.r=-1 must be > 0" in str(err.value)
 
 
@@ -162,7 +230,6 @@ def test_cli_typo_exits_nonzero_naming_key(tmp_path):
     (["adapter=qlora"], "vLLM does not generate with adapter=qlora"),
     (["adapter=bottleneck"], "vLLM does not generate with adapter=bottleneck"),
     (["evaluation.decoding.strategy=beam", "evaluation.metrics=[bleu]"], "strategy=beam is not supported"),
-    (["evaluation.engine=vlm"], "evaluation.engine='vlm' is not one of transformers, vllm"),
     (["distributed=ddp", "distributed.nproc_per_node=2"], "every rank of distributed.nproc_per_node=2"),
 ])
 def test_evaluation_engine_vllm_is_checked_at_composition(overrides, message, tmp_path):

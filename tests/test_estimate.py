@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import config as C
 from pipeline import estimate as E
 from tests.conftest import compose_train
 
@@ -61,14 +62,12 @@ def test_sharding_and_adapters_shrink_the_estimate():
 def test_counts_from_the_config_match_the_loaded_model(tmp_path, tiny_folder):
     from pipeline import model as models
 
-    cfg = compose_train(["model=tiny_llama", "debug=fast", "adapter=lora"], tmp_path)
+    cfg = C.typed_config(compose_train(["model=tiny_llama", "debug=fast", "adapter=lora"], tmp_path))
     counts = E.count_for_config(cfg)
     loaded = models.load_model(tiny_folder, cfg.model)
-    from omegaconf import OmegaConf
-
-    adapted = OmegaConf.to_object(cfg.adapter).apply(loaded, models.describe(tiny_folder, cfg.model))
+    adapted = cfg.adapter.apply(loaded, models.describe(tiny_folder, cfg.model))
     assert (counts.trainable, counts.total) == models.parameter_counts(adapted)
-    qcfg = compose_train(["model=tiny_llama", "debug=fast", "adapter=qlora"], tmp_path)
+    qcfg = C.typed_config(compose_train(["model=tiny_llama", "debug=fast", "adapter=qlora"], tmp_path))
     qcounts = E.count_for_config(qcfg)
     assert qcounts.trainable == counts.trainable and qcounts.quantized > 0
     text = E.describe(qcfg, qcounts)
@@ -85,8 +84,7 @@ def test_synthetic_shapes_count_as_the_real_models_without_building_weights(tmp_
     seconds; only a run builds the weights."""
     from pipeline import model as models
 
-    cfg = compose_train([f"model={shape}", "adapter=full"],
-                        tmp_path / "run")
+    cfg = C.typed_config(compose_train([f"model={shape}", "adapter=full"], tmp_path / "run"))
     counts = E.count_for_config(cfg)
     assert counts.total == counts.trainable == parameters
     folder = Path(models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed))

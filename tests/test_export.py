@@ -117,3 +117,15 @@ def test_bottleneck_merge_is_refused_with_its_reason(tiny_folder, tmp_path):
     with pytest.raises(E.ExportError, match="LoRA adapters only"):
         E.export(compose_export([f"run={run}"], tmp_path))
     assert not (run / "export").exists()
+
+
+def test_the_export_dtype_is_a_checked_choice(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline import config as C
+
+    typed = C.typed_config(compose_export(["model=tiny_llama", "export.dtype=bfloat16"], tmp_path))
+    assert isinstance(typed, C.ExportConfig) and typed.export.dtype == "bfloat16"
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_export(["model=tiny_llama", "export.dtype=float64"], tmp_path)
+    assert "Invalid value 'float64', expected one of [float32, bfloat16, float16]" in str(err.value.__cause__)

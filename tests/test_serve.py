@@ -459,6 +459,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path):
         # uvicorn shuts down gracefully, then exits by the signal it got (as a shell expects)
         assert proc.returncode in (0, -signal.SIGTERM), output[-3000:]
         assert "Application shutdown complete" in output and "Traceback" not in output
+        assert "Callback RunFolderCheck" not in output, output[:2000]  # it ran, without a warning
         with pytest.raises(openai.APIConnectionError):  # it no longer listens
             complete(client, "tiny_llama")
     finally:
@@ -466,3 +467,13 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path):
             proc.kill()
             proc.wait()
 
+
+def test_the_serve_config_is_typed_and_its_engine_a_checked_choice(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    typed = C.typed_config(compose_serve(["model=tiny_llama", "server.engine=vllm"], tmp_path))
+    assert isinstance(typed, C.ServeConfig) and isinstance(typed.server, C.ServerConfig)
+    assert isinstance(typed.model, C.ModelConfig) and typed.server.engine == "vllm"
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_serve(["model=tiny_llama", "server.engine=vlm"], tmp_path)
+    assert "Invalid value 'vlm', expected one of [builtin, vllm]" in str(err.value.__cause__)

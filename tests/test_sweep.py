@@ -413,7 +413,7 @@ def test_memory_aware_sweep_rejects_what_cannot_fit_then_serves_and_exports_the_
     folder = tmp_path / "sweeps" / name
 
     def needed(r):  # the estimator's figure for the tiny model at LoRA rank r
-        cfg = compose_train(["model=tiny_llama", f"adapter.r={r}"], tmp_path / "probe")
+        cfg = C.typed_config(compose_train(["model=tiny_llama", f"adapter.r={r}"], tmp_path / "probe"))
         return estimate.for_config(cfg, estimate.count_for_config(cfg)).total / estimate.GB
 
     limit = (needed(8) + needed(16)) / 2  # ranks 4 and 8 fit, 16 and 32 do not
@@ -453,6 +453,7 @@ def test_memory_aware_sweep_rejects_what_cannot_fit_then_serves_and_exports_the_
 
     cfg = compose_serve(["server.port=8123"], tmp_path / "serve")
     cfg.sweep, cfg.paths.output_dir = name, str(tmp_path)
+    cfg = C.typed_config(cfg)
     app = serve.build_app(cfg)
     assert cfg.run == str(best) and list(app.state.service.pool.choices) == ["tiny_llama", "tuned"]
 

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
+from pipeline.choices import make_choice
 
-PLACEMENTS = ("houlsby", "pfeiffer")
-NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+Placement = make_choice("Placement", "houlsby", "pfeiffer")
+NonLinearity = make_choice("NonLinearity", "relu", "gelu", "silu", "tanh")
+PLACEMENTS, NON_LINEARITIES = Placement.values(), NonLinearity.values()  # for the PEFT tuner
 
 # Output projections of attention and MLP blocks, per transformers `model_type`. Houlsby adapts
 # both, Pfeiffer only the MLP. Names are suffixes matched by PEFT against full module paths.
@@ -35,8 +37,8 @@ class BottleneckSettings(AdapterSettings):
 
     method: str = "bottleneck"
     r: int = 64  # bottleneck dimension
-    placement: str = "houlsby"
-    non_linearity: str = "relu"
+    placement: Placement = Placement.houlsby
+    non_linearity: NonLinearity = NonLinearity.relu
     dropout: float = 0.0
     scaling: float = 1.0
     target_modules: Optional[List[str]] = None  # null: derived from placement and model_type
@@ -45,11 +47,6 @@ class BottleneckSettings(AdapterSettings):
         problems = []
         if self.r <= 0:
             problems.append(f"adapter.r={self.r} must be > 0 (the bottleneck dimension)")
-        if self.placement not in PLACEMENTS:
-            problems.append(f"adapter.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
-        if self.non_linearity not in NON_LINEARITIES:
-            problems.append(f"adapter.non_linearity={self.non_linearity!r} is not one of "
-                            f"{', '.join(NON_LINEARITIES)}")
         if not 0 <= self.dropout < 1:
             problems.append(f"adapter.dropout={self.dropout} must be in [0, 1)")
         problems += check_targets("adapter.target_modules", self.target_modules, architecture)

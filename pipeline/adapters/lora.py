@@ -6,12 +6,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, List, Optional
 
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
+from pipeline.choices import make_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.schema import QuantizationSettings
 
 # Architectures whose projections are transformers' Conv1D, which bitsandbytes cannot quantize.
 NOT_QUANTIZABLE = {"gpt2": "its projections are Conv1D layers, which bitsandbytes does not quantize"}
+
+LoraBias = make_choice("LoraBias", "none", "all", "lora_only")
+QuantType = make_choice("QuantType", "nf4", "fp4")
+ComputeDtype = make_choice("ComputeDtype", "auto", "float32", "bfloat16", "float16")
 
 
 @register_adapter("lora")
@@ -22,7 +27,7 @@ class LoraSettings(AdapterSettings):
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     target_modules: Any = None  # null: PEFT's default for the architecture; a list; or "all-linear"
-    bias: str = "none"  # none | all | lora_only
+    bias: LoraBias = LoraBias.none
     use_rslora: bool = False
     modules_to_save: Optional[List[str]] = None
 
@@ -37,8 +42,6 @@ class LoraSettings(AdapterSettings):
             problems.append(f"adapter.lora_alpha={self.lora_alpha} must be > 0 (scaling = alpha / r)")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"adapter.lora_dropout={self.lora_dropout} must be in [0, 1)")
-        if self.bias not in ("none", "all", "lora_only"):
-            problems.append(f"adapter.bias={self.bias!r} is not one of none, all, lora_only")
         problems += check_targets("adapter.target_modules", self.target_modules, architecture)
         if self.target_modules is None and architecture is not None:
             from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -82,11 +85,11 @@ class QLoraSettings(LoraSettings):
 
     method: str = "qlora"
     bits: int = 4
-    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    quant_type: QuantType = QuantType.nf4  # 4-bit only
     double_quant: bool = True
     # auto: bfloat16 where the device multiplies it natively (AVX512-bf16/AMX CPUs, Ampere+ GPUs),
     # else float32 (the rule of trainer.precision=auto, pipeline/precision.py).
-    compute_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compute_dtype: ComputeDtype = ComputeDtype.auto
     quant_storage: Optional[str] = None  # set to the compute dtype for ZeRO-3 / FSDP sharding
 
     quantized: ClassVar[bool] = True
@@ -96,11 +99,6 @@ class QLoraSettings(LoraSettings):
         problems = super().check(architecture)
         if self.bits not in (4, 8):
             problems.append(f"adapter.bits={self.bits} must be 4 or 8")
-        if self.quant_type not in ("nf4", "fp4"):
-            problems.append(f"adapter.quant_type={self.quant_type!r} is not one of nf4, fp4")
-        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            problems.append(f"adapter.compute_dtype={self.compute_dtype!r} is not one of "
-                            "auto, float32, bfloat16, float16")
         if architecture is not None and architecture.model_type in NOT_QUANTIZABLE:
             problems.append(f"adapter={self.method} needs a quantizable base, but model_type="
                             f"{architecture.model_type} cannot be quantized: "
@@ -111,7 +109,7 @@ class QLoraSettings(LoraSettings):
         from pipeline.precision import compute_dtype
         from pipeline.schema import QuantizationSettings
 
-        return QuantizationSettings(bits=self.bits, quant_type=self.quant_type, double_quant=self.double_quant,
+        return QuantizationSettings(bits=self.bits, quant_type=str(self.quant_type), double_quant=self.double_quant,
                                     compute_dtype=compute_dtype(self.compute_dtype),
                                     quant_storage=self.quant_storage)
 
