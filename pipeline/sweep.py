@@ -117,7 +117,24 @@ def _check_param(cfg: DictConfig, key: str, spec: Any, earlier: List[str]) -> Li
             problems.append(f"{where}: none of the sampled adapters has this setting")
     elif OmegaConf.select(cfg, key, default="<absent>", throw_on_missing=False) == "<absent>":
         problems.append(f"{where}: {key} is not a key of the train config")
+    elif spec.type == "categorical":
+        problems += [f"{where} has choice {value!r} that {key} does not take: {why}"
+                     for value, why in _refused_values(cfg, key, spec.choices or [])]
     return problems
+
+
+def _refused_values(cfg: DictConfig, key: str, values: List[Any]) -> List[Tuple[Any, str]]:
+    """(value, why) for each value the schema refuses at ``key``: a choice outside its Enum, a
+    text for a number. Every trial would otherwise fail while its config is composed."""
+    from omegaconf.errors import ValidationError
+
+    probe, refused = cfg.copy(), []
+    for value in values:
+        try:
+            OmegaConf.update(probe, key, value, merge=False)
+        except ValidationError as err:
+            refused.append((value, str(err).splitlines()[0]))
+    return refused
 
 
 def check(cfg: DictConfig) -> List[str]:

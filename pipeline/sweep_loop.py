@@ -163,13 +163,25 @@ def _tell(study: Any, trial: Any, job: Any, metric_names: List[str]) -> str:
     return "FAIL"
 
 
-def _rejection(compose: Optional[Callable[[List[str]], DictConfig]], job: List[str], trial: Any,
-               max_gb: Optional[float]) -> Optional[str]:
+def _composition_error(compose: Optional[Callable[[List[str]], DictConfig]],
+                       job: List[str]) -> Tuple[Optional[DictConfig], Optional[str]]:
+    """(the job's composed config, None), or (None, why it does not compose): such a trial fails
+    alone instead of stopping the launch of the whole sweep."""
+    if compose is None:
+        return None, None
+    try:
+        return compose(job), None
+    except Exception as err:  # e.g. a sampled float for an integer key
+        cause = f": {str(err.__cause__).splitlines()[0]}" if err.__cause__ else ""
+        return None, f"{type(err).__name__}: {err}{cause}"
+
+
+def _rejection(composed: Optional[DictConfig], trial: Any, max_gb: Optional[float]) -> Optional[str]:
     """With ``sweep.max_memory_gb``: why the trial's composed config would not fit, or None."""
-    if max_gb is None or compose is None:
+    if max_gb is None or composed is None:
         return None
     try:
-        return memory_rejection(compose(job), max_gb)
+        return memory_rejection(composed, max_gb)
     except Exception as err:  # the trial itself will fail with the full error, if it is one
         log.warning("trial %d: no memory estimate (%s: %s); launching it", trial.number,
                     type(err).__name__, err)
@@ -223,8 +235,9 @@ def _ask(study: Any, config: DictConfig, count: int, passed: List[str], identity
          compose: Optional[Callable[[List[str]], DictConfig]]) -> Tuple[List[Any], List[List[str]]]:
     """Asks Optuna for ``count`` trials: (the trials to launch, their jobs' overrides: ``passed``,
     the trial's values, then ``identity``, the study's name and storage, and the trial). A trial
-    that cannot be sampled fails; one that would not fit (``sweep.max_memory_gb``) is told as
-    pruned, so the sampler learns to avoid it and no failure counts."""
+    that cannot be sampled or whose config does not compose fails; one that would not fit
+    (``sweep.max_memory_gb``) is told as pruned, so the sampler learns to avoid it and no
+    failure counts."""
     import optuna
 
     batch, jobs = [], []
@@ -238,7 +251,13 @@ def _ask(study: Any, config: DictConfig, count: int, passed: List[str], identity
             continue
         trial.set_user_attr("overrides", trial_overrides)
         job = [*passed, *trial_overrides, *identity, f"sweep.trial={trial.number}"]
-        rejected = _rejection(compose, job, trial, config.sweep.max_memory_gb)
+        composed, error = _composition_error(compose, job)
+        if error:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.warning("trial %d failed: its config does not compose: %s", trial.number, error)
+            continue
+        rejected = _rejection(composed, trial, config.sweep.max_memory_gb)
         if rejected:
             trial.set_user_attr("rejected", rejected)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)

@@ -129,10 +129,17 @@ def test_up_front_checks_name_key_and_fix(tmp_path):
     with open_dict(cfg):
         cfg.sweep.params["trainer.learning_rat"] = C.SweepParam(type="float", low=1e-4, high=1e-3)
         cfg.sweep.params["adapter.r"] = C.SweepParam(type="categorical", choices=[])
+        cfg.sweep.params["trainer.sampling"] = C.SweepParam(type="categorical", choices=["random", "bogus"])
+        cfg.sweep.params["trainer.max_steps"] = C.SweepParam(type="categorical", choices=[10, "ten"])
     problems = "\n".join(sweep.check(cfg))
     assert "sweep.n_trials=0 must be > 0" in problems
     assert "sweep.params.trainer.learning_rat: trainer.learning_rat is not a key" in problems
     assert "sweep.params.adapter.r is categorical: give it choices" in problems
+    assert ("sweep.params.trainer.sampling has choice 'bogus' that trainer.sampling does not take: "
+            "Invalid value 'bogus', expected one of [random, group_by_length, sequential]") in problems
+    assert ("sweep.params.trainer.max_steps has choice 'ten' that trainer.max_steps does not take: "
+            "Value 'ten' of type 'str' could not be converted to Integer") in problems
+    assert "'random'" not in problems and "choice 10 " not in problems
     assert "'tuned/test/loss' is not measured during training" in problems
     assert "sweep.pruner needs trainer.eval_steps" in problems
 
@@ -241,6 +248,26 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
     assert report["importances"] == {} and "importances need at least" in report["importances_why"]
     assert (folder / "history.png").stat().st_size > 1000 and not (folder / "importances.png").exists()
     assert "Best trial" in (folder / "report.md").read_text() and "sweep report" in output + ""
+
+
+def test_a_trial_whose_config_does_not_compose_fails_alone(tmp_path):
+    """A sampled configuration that Hydra cannot compose fails that trial, before launch; the
+    trials beside it still launch (the launcher would otherwise stop the sweep with it)."""
+    cfg = compose_sweep("lora_rank_alpha_lr", tmp_path)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    calls = []
+
+    def compose(job):
+        calls.append(job)
+        broken = ["trainer.max_steps=ten"] if len(calls) == 2 else []  # the second trial's config
+        return compose_train([f"sweep={cfg.sweep.name}", *job[:-1], *broken], tmp_path / "job")
+
+    batch, jobs = sweep_loop._ask(study, cfg, 3, ["model=tiny_llama"], [], compose)
+    states = [t.state.name for t in study.get_trials()]
+    assert len(batch) == len(jobs) == 2 and states == ["RUNNING", "FAIL", "RUNNING"]
+    error = study.get_trials()[1].user_attrs["error"]
+    assert error.startswith("ConfigCompositionException: Error merging override trainer.max_steps=ten")
+    assert "could not be converted to Integer" in error
 
 
 @pytest.mark.slow
