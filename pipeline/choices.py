@@ -52,3 +52,4 @@ DecodingStrategy = make_choice("DecodingStrategy", "greedy", "sample", "beam")
 EvaluationEngine = make_choice("EvaluationEngine", "transformers", "vllm")
 Strategy = make_choice("Strategy", "single", "ddp", "deepspeed")
 WandbMode = make_choice("WandbMode", "offline", "online", "disabled")
+ParamType = make_choice("ParamType", "float", "int", "categorical")  # a sweep parameter's

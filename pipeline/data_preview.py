@@ -100,6 +100,7 @@ def main(argv: List[str]) -> int:
 
     from pipeline import config as C
     from pipeline import model as models
+    from pipeline.errors import cli_message
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=3, help="rendered training examples to show")
@@ -111,8 +112,8 @@ def main(argv: List[str]) -> int:
         folder = models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
         tokenizer = models.load_tokenizer(folder, cfg.model)
         sys.stdout.write(preview(cfg, tokenizer, args.examples, sys.stdout.isatty()))
-    except (C.PipelineError, ConfigCompositionException) as err:  # a bad override: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (C.PipelineError, ConfigCompositionException) as err:  # a bad override: no traceback
+        print(f"error: {cli_message(err)}", file=sys.stderr)
         return 1
     return 0
 

@@ -269,9 +269,6 @@ def launch(cfg: DistributedConfig, task_module: str, overrides: List[str], run_d
 # --------------------------------------------------------------------------- checks
 
 
-STRATEGIES = ("single", "ddp", "deepspeed")
-
-
 def check(cfg: DistributedConfig, adapter: Any, trainer_precision: str, cuda_devices: Optional[int],
           deepspeed_installed: bool) -> List[str]:
     """Problems with running ``adapter`` under ``cfg`` (empty when fine); never raises.
@@ -284,8 +281,6 @@ def check(cfg: DistributedConfig, adapter: Any, trainer_precision: str, cuda_dev
         deepspeed_installed: whether ``import deepspeed`` would work.
     """
     problems = []
-    if cfg.strategy not in STRATEGIES:
-        return [f"distributed.strategy={cfg.strategy!r} is not one of {', '.join(STRATEGIES)}"]
     if cfg.nproc_per_node < 1:
         problems.append(f"distributed.nproc_per_node={cfg.nproc_per_node} must be >= 1")
     if cfg.strategy == "single" and cfg.nproc_per_node > 1:

@@ -37,6 +37,16 @@ def run_task(task: Any, cfg: DictConfig) -> Any:
         sys.exit(1)
 
 
+def cli_message(err: BaseException) -> str:
+    """What a command-line tool prints for ``err``: its text, and for a Hydra composition error
+    (a bad override) also the cause it wraps, which names the key and what it takes."""
+    from hydra.errors import ConfigCompositionException
+
+    if isinstance(err, ConfigCompositionException) and err.__cause__ is not None:
+        return f"{err}\n{err.__cause__}"
+    return str(err)
+
+
 class Interrupted(Exception):
     """The run stopped early on request (a preemption signal) and can be resumed; the CLI
     exits with ``exit_code`` (see ``preemption.exit_code``)."""

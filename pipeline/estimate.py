@@ -198,12 +198,15 @@ def predict(argv: list) -> MemoryEstimate:
 
 def main(argv: list) -> int:
     """Composes the ``train`` config from ``argv`` overrides and prints the estimate."""
+    from hydra.errors import ConfigCompositionException
+
     from pipeline import config as C
+    from pipeline.errors import cli_message
 
     try:
         cfg = C.compose_train(argv)
-    except C.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (C.ConfigError, ConfigCompositionException) as err:  # one message, no traceback
+        print(f"error: {cli_message(err)}", file=sys.stderr)
         return 1
     print(describe(cfg, count_for_config(cfg)))
     return 0

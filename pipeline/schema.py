@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import II, MISSING, SI
 
 from pipeline.choices import (DataFormat, DecodingStrategy, Direction, EvaluationEngine, LossPrecision,
-                              ModelDtype, ModelSource, NanPolicy, Precision, Sampling, Strategy, Template,
-                              TrainOn, Truncation, WandbMode)
+                              ModelDtype, ModelSource, NanPolicy, ParamType, Precision, Sampling, Strategy,
+                              Template, TrainOn, Truncation, WandbMode)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # The config groups (conf/) and the sweep definitions (sweeps/) ship inside the package: in a
@@ -362,7 +362,7 @@ class SweepParam:
     (e.g. alpha as a multiple of rank); the Optuna parameter is then named ``<key>/<times>``.
     """
 
-    type: str = MISSING  # float | int | categorical
+    type: ParamType = MISSING
     low: Optional[float] = None
     high: Optional[float] = None
     log: bool = False

@@ -31,7 +31,6 @@ from pipeline import runfolder
 
 log = logging.getLogger("pipeline.sweep")
 
-PARAM_TYPES = ("float", "int", "categorical")
 # sweep.pruner=<name>: pruners whose first decision is at the first evaluation (min_resource =
 # trainer.eval_steps). Successive halving suits short budgets: a trial goes on only while it
 # ranks in the top 1/reduction_factor of the trials that reached the same step (4: Optuna's
@@ -95,8 +94,6 @@ def _has_setting(option: str, key: str) -> bool:
 def _check_param(cfg: DictConfig, key: str, spec: Any, earlier: List[str]) -> List[str]:
     where = f"sweep.params.{key}"
     problems = []
-    if spec.type not in PARAM_TYPES:
-        return [f"{where}.type={spec.type!r} is not one of {', '.join(PARAM_TYPES)}"]
     if spec.type == "categorical":
         if not spec.choices:
             problems.append(f"{where} is categorical: give it choices, e.g. choices: [8, 16]")

@@ -267,6 +267,10 @@ def test_preview_marks_loss_tokens_and_sizes_the_splits(tmp_path):
                           f"data.path={tmp_path / 'missing.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    choice = subprocess.run([sys.executable, "-m", "pipeline.data", "model=tiny_llama", "data.template=jinja"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert choice.returncode == 1 and "Traceback" not in choice.stderr
+    assert "Invalid value 'jinja', expected one of [chat, plain]\n    full_key: data.template" in choice.stderr
 
 
 def test_three_files_are_kept_as_the_user_split_them(tokenizer, tmp_path):

@@ -104,3 +104,12 @@ def test_a_tiny_vocabulary_below_the_tokenizers_is_refused(tmp_path):
                         tmp_path / "run")
     with pytest.raises(models.ModelError, match="model.tiny.vocab_size=100 is smaller than the tokenizer's"):
         models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
+
+
+def test_the_cli_names_a_bad_override_without_a_traceback(capsys):
+    assert E.main(["model=tiny_llama", "distributed.strategy=fsdp"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Error merging override distributed.strategy=fsdp\n")
+    assert "Invalid value 'fsdp', expected one of [single, ddp, deepspeed]" in err and "Traceback" not in err
+    assert E.main(["model=tiny_llama", "adapter.r=0"]) == 1
+    assert "adapter.r=0 must be > 0" in capsys.readouterr().err
