@@ -170,9 +170,8 @@ def load_option(group: str, name: str, **overrides: Any) -> Any:
 
 def compose_train(overrides: List[str]) -> TrainConfig:
     """The validated ``train`` config for ``overrides`` as a ``TrainConfig`` object, composed as
-    ``pipeline.train`` composes it, for
-    tools that print and exit (``pipeline.estimate``, ``pipeline.data``, benchmarks): no run
-    folder, no log file.
+    ``pipeline.train`` composes it, for tools that print and exit (``pipeline.estimate``,
+    ``pipeline.data``, benchmarks): no run folder, no log file.
 
     Raises:
         ConfigError: every problem validation finds; Hydra's ``ConfigCompositionException`` for

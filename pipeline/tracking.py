@@ -98,7 +98,7 @@ def wandb_init(settings: Any, run_dir: Path, config: Dict[str, Any], name: str,
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(
         project=settings.project, entity=settings.entity, group=group, name=name,
-        tags=list(tags), job_type=settings.job_type, mode=settings.mode, dir=str(run_dir),
+        tags=list(tags), job_type=settings.job_type, mode=str(settings.mode), dir=str(run_dir),
         config=config, id=resume_id, resume="allow" if resume_id else None,
         settings=wandb.Settings(save_code=False, x_disable_stats=True, console="off"))
 
