@@ -123,7 +123,7 @@ def resolve_loss(requested: str) -> Choice:
 def compute_dtype(requested: str) -> str:
     """QLoRA's 4-bit matmul dtype: ``auto`` follows the same rule as ``trainer.precision=auto``."""
     if requested != "auto":
-        return requested
+        return str(requested)  # a plain string, also when given a choice
     return "bfloat16" if native_bf16()[0] else "float32"
 
 
