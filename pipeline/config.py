@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from pipeline.adapters import ADAPTERS, AdapterSettings
 from pipeline.app_schema import EvaluateConfig, ExportConfig, ExportSettings, ServeConfig, ServerConfig
 from pipeline.checks import metric_names, validate
-from pipeline.errors import ConfigError, Interrupted, PipelineError, run_task
+from pipeline.errors import ConfigError, Interrupted, PipelineError, missing_values, run_task
 from pipeline.schema import (ASSETS_DIR, CONF_DIR, SWEEPS_DIR, SCHEMAS, MixSource, DataConfig,
                              TinyModelConfig, ModelConfig, TrainerConfig, DecodingConfig,
                              EvaluationConfig, WandbConfig, LoggerConfig, PathsConfig,
@@ -214,7 +214,7 @@ def typed_config(cfg: Any) -> Any:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", None) or str(err)
-        raise ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..."]) from None
+        raise missing_values([key]) from None
 
 
 def plain(node: Any) -> Any:

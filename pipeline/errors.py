@@ -47,6 +47,11 @@ def cli_message(err: BaseException) -> str:
     return str(err)
 
 
+def missing_values(keys: List[str]) -> "ConfigError":
+    """The error for keys still ``???`` after composition."""
+    return ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..." for key in keys])
+
+
 class Interrupted(Exception):
     """The run stopped early on request (a preemption signal) and can be resumed; the CLI
     exits with ``exit_code`` (see ``preemption.exit_code``)."""

@@ -20,7 +20,7 @@ from omegaconf import II, MISSING, SI
 
 from pipeline.choices import (DataFormat, DecodingStrategy, Direction, EvaluationEngine, LossPrecision,
                               ModelDtype, ModelSource, NanPolicy, ParamType, Precision, Sampling, Strategy,
-                              Template, TrainOn, Truncation, WandbMode)
+                              Template, TinyArchitecture, TinyDtype, TrainOn, Truncation, WandbMode)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # The config groups (conf/) and the sweep definitions (sweeps/) ship inside the package: in a
@@ -120,7 +120,7 @@ class TinyModelConfig:
     """A randomly initialised model built from a config: tiny for tests and ``debug=fast``, or a
     real model's shape (``model=synthetic_llama_8b``) to measure memory and speed offline."""
 
-    architecture: str = "llama"  # llama | gpt2
+    architecture: TinyArchitecture = TinyArchitecture.llama
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 2
@@ -129,7 +129,7 @@ class TinyModelConfig:
     max_position_embeddings: int = 1024
     vocab_size: Optional[int] = None  # null: the tokenizer's; a real model's size counts its rows
     tie_word_embeddings: bool = True
-    dtype: str = "float32"  # the stored random weights: float32 | bfloat16
+    dtype: TinyDtype = TinyDtype.float32  # of the stored random weights
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,9 @@ def _choice_keys(schema: type, prefix: str):
 
     for f in dataclasses.fields(schema):
         kind = typing.get_type_hints(schema)[f.name]
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Union and len(inner) == 1:  # Optional[X]: X
+            kind = inner[0]
         if isinstance(kind, type) and issubclass(kind, Choice):
             yield f"{prefix}{f.name}", kind
         elif dataclasses.is_dataclass(kind):
@@ -77,7 +80,8 @@ def _choice_keys(schema: type, prefix: str):
 
 # (the adapter option it needs, dotted key, its Choice enum): the train config's own choices,
 # then each registered adapter method's.
-CHOICES = [("", key, choice) for key, choice in _choice_keys(C.TrainConfig, "")] + [
+CHOICES = [("model=tiny_llama" if key.startswith("model.tiny.") else "", key, choice)
+           for key, choice in _choice_keys(C.TrainConfig, "")] + [
     (f"adapter={method}", key, choice) for method, settings in sorted(C.ADAPTERS.items())
     for key, choice in _choice_keys(settings, "adapter.")]
 
@@ -88,7 +92,8 @@ def test_every_choice_is_typed():
                     "model.dtype", "trainer.precision", "trainer.sampling", "trainer.nan_policy",
                     "evaluation.loss_precision", "evaluation.decoding.strategy", "evaluation.engine",
                     "objective.direction", "distributed.strategy", "adapter.bias", "adapter.quant_type",
-                    "adapter.compute_dtype", "adapter.placement", "adapter.non_linearity"}
+                    "adapter.compute_dtype", "adapter.placement", "adapter.non_linearity",
+                    "model.tiny.architecture", "model.tiny.dtype"}
     for _, _, choice in CHOICES:  # Hydra's submitit launcher pickles configs holding them
         member = next(iter(choice))
         assert pickle.loads(pickle.dumps(member)) is member
