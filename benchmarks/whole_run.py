@@ -85,6 +85,29 @@ def run_script(overrides: list, out: Path) -> dict:
     return {"wall_s": wall, **json.loads(out.read_text())}
 
 
+def plain_generate(model, tokenizer, prompts: list, evaluation) -> list:
+    """``model.generate`` over length-sorted, left-padded batches, every prompt whole: what a
+    script does (the pipeline's own generation computes the prompts' shared opening once)."""
+    import torch
+
+    from pipeline import scoring
+
+    kwargs = scoring.generation_kwargs(evaluation.decoding, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs = [""] * len(prompts)
+    tokenizer.padding_side = "left"
+    for start in range(0, len(order), evaluation.batch_size):
+        batch = order[start:start + evaluation.batch_size]
+        encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            generated = model.generate(**encoded, **kwargs)
+        texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(batch, texts):
+            outputs[i] = text.strip()
+    tokenizer.padding_side = "right"
+    return outputs
+
+
 def script(out: Path, overrides: list) -> None:
     """The hand-written contender (composing the config only to read the same settings)."""
     from hydra import compose, initialize_config_dir
@@ -131,8 +154,7 @@ def script(out: Path, overrides: list) -> None:
                     tokens += int((labels[:, 1:] != -100).sum())
             result[f"{name}/loss"] = nll / tokens
         for s in evaluator.sets:
-            outputs = scoring.generate(model, tokenizer, s.prompts, cfg.evaluation.decoding,
-                                          cfg.evaluation.batch_size)
+            outputs = plain_generate(model, tokenizer, s.prompts, cfg.evaluation)
             values, _ = M.compute(list(cfg.evaluation.metrics), outputs, s.references,
                                   labels=list(cfg.evaluation.labels) if cfg.evaluation.labels else None)
             result.update({f"{s.name}/{k}": v for k, v in values.items()})

@@ -33,7 +33,7 @@ from pipeline.scoring import Evaluator, Measurement
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the stored layout or what a measurement means changes
+FORMAT = 2  # bump when the stored layout or what a measurement means changes (2: losses behind a shared prefix)
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 

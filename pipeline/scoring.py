@@ -72,37 +72,60 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return (text[:cut] if cut >= 0 else text).strip()
 
 
+def _left_padded(rows: List[List[int]], pad_id: int, prefix: Optional[Any], device: Any) -> Dict[str, Any]:
+    """Generation inputs for token rows: left-padded; with a shared prefix, the prefix first, then
+    the padding, then each row's rest (positions follow the attention mask, so the rest of every
+    row continues right after the prefix), and the prefix's cache."""
+    import torch
+
+    skip = len(prefix) if prefix is not None else 0
+    rest = [row[skip:] for row in rows]
+    width = max(len(r) for r in rest)
+    head = list(prefix.tokens) if prefix is not None else []
+    inputs = {
+        "input_ids": torch.tensor([head + [pad_id] * (width - len(r)) + r for r in rest], device=device),
+        "attention_mask": torch.tensor([[1] * skip + [0] * (width - len(r)) + [1] * len(r) for r in rest],
+                                       device=device),
+    }
+    if prefix is not None:
+        inputs[prefix.argument] = prefix.cache_for(len(rows))
+    return inputs
+
+
 def generate(model: Any, tokenizer: Any, prompts: List[str], decoding: DecodingConfig,
              batch_size: int, add_special_tokens: bool = False, what: str = "generation") -> List[str]:
     """Generates one completion per prompt, batched; returns them in the prompts' order.
 
     Prompts are sorted by length so that a batch pads little; the RNG is seeded from
-    ``decoding.seed`` so the base and the tuned model sample alike.
+    ``decoding.seed`` so the base and the tuned model sample alike. The tokens every prompt starts
+    with are computed once (:mod:`pipeline.prefix`; not for beam search, which reorders the cache).
     """
     import torch
 
+    from pipeline.prefix import SharedPrefix, shared_length
+
     kwargs = generation_kwargs(decoding, tokenizer)
+    rows = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: List[str] = [""] * len(prompts)
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     torch.manual_seed(decoding.seed)
     try:
-        with Progress(len(prompts), what, "prompts") as progress:
+        with Progress(len(prompts), what, "prompts") as progress, torch.no_grad():
+            shared = shared_length(rows) if rows and decoding.strategy != "beam" else 0
+            prefix = SharedPrefix.build(model, rows[0][:shared], generation=True) if shared else None
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                                    add_special_tokens=add_special_tokens).to(model.device)
-                with torch.no_grad():
-                    generated = model.generate(**encoded, **kwargs)
-                texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:],
+                inputs = _left_padded([rows[i] for i in batch], pad_id, prefix, model.device)
+                generated = model.generate(**inputs, **kwargs)
+                texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:],
                                                skip_special_tokens=True)
                 for i, text in zip(batch, texts):
                     outputs[i] = _cut_at_stop(text, decoding.stop_strings)
                 progress.update(len(batch))
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
     return outputs
 
@@ -200,6 +223,27 @@ def _keeps_logits(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
+def _loss_batch(rows: List[int], ids: Any, labels: Any, collate: Callable, prefix: Optional[Any],
+                device: Any) -> Dict[str, Any]:
+    """The model inputs and labels of ``rows``: through the run's collator, or, with a shared
+    prefix, the rest of each example right-padded behind a copy of the prefix's cache."""
+    import torch
+
+    if prefix is None:
+        batch = collate([{"input_ids": ids[i], "labels": labels[i]} for i in rows])
+        return {k: v.to(device) for k, v in batch.items()}
+    skip = len(prefix)
+    width = max(len(ids[i]) for i in rows) - skip
+    pad = [width - (len(ids[i]) - skip) for i in rows]
+    as_tensor = lambda lists: torch.tensor(lists, device=device)  # noqa: E731
+    return {
+        "input_ids": as_tensor([list(ids[i][skip:]) + [0] * p for i, p in zip(rows, pad)]),
+        "attention_mask": as_tensor([[1] * (skip + width - p) + [0] * p for p in pad]),
+        "labels": as_tensor([list(labels[i][skip:]) + [-100] * p for i, p in zip(rows, pad)]),
+        prefix.argument: prefix.cache_for(len(rows)), "use_cache": True,
+    }
+
+
 def evaluate_loss(model: Any, dataset: Optional[Any], collate: Callable, batch_size: int,
                   name: str, label: str = "", bf16: bool = False) -> Dict[str, float]:
     """Token-weighted mean loss and perplexity on the completion tokens of ``dataset``.
@@ -208,11 +252,14 @@ def evaluate_loss(model: Any, dataset: Optional[Any], collate: Callable, batch_s
     and so changes with the batch size; this one is exp(total NLL / total completion tokens)
     whatever the batching. That also lets the batches group examples of similar length (the
     sum does not depend on the order), so a batch pads little, or nothing with the packing
-    collator. ``bf16``: under bf16 autocast (``evaluation.loss_precision``); the cross-entropy
-    itself is taken in fp32.
+    collator. The tokens every example starts with are computed once (:mod:`pipeline.prefix`).
+    ``bf16``: under bf16 autocast (``evaluation.loss_precision``); the cross-entropy itself is
+    taken in fp32.
     """
     import torch
     import torch.nn.functional as F
+
+    from pipeline.prefix import SharedPrefix, shared_length
 
     if dataset is None:
         return {}
@@ -228,17 +275,19 @@ def evaluate_loss(model: Any, dataset: Optional[Any], collate: Callable, batch_s
         # inference tensor that autograd then refuses to save.
         with Progress(len(order), f"{label} {name} loss".strip(), "examples") as progress, \
                 torch.no_grad(), torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
+            shared = shared_length(ids, labels_all) if keep and len(ids) else 0
+            prefix = SharedPrefix.build(model, ids[0][:shared]) if shared else None
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                batch = collate([{"input_ids": ids[i], "labels": labels_all[i]} for i in chunk])
-                batch = {k: v.to(model.device) for k, v in batch.items()}
+                batch = _loss_batch(chunk, ids, labels_all, collate, prefix, model.device)
                 targets = batch.pop("labels")[:, 1:]  # position p predicts token p + 1
                 if keep:
                     # Only positions that predict a completion token go through the output
                     # layer (vocabulary-sized: a fifth of a small model's forward, and most
                     # positions of a short-answer task are prompt): the same numbers, cheaper.
                     positions = (targets != -100).any(0).nonzero().flatten()
-                    logits = model(**batch, use_cache=False, logits_to_keep=positions).logits
+                    batch.setdefault("use_cache", False)
+                    logits = model(**batch, logits_to_keep=positions).logits
                     targets = targets[:, positions]
                 else:
                     logits = model(**batch, use_cache=False).logits[:, :-1]

@@ -44,19 +44,21 @@ def test_batched_generation_equals_one_by_one_and_keeps_order(tiny_model, tokeni
     assert tokenizer.padding_side == "right" and tiny_model.training
 
 
-def test_generation_restores_padding_side_and_mode_when_it_fails(tiny_model, tokenizer, monkeypatch):
+def test_generation_restores_the_mode_when_it_fails(tiny_model, tokenizer, monkeypatch):
     tokenizer.padding_side = "right"
     tiny_model.train()
     seen = []
 
     def failing_generate(**kwargs):
-        seen.append((tokenizer.padding_side, tiny_model.training))
+        mask = kwargs["attention_mask"]
+        seen.append((tiny_model.training, mask[:, -1].all().item()))
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(tiny_model, "generate", failing_generate)
     with pytest.raises(RuntimeError, match="out of memory"):
-        scoring.generate(tiny_model, tokenizer, ["Hi"], C.DecodingConfig(max_new_tokens=2, seed=0), batch_size=1)
-    assert seen == [("left", False)]  # generation ran left-padded, in eval mode
+        scoring.generate(tiny_model, tokenizer, ["Hi", "Hello there"],
+                         C.DecodingConfig(max_new_tokens=2, seed=0), batch_size=2)
+    assert seen == [(False, True)]  # generation ran in eval mode, padded on the left
     assert tokenizer.padding_side == "right" and tiny_model.training
     tiny_model.eval()
 
@@ -221,16 +223,18 @@ def test_loss_through_logits_to_keep_equals_the_full_logits(tiny_model, tokenize
     real_forward = tiny_model.forward
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("logits_to_keep"))
+        if "cache" in kwargs:  # a batch behind the shared prefix (the prefix itself keeps only its last)
+            calls.append(kwargs.get("logits_to_keep"))
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(tiny_model, "forward", spy)
     kept = {packing: scoring.evaluate_loss(tiny_model, rows, collator(tokenizer, packing), 3, "test")
             for packing in (False, True)}
-    assert calls and all(c is not None and 0 < len(c) for c in calls)  # the cheap path ran
+    assert len(calls) == 4 and all(c is not None and 0 < len(c) for c in calls)  # the cheap path ran
     monkeypatch.setattr(scoring, "_keeps_logits", lambda model: False)
+    calls.clear()
     full = scoring.evaluate_loss(tiny_model, rows, collator(tokenizer, False), 3, "test")
-    assert calls[-1] is None
+    assert not calls  # without logits_to_keep, the batches run whole, through the collator
     for packing in (False, True):
         assert kept[packing]["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
 
