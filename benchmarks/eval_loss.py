@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,12 +30,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from pipeline import data, scoring, model as models, packing
+    from pipeline import scoring, packing
     from pipeline.precision import cpu_kind
-    from whole_run import case_overrides, classification_file
+    from whole_run import case_parts, classification_file
 
     tmp = Path(tempfile.mkdtemp())
     data_file = classification_file(tmp / "reviews.jsonl", args.rows)
@@ -45,13 +42,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for case in args.cases.split(","):
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=[*case_overrides(case, data_file), f"paths.root_dir={ROOT}"])
-        folder = models.resolve_folder(cfg.model, os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir),
-                                       cfg.data.seed)
-        tokenizer = models.load_tokenizer(folder, cfg.model)
-        splits = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer)
-        model = models.load_model(folder, cfg.model)
+        cfg, tokenizer, splits, model = case_parts(case, data_file)
         collate = packing.collator(tokenizer, False)
         batch = cfg.trainer.per_device_eval_batch_size
         sets = {"eval": splits.validation, "test": splits.test}

@@ -49,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {m: run(m, args.steps, args.overrides, Path(tmp)) for m in args.methods.split(",")}
     lora_speed = results.get("lora", {}).get("perf/train_tokens_per_s")
-    print(f"| method | trainable | trainable % | tokens/s | vs lora | peak RSS MB | artifact MB |")
+    print("| method | trainable | trainable % | tokens/s | vs lora | peak RSS MB | artifact MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for method, m in results.items():
         if "error" in m:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -53,13 +52,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from pipeline import data, model as models, packing, prefix, scoring
+    from pipeline import packing, prefix, scoring
     from pipeline.config import typed_config
     from pipeline.precision import cpu_kind, resolve_loss
-    from whole_run import case_overrides, classification_file
+    from whole_run import case_parts, classification_file
 
     tmp = Path(tempfile.mkdtemp())
     data_file = classification_file(tmp / "reviews.jsonl", args.rows)
@@ -68,16 +65,9 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---|")
     rows = []
     for case in args.cases.split(","):
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=[*case_overrides(case, data_file), f"paths.root_dir={ROOT}",
-                                              "paths.run_dir=."])
-        folder = models.resolve_folder(cfg.model, os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir),
-                                       cfg.data.seed)
-        tokenizer = models.load_tokenizer(folder, cfg.model)
-        splits = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer)
+        cfg, tokenizer, splits, model = case_parts(case, data_file)
         evaluation = typed_config(cfg).evaluation
         evaluator = scoring.Evaluator.build(evaluation, splits, tokenizer, seed=cfg.data.seed, plain_template=False)
-        model = models.load_model(folder, cfg.model)
         collate = packing.collator(tokenizer, False)
         batch = cfg.trainer.per_device_eval_batch_size
         precisions = sorted({resolve_loss("auto").precision, "fp32"})

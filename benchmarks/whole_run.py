@@ -60,6 +60,24 @@ def case_overrides(case: str, data_file: Path) -> list:
             "evaluation.labels=[positive,negative]"]
 
 
+def case_parts(case: str, data_file: Path) -> tuple:
+    """A case's composed train config, tokenizer, splits (after the caps) and base model, for the
+    benchmarks that measure pieces of a run in one process."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline import data, model as models
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*case_overrides(case, data_file), f"paths.root_dir={ROOT}",
+                                          "paths.run_dir=."])
+    folder = models.resolve_folder(cfg.model, os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir),
+                                   cfg.data.seed)
+    tokenizer = models.load_tokenizer(folder, cfg.model)
+    splits = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer)
+    return cfg, tokenizer, splits, models.load_model(folder, cfg.model)
+
+
 def run_pipeline(overrides: list, run_dir: Path, cache: Path) -> dict:
     cmd = [sys.executable, "-m", "pipeline.train", *overrides, f"hydra.run.dir={run_dir}",
            f"paths.base_cache_dir={cache}"]

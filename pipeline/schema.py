@@ -243,7 +243,10 @@ class EvaluationConfig:
     splits: List[str] = field(default_factory=lambda: ["test"])  # eval (validation) and/or test
     extra_datasets: List[str] = field(default_factory=list)  # data options, evaluated on their test split
     max_examples: Optional[int] = 100  # per set
-    batch_size: int = 16
+    # Generation batch: on 2 CPU cores 32 prompts a batch decoded the default's and a
+    # classification file's test prompts 1.15-1.4x faster than 16, with the same outputs (one
+    # pass over the weights serves more rows). Lower it if generation runs out of memory.
+    batch_size: int = 32
     # Loss and perplexity under bf16 autocast (auto: where the hardware multiplies bf16
     # natively; about 3x faster on an AVX512-bf16 CPU, losses moved by up to ~1%) or fp32.
     # Generation always runs in the model's own dtype. The choice is in run.json.
