@@ -37,6 +37,31 @@ def run_task(task: Any, cfg: DictConfig) -> Any:
         sys.exit(1)
 
 
+def end_process() -> None:
+    """Ends an entry point's process once its work is done and written, without the
+    interpreter's teardown.
+
+    Tearing down the ~4,000 modules torch, transformers and peft import, and the loaded model,
+    took 1.7 s after a tiny model's run and 3.4 s after SmolLM2-135M's on 2 CPU cores, every
+    run, with nothing left to do. What an orderly exit does that matters still happens, in its
+    order: non-daemon threads are waited for, then the exit handlers run (logging's flush and
+    close, W&B, multiprocessing's children, temporary folders); only then does the process end.
+    Called from ``python -m`` entry points after ``main`` returned; a failure exits as before.
+    """
+    import atexit
+    import os
+    import sys
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # private, but the one call that runs the handlers an exit runs
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def cli_message(err: BaseException) -> str:
     """What a command-line tool prints for ``err``: its text, and for a Hydra composition error
     (a bad override) also the cause it wraps, which names the key and what it takes."""

@@ -14,7 +14,7 @@ from typing import Any, Tuple
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import config as C
+from pipeline import config as C, errors
 from pipeline import data, scoring, model as models, packing, runfolder, trainer
 
 log = logging.getLogger("pipeline.evaluate")
@@ -89,3 +89,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    errors.end_process()

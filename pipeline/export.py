@@ -18,7 +18,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import config as C
+from pipeline import config as C, errors
 from pipeline import model as models
 from pipeline import vllm_engine
 
@@ -234,3 +234,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    errors.end_process()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipeline import atomic, comparison as C, pareto as P, plots
+from pipeline import atomic, comparison as C, errors, pareto as P, plots
 from pipeline.report_page import (QUALITY_PREFIXES, configuration_lines, log_to_wandb, not_compared_lines,
                                   paired_lines, pareto_lines, precision_lines, retention_lines, retention_names,
                                   write_csv, write_html)
@@ -291,3 +291,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+    errors.end_process()

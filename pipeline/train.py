@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import config as C
+from pipeline import config as C, errors
 from pipeline import (base_cache, checkpoints, data, distributed, estimate, scoring, model as models,
                       precision, preemption, runfolder, sweep, tracking, trainer)
 
@@ -336,3 +336,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    errors.end_process()

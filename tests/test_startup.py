@@ -1,4 +1,5 @@
-"""Start-up stays light: commands that never train import none of the heavy libraries."""
+"""Start-up stays light: commands that never train import none of the heavy libraries; and a
+finished command ends as an orderly exit would, without the interpreter's teardown."""
 
 from __future__ import annotations
 
@@ -44,3 +45,20 @@ def test_help_and_printing_the_config_import_no_heavy_library(args, tmp_path):
     assert ("pipeline.train" in out.stdout or "train is powered by Hydra" in out.stdout
             if args == ["--help"] else "pack_length: 512" in out.stdout)
     assert heavy == []
+
+
+END = """
+import atexit, threading, time
+from pipeline import errors
+atexit.register(lambda: print("exit handler ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+print("work done", end="")  # still in stdout's buffer: the output is a pipe
+errors.end_process()
+print("not reached")
+"""
+
+
+def test_a_finished_command_waits_for_its_threads_runs_exit_handlers_and_flushes():
+    out = subprocess.run([sys.executable, "-c", END], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "work donethread finished\nexit handler ran\n"
