@@ -13,7 +13,9 @@ losses 1.3-1.8x faster, greedy generation 1.2-1.3x, all 146 outputs identical.
 
 Used only where it is the same computation: a transformers causal LM (optionally under a PEFT
 adapter that is not prompt learning), whose cache after the prefix is a plain per-layer key/value
-cache (no sliding window, no recurrent state). Anything else evaluates as before.
+cache (no sliding window, no recurrent state); for generation also a forward that takes
+``position_ids``, no cache kind asked for in the generation config, and no beam search.
+Anything else evaluates as before.
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ class SharedPrefix:
     computed as the rest is.
     """
 
-    def __init__(self, model: Any, tokens: Sequence[int], cache: Any, argument: str):
-        self.model, self.tokens, self._cache, self.argument = model, list(tokens), cache, argument
+    def __init__(self, tokens: Sequence[int], cache: Any, argument: str):
+        self.tokens, self._cache, self.argument = list(tokens), cache, argument
 
     @classmethod
     def build(cls, model: Any, tokens: Sequence[int], generation: bool = False) -> Optional["SharedPrefix"]:
@@ -92,8 +94,10 @@ class SharedPrefix:
 
         if len(tokens) < MIN_TOKENS or not _supported(model):
             return None
-        if generation and "position_ids" not in inspect.signature(_base(model).forward).parameters:
-            return None
+        if generation and ("position_ids" not in inspect.signature(_base(model).forward).parameters
+                           or getattr(getattr(_base(model), "generation_config", None),
+                                      "cache_implementation", None)):
+            return None  # a model that asks generate for a cache of its own kind gets it
         argument = cache_argument(model)
         ids = torch.tensor([list(tokens)], device=model.device)
         params = inspect.signature(type(_base(model)).forward).parameters
@@ -106,7 +110,7 @@ class SharedPrefix:
                                                                 for layer in layers):
             log.debug("shared prefix not reused: the model's cache is %s", type(cache).__name__)
             return None
-        return cls(model, tokens, cache, argument)
+        return cls(tokens, cache, argument)
 
     def __len__(self) -> int:
         return len(self.tokens)

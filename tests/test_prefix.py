@@ -131,3 +131,7 @@ def test_not_used_where_it_would_change_the_result(tiny_folder, tokenizer, monke
     tuned = get_peft_model(_model(tiny_folder), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert prefix.SharedPrefix.build(tuned, tokenizer("Review: the same opening")["input_ids"]) is None
     assert prefix.SharedPrefix.build(model, [1, 2]) is None  # too short to pay
+    opening = tokenizer("Review: the same opening")["input_ids"]
+    assert prefix.SharedPrefix.build(model, opening, generation=True) is not None
+    model.generation_config.cache_implementation = "static"  # generate builds a cache of that kind
+    assert prefix.SharedPrefix.build(model, opening, generation=True) is None
