@@ -12,10 +12,8 @@ the CPU multiplies it natively (AVX512-bf16/AMX); elsewhere `loss_precision=auto
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,25 +22,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="default,classification")
-    parser.add_argument("--rows", type=int, default=8000)
-    args = parser.parse_args()
-
-    import torch
-
     from pipeline import scoring, packing
-    from pipeline.precision import cpu_kind
-    from whole_run import case_parts, classification_file
+    from whole_run import in_process_cases
 
-    tmp = Path(tempfile.mkdtemp())
-    data_file = classification_file(tmp / "reviews.jsonl", args.rows)
-    print(f"CPU: {cpu_kind()}; threads: {torch.get_num_threads()}")
-    print("| case | set | examples | tokens | fp32 s | bf16 s | speed-up | fp32 loss | bf16 loss | rel. diff |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    columns = ["case", "set", "examples>", "tokens>", "fp32 s>", "bf16 s>", "speed-up>", "fp32 loss>",
+               "bf16 loss>", "rel. diff>"]
     rows = []
-    for case in args.cases.split(","):
-        cfg, tokenizer, splits, model = case_parts(case, data_file)
+    for case, cfg, tokenizer, splits, model in in_process_cases(__doc__.splitlines()[0], columns):
         collate = packing.collator(tokenizer, False)
         batch = cfg.trainer.per_device_eval_batch_size
         sets = {"eval": splits.validation, "test": splits.test}

@@ -14,11 +14,9 @@ many generated outputs are identical.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,26 +44,15 @@ def timed(fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="default,classification")
-    parser.add_argument("--rows", type=int, default=8000)
-    args = parser.parse_args()
-
-    import torch
-
     from pipeline import packing, prefix, scoring
     from pipeline.config import typed_config
-    from pipeline.precision import cpu_kind, resolve_loss
-    from whole_run import case_parts, classification_file
+    from pipeline.precision import resolve_loss
+    from whole_run import in_process_cases
 
-    tmp = Path(tempfile.mkdtemp())
-    data_file = classification_file(tmp / "reviews.jsonl", args.rows)
-    print(f"CPU: {cpu_kind()}; threads: {torch.get_num_threads()}")
-    print("| case | work | examples | shared tokens / mean length | whole s | shared s | speed-up | same result |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    columns = ["case", "work", "examples>", "shared tokens / mean length>", "whole s>", "shared s>", "speed-up>",
+               "same result"]
     rows = []
-    for case in args.cases.split(","):
-        cfg, tokenizer, splits, model = case_parts(case, data_file)
+    for case, cfg, tokenizer, splits, model in in_process_cases(__doc__.splitlines()[0], columns):
         evaluation = typed_config(cfg).evaluation
         evaluator = scoring.Evaluator.build(evaluation, splits, tokenizer, seed=cfg.data.seed, plain_template=False)
         collate = packing.collator(tokenizer, False)

@@ -60,6 +60,27 @@ def case_overrides(case: str, data_file: Path) -> list:
             "evaluation.labels=[positive,negative]"]
 
 
+def in_process_cases(description: str, columns: list):
+    """For the benchmarks that measure pieces of a run in one process: parses ``--cases`` and
+    ``--rows``, writes the classification file, prints the CPU and the table's header
+    (``columns``: a name, ``>`` ending a right-aligned one); yields each case's parts
+    (:func:`case_parts`) with its name."""
+    import torch
+
+    from pipeline.precision import cpu_kind
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", default="default,classification")
+    parser.add_argument("--rows", type=int, default=8000)
+    args = parser.parse_args()
+    data_file = classification_file(Path(tempfile.mkdtemp()) / "reviews.jsonl", args.rows)
+    print(f"CPU: {cpu_kind()}; threads: {torch.get_num_threads()}")
+    print("| " + " | ".join(c.rstrip(">") for c in columns) + " |")
+    print("|" + "|".join("---:" if c.endswith(">") else "---" for c in columns) + "|")
+    for case in args.cases.split(","):
+        yield (case, *case_parts(case, data_file))
+
+
 def case_parts(case: str, data_file: Path) -> tuple:
     """A case's composed train config, tokenizer, splits (after the caps) and base model, for the
     benchmarks that measure pieces of a run in one process."""
