@@ -134,7 +134,7 @@ def plain_generate(model, tokenizer, prompts: list, evaluation) -> list:
     kwargs = scoring.generation_kwargs(evaluation.decoding, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [""] * len(prompts)
-    tokenizer.padding_side = "left"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     for start in range(0, len(order), evaluation.batch_size):
         batch = order[start:start + evaluation.batch_size]
         encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -143,7 +143,7 @@ def plain_generate(model, tokenizer, prompts: list, evaluation) -> list:
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, text in zip(batch, texts):
             outputs[i] = text.strip()
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side
     return outputs
 
 

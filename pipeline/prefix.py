@@ -53,10 +53,16 @@ def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def cache_argument(model: Any) -> Optional[str]:
-    """The name the model's forward takes its key/value cache by (``cache`` in recent
-    transformers, ``past_key_values`` before), or None when it takes none."""
-    params = inspect.signature(type(_base(model)).forward).parameters
+def forward_parameters(model: Any) -> Any:
+    """The parameters of the model's forward (under a PEFT wrapper, the wrapped model's), read
+    from the class: accelerate replaces a trained model's bound ``forward`` with a wrapper whose
+    signature says nothing."""
+    return inspect.signature(type(_base(model)).forward).parameters
+
+
+def _cache_argument(params: Any) -> Optional[str]:
+    """The name a forward takes its key/value cache by (``cache`` in recent transformers,
+    ``past_key_values`` before), or None when it takes none."""
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
@@ -65,9 +71,8 @@ def _supported(model: Any) -> bool:
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
     peft_configs = getattr(model, "peft_config", None) or {}
-    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values()):
-        return False  # prompt learning puts its own virtual tokens in the cache
-    return cache_argument(model) is not None
+    # prompt learning puts its own virtual tokens in the cache
+    return not any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values())
 
 
 class SharedPrefix:
@@ -92,15 +97,15 @@ class SharedPrefix:
         import torch
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        if len(tokens) < MIN_TOKENS or not _supported(model):
+        params = forward_parameters(model)
+        argument = _cache_argument(params)
+        if len(tokens) < MIN_TOKENS or argument is None or not _supported(model):
             return None
         if generation and ("position_ids" not in inspect.signature(_base(model).forward).parameters
                            or getattr(getattr(_base(model), "generation_config", None),
                                       "cache_implementation", None)):
             return None  # a model that asks generate for a cache of its own kind gets it
-        argument = cache_argument(model)
         ids = torch.tensor([list(tokens)], device=model.device)
-        params = inspect.signature(type(_base(model)).forward).parameters
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **last_only)
         cache = getattr(out, "cache", None)

@@ -215,12 +215,10 @@ class Measurement:
 
 def _keeps_logits(model: Any) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do; a
-    model with remote code may not). Read from the class: accelerate replaces a trained
-    model's bound ``forward`` with a wrapper whose signature says nothing."""
-    import inspect
+    model with remote code may not)."""
+    from pipeline.prefix import forward_parameters
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    return "logits_to_keep" in forward_parameters(model)
 
 
 def _loss_batch(rows: List[int], ids: Any, labels: Any, collate: Callable, prefix: Optional[Any],
