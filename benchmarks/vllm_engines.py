@@ -3,6 +3,7 @@ adapter: evaluation generation (``evaluation.engine``) and serving (``server.eng
 
     python benchmarks/vllm_engines.py                          # 64 prompts, 48 tokens, greedy
     python benchmarks/vllm_engines.py --prompts 128 --concurrency 16
+    python benchmarks/vllm_engines.py --skip-serving             # the evaluation rows only
 
 Needs vLLM's environment (``python -m pipeline.vllm_engine install``). Both engines run the
 model in float32 (what ``pipeline.serve`` and the exported command use) on the same prompts
@@ -11,7 +12,10 @@ model in float32 (what ``pipeline.serve`` and the exported command use) on the s
 - Evaluation: ``scoring.generate`` (batched ``generate``, ``--batch-size``) against
   ``vllm_engine.predict`` (a vLLM offline engine in its own process; its start-up is counted,
   as a run pays it). Also the number of identical outputs.
-- Serving: ``--concurrency`` openai clients against ``pipeline.serve`` (built-in, dynamic
+- Base and tuned (``pipeline.evaluate`` of a LoRA adapter): an engine per model against one
+  engine generating for both (the base's prompts without the adapter), whole calls; the outputs
+  must be identical.
+- Serving (not with ``--skip-serving``): ``--concurrency`` openai clients against ``pipeline.serve`` (built-in, dynamic
   batching) and against vLLM's server started as ``server.engine=vllm`` starts it (start-up
   reported apart). tokens/s counts the completion tokens the servers report.
 """
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16, help="the built-in evaluation's batch")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--skip-serving", action="store_true", help="only the evaluation rows")
     args = parser.parse_args()
 
     from pipeline.server.pool import ModelPool
@@ -73,9 +78,9 @@ def main() -> None:
         start = time.perf_counter()
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         base, saved = vllm_engine.on_disk(model, tmp)
-        generated = vllm_engine.generate(base, "float32", ids, decoding,
-                                         vllm_engine.stop_ids(tokenizer, model), saved)
-        theirs = [t.strip() for t in tokenizer.batch_decode(generated.outputs, skip_special_tokens=True)]
+        stops = vllm_engine.stop_ids(tokenizer, model)
+        generated = vllm_engine.generate(base, "float32", [vllm_engine.Job(ids, saved)], decoding, stops)
+        theirs = [t.strip() for t in tokenizer.batch_decode(generated.outputs[0], skip_special_tokens=True)]
         vllm_s = time.perf_counter() - start
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in builtin)
     same = sum(a == b for a, b in zip(builtin, theirs))
@@ -85,6 +90,9 @@ def main() -> None:
                  tokens / vllm_s, f"{same}/{len(prompts)} identical"))
     rows.append(("evaluation generation", f"vLLM offline engine, generation only (start-up "
                  f"{generated.start_s:.0f} s)", generated.generate_s, tokens / generated.generate_s, "-"))
+    rows += base_and_tuned(folder, saved, ids, decoding, stops)
+    if args.skip_serving:
+        return print_rows(rows, model_cfg, len(prompts), args)
 
     server, url = start_server(pool, argparse.Namespace(concurrency=args.concurrency,
                                                         max_tokens=args.max_tokens), 10.0)
@@ -116,14 +124,38 @@ def main() -> None:
     rows.append(("serving", f"vLLM server, {args.concurrency} clients (start-up {startup:.0f} s apart)",
                  seconds, served / seconds, "-"))
 
-    print(f"model: {model_cfg.name} + LoRA r=8, float32, {len(prompts)} prompts, greedy, max "
+    print_rows(rows, model_cfg, len(prompts), args)
+
+
+def base_and_tuned(folder: str, adapter: Path, ids: list, decoding, stops: list) -> list:
+    """``pipeline.evaluate`` of a LoRA adapter through vLLM: an engine per model (as a training
+    run measures, before and after training) against one engine for both, whole calls."""
+    start = time.perf_counter()
+    apart = [vllm_engine.generate(folder, "float32", [vllm_engine.Job(ids, job)], decoding, stops).outputs[0]
+             for job in (adapter, None)]
+    apart_s = time.perf_counter() - start
+    start = time.perf_counter()
+    together = vllm_engine.generate(folder, "float32", [vllm_engine.Job(ids, adapter), vllm_engine.Job(ids)],
+                                    decoding, stops).outputs
+    together_s = time.perf_counter() - start
+    same = sum(a == b for x, y in zip(apart, together) for a, b in zip(x, y))
+    tokens = sum(len(o) for outputs in apart for o in outputs)
+    return [("base and tuned generation", "vLLM, an engine per model", apart_s, tokens / apart_s, "-"),
+            ("base and tuned generation", "vLLM, one engine for both", together_s, tokens / together_s,
+             f"{same}/{2 * len(ids)} identical")]
+
+
+def print_rows(rows: list, model_cfg, prompts: int, args) -> None:
+    print(f"model: {model_cfg.name} + LoRA r=8, float32, {prompts} prompts, greedy, max "
           f"{args.max_tokens} new tokens, torch threads {torch.get_num_threads()}, "
           f"CUDA: {torch.cuda.is_available()}")
     print("| task | engine | seconds | tokens/s | outputs |\n|---|---|---:|---:|---|")
     for task, engine, seconds, rate, note in rows:
         print(f"| {task} | {engine} | {seconds:.1f} | {rate:.1f} | {note} |")
     print(f"vLLM / built-in tokens/s: evaluation {rows[1][3] / rows[0][3]:.2f}x whole call, "
-          f"{rows[2][3] / rows[0][3]:.2f}x generation only; serving {rows[4][3] / rows[3][3]:.2f}x")
+          f"{rows[2][3] / rows[0][3]:.2f}x generation only; base and tuned: one engine "
+          f"{rows[3][2] / rows[4][2]:.2f}x faster than an engine per model"
+          + (f"; serving {rows[6][3] / rows[5][3]:.2f}x" if len(rows) > 5 else ""))
 
 
 if __name__ == "__main__":

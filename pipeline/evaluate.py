@@ -59,11 +59,14 @@ def evaluate(cfg: DictConfig) -> dict:
             C.TrainerConfig(per_device_eval_batch_size=cfg.evaluation.batch_size), run.path / "tmp",
             cfg.seed, has_eval=False, report_to=[], run_name=run.path.name)
 
+        # An adapter's base and tuned generations come from one vLLM engine (evaluation.engine=vllm).
+        generated = evaluator.predict_base_and_tuned(tuned_model) if base_model is None else {}
+
         def measure(model: Any, label: str) -> scoring.Measurement:
             hf_trainer = trainer.build_trainer(model, tokenizer, args, None, None,
                                                packing.collator(tokenizer, False), "stop",
                                                run.path / "history.jsonl")
-            return evaluator.measure(hf_trainer, label)
+            return evaluator.measure(hf_trainer, label, generated.get(label))
 
         if base_model is None:
             with tuned_model.disable_adapter():

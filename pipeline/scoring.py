@@ -134,20 +134,31 @@ def predict(model: Any, tokenizer: Any, sets: List[EvalSet], cfg: EvaluationConf
             label: str = "") -> Predictions:
     """Generations of ``model`` for every set (nothing when no generation metric is asked for)."""
     predictions = Predictions()
-    if not cfg.metrics:
+    if not cfg.metrics or not sets:
         return predictions
+    if cfg.engine == "vllm":
+        return predict_with_vllm(model, tokenizer, sets, cfg, label)["model"]
     for s in sets:
-        if cfg.engine == "vllm":
-            from pipeline import vllm_engine
-
-            log.info("%s %s generation: %d prompts through vLLM", label, s.name, len(s.prompts))
-            texts = vllm_engine.predict(model, tokenizer, s.prompts, cfg.decoding, s.add_special_tokens)
-            predictions.outputs[s.name] = [_cut_at_stop(t, cfg.decoding.stop_strings) for t in texts]
-            continue
         predictions.outputs[s.name] = generate(model, tokenizer, s.prompts, cfg.decoding,
                                                cfg.batch_size, s.add_special_tokens,
                                                what=f"{label} {s.name} generation".strip())
     return predictions
+
+
+def predict_with_vllm(model: Any, tokenizer: Any, sets: List[EvalSet], cfg: EvaluationConfig,
+                      label: str = "", with_base: bool = False) -> Dict[str, Predictions]:
+    """Generations of every set from one vLLM engine: ``{"model": ...}``, and with ``with_base``
+    (a model under a LoRA adapter) also ``"base"``, the same prompts without the adapter."""
+    from pipeline import vllm_engine
+
+    log.info("%s generation through vLLM: %s%s", label or "model",
+             ", ".join(f"{s.name} {len(s.prompts)} prompts" for s in sets),
+             "; the base model's from the same engine" if with_base else "")
+    texts = vllm_engine.predict(model, tokenizer, [(s.prompts, s.add_special_tokens) for s in sets],
+                                cfg.decoding, with_base)
+    return {key: Predictions({s.name: [_cut_at_stop(t, cfg.decoding.stop_strings) for t in outputs]
+                              for s, outputs in zip(sets, per_set)})
+            for key, per_set in texts.items()}
 
 
 def score(sets: List[EvalSet], predictions: Predictions, cfg: EvaluationConfig
@@ -351,10 +362,12 @@ class Evaluator:
             slice_for_training = eval_set("eval", rows, cfg, plain_template)
         return cls(cfg, loss_sets, sets, tokenizer, slice_for_training)
 
-    def measure(self, trainer: Any, label: str = "") -> Measurement:
+    def measure(self, trainer: Any, label: str = "", predictions: Optional[Predictions] = None
+                ) -> Measurement:
         """Losses on every loss set and generation metrics on every generation set.
 
-        ``label`` (``base``, ``tuned``) names the model in progress lines.
+        ``label`` (``base``, ``tuned``) names the model in progress lines; ``predictions``: its
+        generations when already made (:meth:`predict_base_and_tuned`).
 
         Both models generate as they are saved and served: in their own dtype, without the
         autocast a bf16/fp16 run trains under (bf16 greedy decoding of a small model can differ
@@ -374,11 +387,21 @@ class Evaluator:
             for name, dataset in self.loss_sets.items():
                 metrics.update(evaluate_loss(model, dataset, trainer.data_collator,
                                              trainer.args.per_device_eval_batch_size, name, label, bf16))
-            predictions = predict(model, self.tokenizer, self.sets, self.cfg, label)
+            if predictions is None:
+                predictions = predict(model, self.tokenizer, self.sets, self.cfg, label)
         self.log_losses(trainer, metrics)
         corpus, per_example = score(self.sets, predictions, self.cfg)
         metrics.update(corpus)
         return Measurement(metrics, predictions.outputs, per_example)
+
+    def predict_base_and_tuned(self, model: Any) -> Dict[str, Predictions]:
+        """``{"base": ..., "tuned": ...}`` generations of a model under a LoRA adapter, from one
+        vLLM engine (one start-up instead of two) when ``evaluation.engine=vllm``; empty for the
+        built-in engine, or when nothing is generated."""
+        if self.cfg.engine != "vllm" or not self.cfg.metrics or not self.sets:
+            return {}
+        texts = predict_with_vllm(model, self.tokenizer, self.sets, self.cfg, "tuned", with_base=True)
+        return {"base": texts["base"], "tuned": texts["model"]}
 
     def counts(self) -> Dict[str, int]:
         """How many examples each set is measured on (``data/<set>_loss_examples`` and

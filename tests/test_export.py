@@ -57,7 +57,7 @@ def test_adapter_export_writes_the_exact_vllm_command(lora_run, tiny_folder, tmp
     out = E.export(compose_export([f"run={lora_run}", f"export.output={tmp_path / 'vllm'}",
                                    "export.lora_name=fr"], tmp_path))
     command = (out / "vllm_command.sh").read_text().strip()
-    assert command == (f"vllm serve {tiny_folder} --dtype float32 --enable-lora --max-loras 1 "
+    assert command == (f"vllm serve {tiny_folder} --dtype float32 --enable-lora --max-loras 2 "
                        f"--max-lora-rank 8 --lora-modules fr={(out / 'adapter').resolve()}")
     assert command in capsys.readouterr().out
     assert (out / "adapter" / "adapter_model.safetensors").exists()

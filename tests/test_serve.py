@@ -376,7 +376,7 @@ def test_vllm_engine_serves_the_same_names_and_refuses_what_it_cannot(tmp_path, 
     assert args[:5] == [tiny_folder, "--dtype", "float32", "--served-model-name", "tiny_llama"]
     modules = args[args.index("--lora-modules") + 1:args.index("--host")]
     assert modules == [f"tuned={(adapters['run'] / 'adapter').resolve()}", f"a={Path(adapters['a']).resolve()}"]
-    assert args[args.index("--max-lora-rank") + 1] == "8" and args[args.index("--max-loras") + 1] == "2"
+    assert args[args.index("--max-lora-rank") + 1] == "8" and args[args.index("--max-loras") + 1] == "3"
     assert args[-6:] == ["--port", "8123", "--uvicorn-log-level", "info", "--max-num-seqs", "4"]
     assert KEY not in " ".join(args)  # the key travels in vLLM's environment only
 

@@ -14,6 +14,8 @@ less than ``NEAR_TIE`` (then the rest may differ freely: the contexts differ fro
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import shlex
@@ -219,6 +221,14 @@ def test_serve_engine_vllm_serves_the_run_by_its_names_behind_the_key(lora_run, 
         tuned = [ask(client, "tuned", p, True, False).text for p in CHATS[:4]]
         base = [ask(client, "smollm2_135m", p, True, False).text for p in CHATS[:4]]
         assert all(tuned) and all(base) and tuned != base
+        # Asked at once, base and tuned requests share vLLM's batches: the base must still answer
+        # as the base (with no spare adapter slot, vLLM's CPU kernels gave it the adapter).
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda m_p: ask(client, *m_p, True, False).text,
+                                     [(m, p) for p in CHATS[:4] for m in ("tuned", "smollm2_135m")]))
+        base_together = together[1::2]
+        assert sum(a == b for a, b in zip(base_together, base)) >= len(base) - 1, (base_together, base)
+        assert sum(a == t for a, t in zip(base_together, tuned)) <= sum(b == t for b, t in zip(base, tuned))
         assert key not in open(f"/proc/{proc.pid}/cmdline").read()
     finally:
         stop(proc)
@@ -227,7 +237,8 @@ def test_serve_engine_vllm_serves_the_run_by_its_names_behind_the_key(lora_run, 
 
 def test_evaluation_generation_through_vllm_equals_the_builtin_path(lora_run):
     """The evaluation's generations (``evaluation.engine=vllm``'s path: the same prompt ids,
-    saved adapter, decoded by the pipeline's tokenizer) against ``scoring.generate``."""
+    saved adapter, decoded by the pipeline's tokenizer) against ``scoring.generate``: the tuned
+    model and, from the same engine without the adapter, the base model."""
     from pipeline import model as models, scoring, vllm_engine
     from pipeline.adapters import load_adapter
     from pipeline.config import DecodingConfig
@@ -242,6 +253,8 @@ def test_evaluation_generation_through_vllm_equals_the_builtin_path(lora_run):
                                              add_generation_prompt=True) for p in CHATS] + COMPLETIONS
     decoding = DecodingConfig(max_new_tokens=MAX_TOKENS, seed=0)
     builtin = scoring.generate(model, tokenizer, prompts, decoding, batch_size=4)
+    with model.disable_adapter():
+        builtin_base = scoring.generate(model, tokenizer, prompts, decoding, batch_size=4)
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,22 +262,30 @@ def test_evaluation_generation_through_vllm_equals_the_builtin_path(lora_run):
         assert base == folder and (saved / "adapter_config.json").exists()
         with model.disable_adapter():  # pipeline.evaluate measures the base model this way
             assert vllm_engine.on_disk(model, Path(tmp) / "off") == (folder, None)
-        outputs = vllm_engine.generate(base, "float32", ids, decoding,
-                                       vllm_engine.stop_ids(tokenizer, model), saved).outputs
-    theirs = [Answer(t.strip(), p, o) for t, p, o in
-              zip(tokenizer.batch_decode(outputs, skip_special_tokens=True), ids, outputs)]
-    identical, failures = compare(model, [Answer(t, [], []) for t in builtin], theirs)
-    print(f"vLLM vs scoring.generate: {identical} of {len(prompts)} generations identical")
-    assert not failures, "\n".join(failures)
-    assert identical >= len(prompts) // 2
+        jobs = [vllm_engine.Job(ids, saved), vllm_engine.Job(ids)]
+        tuned_ids, base_ids = vllm_engine.generate(base, "float32", jobs, decoding,
+                                                   vllm_engine.stop_ids(tokenizer, model)).outputs
+    for name, ours, outputs in (("tuned", builtin, tuned_ids), ("base", builtin_base, base_ids)):
+        theirs = [Answer(t.strip(), p, o) for t, p, o in
+                  zip(tokenizer.batch_decode(outputs, skip_special_tokens=True), ids, outputs)]
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            identical, failures = compare(model, [Answer(t, [], []) for t in ours], theirs)
+        print(f"{name}: vLLM vs scoring.generate: {identical} of {len(prompts)} generations identical")
+        assert not failures, "\n".join(failures)
+        assert identical >= len(prompts) // 2
+    assert tuned_ids != base_ids  # the adapter was applied to one job only
 
 
-def test_evaluate_engine_vllm_measures_base_and_tuned_apart(lora_run, tmp_path):
-    """``python -m pipeline.evaluate run=... evaluation.engine=vllm``: the base is measured with
-    the adapter disabled (no adapter given to vLLM), the tuned model with it; both as the
+def test_evaluate_engine_vllm_measures_base_and_tuned_apart(lora_run, tmp_path, monkeypatch):
+    """``python -m pipeline.evaluate run=... evaluation.engine=vllm``: one vLLM engine generates
+    for both models, the base without the adapter and the tuned model with it; both as the
     built-in engine answers. (A training run measures through the same ``Evaluator.measure``;
     running one end to end with vLLM cost CI 73 s for no path this test leaves out.)"""
+    from pipeline import vllm_engine
     from pipeline.evaluate import evaluate
+
+    engines, real = [], vllm_engine.generate
+    monkeypatch.setattr(vllm_engine, "generate", lambda *args: engines.append(args) or real(*args))
 
     def predictions(engine: str) -> list:
         GlobalHydra.instance().clear()
@@ -278,6 +299,9 @@ def test_evaluate_engine_vllm_measures_base_and_tuned_apart(lora_run, tmp_path):
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     builtin, vllm = predictions("transformers"), predictions("vllm")
+    assert len(engines) == 1  # one engine start-up for both models
+    tuned_jobs = [job.adapter is not None for job in engines[0][2]]
+    assert tuned_jobs.count(True) == tuned_jobs.count(False) > 0
     assert [r["base"] for r in vllm] != [r["tuned"] for r in vllm]
     for key in ("base", "tuned"):
         same = sum(a[key] == b[key] for a, b in zip(builtin, vllm))
