@@ -12,12 +12,13 @@ model in float32 (what ``pipeline.serve`` and the exported command use) on the s
 - Evaluation: ``scoring.generate`` (batched ``generate``, ``--batch-size``) against
   ``vllm_engine.predict`` (a vLLM offline engine in its own process; its start-up is counted,
   as a run pays it). Also the number of identical outputs.
-- Base and tuned (``pipeline.evaluate`` of a LoRA adapter): an engine per model against one
-  engine generating for both (the base's prompts without the adapter), whole calls; the outputs
-  must be identical.
-- Serving (not with ``--skip-serving``): ``--concurrency`` openai clients against ``pipeline.serve`` (built-in, dynamic
-  batching) and against vLLM's server started as ``server.engine=vllm`` starts it (start-up
-  reported apart). tokens/s counts the completion tokens the servers report.
+- Base and tuned (``pipeline.evaluate`` of a LoRA adapter): an engine per model (the tuned
+  model's call above, then one for the base) against one engine generating for both (the base's
+  prompts without the adapter), whole calls; the outputs must be identical.
+- Serving (not with ``--skip-serving``): ``--concurrency`` openai clients against
+  ``pipeline.serve`` (built-in, dynamic batching) and against vLLM's server started as
+  ``server.engine=vllm`` starts it (start-up reported apart). tokens/s counts the completion
+  tokens the servers report.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main() -> None:
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         base, saved = vllm_engine.on_disk(model, tmp)
         stops = vllm_engine.stop_ids(tokenizer, model)
+        call = time.perf_counter()
         generated = vllm_engine.generate(base, "float32", [vllm_engine.Job(ids, saved)], decoding, stops)
+        call_s = time.perf_counter() - call
         theirs = [t.strip() for t in tokenizer.batch_decode(generated.outputs[0], skip_special_tokens=True)]
         vllm_s = time.perf_counter() - start
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in builtin)
@@ -90,7 +93,7 @@ def main() -> None:
                  tokens / vllm_s, f"{same}/{len(prompts)} identical"))
     rows.append(("evaluation generation", f"vLLM offline engine, generation only (start-up "
                  f"{generated.start_s:.0f} s)", generated.generate_s, tokens / generated.generate_s, "-"))
-    rows += base_and_tuned(folder, saved, ids, decoding, stops)
+    rows += base_and_tuned(folder, saved, ids, decoding, stops, generated.outputs[0], call_s)
     if args.skip_serving:
         return print_rows(rows, model_cfg, len(prompts), args)
 
@@ -127,13 +130,14 @@ def main() -> None:
     print_rows(rows, model_cfg, len(prompts), args)
 
 
-def base_and_tuned(folder: str, adapter: Path, ids: list, decoding, stops: list) -> list:
+def base_and_tuned(folder: str, adapter: Path, ids: list, decoding, stops: list, tuned: list,
+                   tuned_s: float) -> list:
     """``pipeline.evaluate`` of a LoRA adapter through vLLM: an engine per model (as a training
-    run measures, before and after training) against one engine for both, whole calls."""
+    run measures, before and after training: ``tuned`` and ``tuned_s`` are the tuned model's
+    call, then the base gets its own) against one engine for both, whole calls."""
     start = time.perf_counter()
-    apart = [vllm_engine.generate(folder, "float32", [vllm_engine.Job(ids, job)], decoding, stops).outputs[0]
-             for job in (adapter, None)]
-    apart_s = time.perf_counter() - start
+    base = vllm_engine.generate(folder, "float32", [vllm_engine.Job(ids)], decoding, stops).outputs[0]
+    apart, apart_s = [tuned, base], tuned_s + time.perf_counter() - start
     start = time.perf_counter()
     together = vllm_engine.generate(folder, "float32", [vllm_engine.Job(ids, adapter), vllm_engine.Job(ids)],
                                     decoding, stops).outputs
