@@ -3,9 +3,10 @@
     python benchmarks/eval_generation.py                 # 100 prompts batched, 16 one by one
     python benchmarks/eval_generation.py --examples 100 --batch-size 16 --single 16
 
-Prints the wall time of evaluating `--examples` prompts through `pipeline.scoring.generate`
-(batched, length-sorted, left padding) and the throughput ratio against generating `--single`
-prompts one at a time, with the same greedy decoding and max_new_tokens.
+Prints the wall time of evaluating `--examples` prompts through
+`pipeline.scoring.generation.generate` (batched, length-sorted, left padding) and the throughput
+ratio against generating `--single` prompts one at a time, with the same greedy decoding and
+max_new_tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import argparse
 import os
 import time
 
-from pipeline import config as C, data, model as models
-from pipeline.scoring import generate
+from pipeline.config.options import load_option
+from pipeline.config.schema import DecodingConfig
+from pipeline.data.splits import build_datasets
+from pipeline.model import loading
+from pipeline.scoring.generation import generate
 
 
 def main() -> None:
@@ -26,14 +30,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    model_cfg = C.load_option("model", "smollm2_135m")
-    folder = models.resolve_folder(model_cfg, os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline"))
-    tokenizer = models.load_tokenizer(folder, model_cfg)
-    data_cfg = C.load_option("data", "django_en_fr", seed=0, validation_size=0.0,
-                             test_size=float(args.examples), max_length=512)
-    prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])
-    model = models.load_model(folder, model_cfg).eval()
-    decoding = C.DecodingConfig(max_new_tokens=args.max_new_tokens, seed=0)
+    model_cfg = load_option("model", "smollm2_135m")
+    folder = loading.resolve_folder(model_cfg, os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline"))
+    tokenizer = loading.load_tokenizer(folder, model_cfg)
+    data_cfg = load_option("data", "django_en_fr", seed=0, validation_size=0.0,
+                           test_size=float(args.examples), max_length=512)
+    prompts = list(build_datasets(data_cfg, tokenizer).test["prompt"])
+    model = loading.load_model(folder, model_cfg).eval()
+    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, seed=0)
 
     start = time.perf_counter()
     batched = generate(model, tokenizer, prompts, decoding, args.batch_size)

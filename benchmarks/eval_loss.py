@@ -4,10 +4,11 @@
     python benchmarks/eval_loss.py --cases default
 
 For each case the run's own loss sets (validation and test, after the pipeline's caps) are
-measured on the base model through `pipeline.scoring.evaluate_loss`, once in fp32 and once
-under bf16 autocast, alternating per set after one warm-up batch of each. Prints seconds, tokens
-per second, the speed ratio and the relative difference of the losses. bf16 pays off only where
-the CPU multiplies it natively (AVX512-bf16/AMX); elsewhere `loss_precision=auto` keeps fp32.
+measured on the base model through `pipeline.scoring.losses.evaluate_loss`, once in fp32 and
+once under bf16 autocast, alternating per set after one warm-up batch of each. Prints seconds,
+tokens per second, the speed ratio and the relative difference of the losses. bf16 pays off only
+where the CPU multiplies it natively (AVX512-bf16/AMX); elsewhere `loss_precision=auto` keeps
+fp32.
 """
 
 from __future__ import annotations
@@ -22,24 +23,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    from pipeline import scoring, packing
+    from pipeline.data.packing import collator
+    from pipeline.scoring.losses import evaluate_loss
     from whole_run import in_process_cases
 
     columns = ["case", "set", "examples>", "tokens>", "fp32 s>", "bf16 s>", "speed-up>", "fp32 loss>",
                "bf16 loss>", "rel. diff>"]
     rows = []
     for case, cfg, tokenizer, splits, model in in_process_cases(__doc__.splitlines()[0], columns):
-        collate = packing.collator(tokenizer, False)
+        collate = collator(tokenizer, False)
         batch = cfg.trainer.per_device_eval_batch_size
         sets = {"eval": splits.validation, "test": splits.test}
         for name, ds in sets.items():
             warm = ds.select(range(min(batch, len(ds))))
             for bf16 in (False, True):
-                scoring.evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
+                evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
             seconds, losses = {}, {}
             for bf16 in (False, True):
                 start = time.perf_counter()
-                losses[bf16] = scoring.evaluate_loss(model, ds, collate, batch, name, bf16=bf16)[f"{name}/loss"]
+                losses[bf16] = evaluate_loss(model, ds, collate, batch, name, bf16=bf16)[f"{name}/loss"]
                 seconds[bf16] = time.perf_counter() - start
             tokens = sum(len(ids) for ids in ds["input_ids"])
             diff = abs(losses[True] - losses[False]) / losses[False]

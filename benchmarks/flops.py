@@ -45,7 +45,7 @@ from typing import Callable, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from pipeline.precision import cpu_kind  # noqa: E402
+from pipeline.model.precision import cpu_kind  # noqa: E402
 
 
 def matmul_peak(dtype, shape, seconds: float, linear: bool = False) -> float:
@@ -79,18 +79,21 @@ def peaks(shape, seconds: float) -> Dict[str, float]:
 
 def load(args: argparse.Namespace):
     """The model with LoRA, its tokenizer, and ``steps`` padded batches of the default data."""
-    from pipeline import config as C, data, model as models, packing
     from pipeline.adapters.lora import LoraSettings
+    from pipeline.config.options import load_option
+    from pipeline.data.packing import collator
+    from pipeline.data.splits import build_datasets
+    from pipeline.model import loading
 
     cache_dir = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
-    model_cfg = C.load_option("model", args.model)
-    folder = models.resolve_folder(model_cfg, cache_dir, seed=args.seed)
-    tokenizer = models.load_tokenizer(folder, model_cfg)
-    model = models.load_model(folder, model_cfg)
+    model_cfg = load_option("model", args.model)
+    folder = loading.resolve_folder(model_cfg, cache_dir, seed=args.seed)
+    tokenizer = loading.load_tokenizer(folder, model_cfg)
+    model = loading.load_model(folder, model_cfg)
     model = LoraSettings(r=16, lora_alpha=32, lora_dropout=0.05).apply(model, None)
-    data_cfg = C.load_option("data", "django_en_fr", seed=args.seed, validation_size=0, test_size=0)
-    train = data.build_datasets(data_cfg, tokenizer).train
-    collate = packing.collator(tokenizer, packing=False)
+    data_cfg = load_option("data", "django_en_fr", seed=args.seed, validation_size=0, test_size=0)
+    train = build_datasets(data_cfg, tokenizer).train
+    collate = collator(tokenizer, packing=False)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train]
     batches = [collate(rows[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps)]
     return model, batches

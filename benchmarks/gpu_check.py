@@ -94,8 +94,9 @@ def build(model: str) -> Tuple[float, str]:
     """Builds a random model's weights into the cache in a process of its own: (seconds, error
     or "")."""
     started = time.time()
-    code = ("import sys; from pipeline import config as C, model as m; cfg = C.compose_train(sys.argv[1:]); "
-            "m.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)")
+    code = ("import sys; from pipeline.commands.compose import compose_train; "
+            "from pipeline.model import loading; cfg = compose_train(sys.argv[1:]); "
+            "loading.resolve_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)")
     proc = subprocess.run([sys.executable, "-c", code, f"model={model}"], cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     error = "" if proc.returncode == 0 else f"building {model}: " + (lines[-1][:160] if lines else "failed")
@@ -113,9 +114,9 @@ def run(name: str, overrides: list, out: Path) -> dict:
 
 
 def predicted_gib(overrides: list) -> float:
-    from pipeline import estimate
+    from pipeline.estimate import predict
 
-    return estimate.predict(overrides).total / GiB
+    return predict(overrides).total / GiB
 
 
 def row(name: str, m: dict, predicted: float) -> str:

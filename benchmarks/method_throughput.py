@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def trained_methods() -> list:
     """Every registered method that trains (``none`` does not)."""
-    from pipeline.adapters import ADAPTERS
+    from pipeline.adapters.registry import ADAPTERS
 
     return [name for name, settings in sorted(ADAPTERS.items()) if settings.trains]
 

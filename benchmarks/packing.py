@@ -32,13 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def examples(tokenizer, seed: int) -> list:
-    from pipeline import config as C, data
+    from pipeline.config.options import load_option
+    from pipeline.data.splits import build_datasets
 
     rows = []
     for name in ("django_en_fr", "chatterbot_qa"):
-        option = C.load_option("data", name, seed=seed, validation_size=0, test_size=0)
+        option = load_option("data", name, seed=seed, validation_size=0, test_size=0)
         rows += [{"input_ids": r["input_ids"], "labels": r["labels"]}
-                 for r in data.build_datasets(option, tokenizer).train]
+                 for r in build_datasets(option, tokenizer).train]
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -63,17 +64,19 @@ def main() -> None:
 
     import torch
 
-    from pipeline import config as C, model as models, packing
     from pipeline.adapters.lora import LoraSettings
+    from pipeline.config.options import load_option
+    from pipeline.data import packing
+    from pipeline.model import loading
 
     torch.manual_seed(args.seed)
     cache_dir = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
-    model_cfg = C.load_option("model", args.model)
-    folder = models.resolve_folder(model_cfg, cache_dir, seed=args.seed)
-    tokenizer = models.load_tokenizer(folder, model_cfg)
+    model_cfg = load_option("model", args.model)
+    folder = loading.resolve_folder(model_cfg, cache_dir, seed=args.seed)
+    tokenizer = loading.load_tokenizer(folder, model_cfg)
     rows = examples(tokenizer, args.seed)
     lengths = [len(r["input_ids"]) for r in rows]
-    base = models.load_model(folder, model_cfg)  # use_cache=False: packed rows need it
+    base = loading.load_model(folder, model_cfg)  # use_cache=False: packed rows need it
     padded_model = LoraSettings(r=16, lora_alpha=32, lora_dropout=0.0).apply(base, None).train()
     packed_model = copy.deepcopy(padded_model)
     modes = {

@@ -61,15 +61,14 @@ def run_baseline(args: argparse.Namespace, out: Path) -> dict:
 
 def baseline(args: argparse.Namespace, out: Path) -> None:
     """The hand-written contender: what a user would write with Trainer + PEFT alone."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from pipeline.commands.compose import compose_train
+    # the same tokenized data and model folder
+    from pipeline.data.splits import build_datasets
+    from pipeline.model import loading
 
-    from pipeline import data, model as models  # the same tokenized data and model folder
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=common_overrides(args) + [f"paths.root_dir={ROOT}"])
+    cfg = compose_train(common_overrides(args) + [f"paths.root_dir={ROOT}"])
     cache_dir = os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir)
-    folder = models.resolve_folder(cfg.model, cache_dir, cfg.seed)
+    folder = loading.resolve_folder(cfg.model, cache_dir, cfg.seed)
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -80,7 +79,7 @@ def baseline(args: argparse.Namespace, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
-    train = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer).train
+    train = build_datasets(cfg.data, tokenizer).train
     train = train.remove_columns(["prompt", "reference"])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False

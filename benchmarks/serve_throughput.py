@@ -28,7 +28,10 @@ from typing import List
 
 import torch
 
-from pipeline import config as C, data, model as models
+from pipeline.config.app_schema import ServerConfig
+from pipeline.config.options import load_option
+from pipeline.data.splits import build_datasets
+from pipeline.model import loading
 
 
 def fresh_lora(folder: str, path: Path) -> Path:
@@ -101,8 +104,8 @@ def start_server(pool, args, max_wait_ms: float) -> tuple:
 
     from pipeline.server.app import create_app
 
-    server_cfg = C.ServerConfig(max_batch_size=args.concurrency, max_wait_ms=max_wait_ms,
-                                max_tokens_limit=args.max_tokens, default_max_tokens=args.max_tokens)
+    server_cfg = ServerConfig(max_batch_size=args.concurrency, max_wait_ms=max_wait_ms,
+                              max_tokens_limit=args.max_tokens, default_max_tokens=args.max_tokens)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -120,12 +123,12 @@ def default_pool(count: int, tmp: Path) -> tuple:
     from pipeline.server.pool import ModelPool, Source
 
     cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
-    model_cfg = C.load_option("model", "smollm2_135m")
-    folder = models.resolve_folder(model_cfg, cache)
-    tokenizer = models.load_tokenizer(folder, model_cfg)
-    data_cfg = C.load_option("data", "django_en_fr", seed=0, validation_size=0.0,
-                             test_size=float(count), max_length=256)
-    prompts = list(data.build_datasets(data_cfg, tokenizer).test["prompt"])[:count]
+    model_cfg = load_option("model", "smollm2_135m")
+    folder = loading.resolve_folder(model_cfg, cache)
+    tokenizer = loading.load_tokenizer(folder, model_cfg)
+    data_cfg = load_option("data", "django_en_fr", seed=0, validation_size=0.0,
+                           test_size=float(count), max_length=256)
+    prompts = list(build_datasets(data_cfg, tokenizer).test["prompt"])[:count]
     adapter = fresh_lora(folder, tmp / "lora")
     pool = ModelPool(model_cfg, model_cfg.name, [Source("tuned", model_cfg, adapter)], cache, 0)
     return model_cfg, adapter, prompts, pool

@@ -1,5 +1,5 @@
-"""Evaluation with the sets' shared opening computed once (`pipeline.prefix`) against every
-example computed whole, side by side.
+"""Evaluation with the sets' shared opening computed once (`pipeline.scoring.prefix`) against
+every example computed whole, side by side.
 
     python benchmarks/shared_prefix.py                  # embedded default and an 8,000-row file
     python benchmarks/shared_prefix.py --cases default
@@ -27,14 +27,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 @contextlib.contextmanager
 def whole_examples():
     """Evaluation as it was before: no shared prefix."""
-    from pipeline import prefix
+    from pipeline.scoring.prefix import SharedPrefix
 
-    real = prefix.SharedPrefix.build
-    prefix.SharedPrefix.build = classmethod(lambda cls, *args, **kwargs: None)
+    real = SharedPrefix.build
+    SharedPrefix.build = classmethod(lambda cls, *args, **kwargs: None)
     try:
         yield
     finally:
-        prefix.SharedPrefix.build = real
+        SharedPrefix.build = real
 
 
 def timed(fn):
@@ -44,19 +44,25 @@ def timed(fn):
 
 
 def main() -> None:
-    from pipeline import packing, prefix, scoring
-    from pipeline.config import typed_config
-    from pipeline.precision import resolve_loss
+    from pipeline.data.packing import collator
+    from pipeline.model.precision import resolve_loss
+    from pipeline.scoring.generation import generate
+    from pipeline.scoring.losses import evaluate_loss
+    from pipeline.scoring.measurement import Evaluator
+    from pipeline.scoring.prefix import shared_length
     from whole_run import in_process_cases
 
     columns = ["case", "work", "examples>", "shared tokens / mean length>", "whole s>", "shared s>", "speed-up>",
                "same result"]
     rows = []
     for case, cfg, tokenizer, splits, model in in_process_cases(__doc__.splitlines()[0], columns):
-        evaluation = typed_config(cfg).evaluation
-        evaluator = scoring.Evaluator.build(evaluation, splits, tokenizer, seed=cfg.data.seed, plain_template=False)
-        collate = packing.collator(tokenizer, False)
+        evaluation = cfg.evaluation  # cfg: the case's checked TrainConfig
+        collate = collator(tokenizer, False)
         batch = cfg.trainer.per_device_eval_batch_size
+        # The evaluator only supplies the sets; they are measured below, with and without the prefix.
+        evaluator = Evaluator.build(evaluation, splits, tokenizer, seed=cfg.data.seed, plain_template=False,
+                                    collate=collator(tokenizer, cfg.data.packing, cfg.data.pack_length),
+                                    loss_batch_size=batch)
         precisions = sorted({resolve_loss("auto").precision, "fp32"})
 
         def report(work, n, shared, mean, whole_s, shared_s, same, extra):
@@ -66,14 +72,14 @@ def main() -> None:
 
         for name, ds in evaluator.loss_sets.items():
             ids = ds["input_ids"]
-            shared = prefix.shared_length(ids, ds["labels"])
+            shared = shared_length(ids, ds["labels"])
             for precision in precisions:
                 bf16 = precision == "bf16"
-                loss = lambda: scoring.evaluate_loss(model, ds, collate, batch, name, bf16=bf16)[f"{name}/loss"]  # noqa: E731
+                loss = lambda: evaluate_loss(model, ds, collate, batch, name, bf16=bf16)[f"{name}/loss"]  # noqa: E731
                 warm = ds.select(range(min(batch, len(ds))))
-                scoring.evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
+                evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
                 with whole_examples():
-                    scoring.evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
+                    evaluate_loss(model, warm, collate, batch, name, bf16=bf16)
                     whole_s, whole = timed(loss)
                 shared_s, value = timed(loss)
                 diff = abs(value - whole) / whole
@@ -81,11 +87,11 @@ def main() -> None:
                        shared_s, f"rel. diff {diff:.1e}", {"whole_loss": whole, "shared_loss": value})
         for s in evaluator.sets:
             encoded = tokenizer(s.prompts, add_special_tokens=s.add_special_tokens)["input_ids"]
-            shared = prefix.shared_length(encoded)
-            gen = lambda: scoring.generate(model, tokenizer, s.prompts, evaluation.decoding,  # noqa: E731
-                                           evaluation.batch_size, s.add_special_tokens)
-            scoring.generate(model, tokenizer, s.prompts[:evaluation.batch_size], evaluation.decoding,
-                             evaluation.batch_size, s.add_special_tokens)
+            shared = shared_length(encoded)
+            gen = lambda: generate(model, tokenizer, s.prompts, evaluation.decoding,  # noqa: E731
+                                   evaluation.batch_size, s.add_special_tokens)
+            generate(model, tokenizer, s.prompts[:evaluation.batch_size], evaluation.decoding,
+                     evaluation.batch_size, s.add_special_tokens)
             with whole_examples():
                 whole_s, whole = timed(gen)
             shared_s, outputs = timed(gen)

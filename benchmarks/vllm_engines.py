@@ -9,8 +9,8 @@ Needs vLLM's environment (``python -m pipeline.vllm_engine install``). Both engi
 model in float32 (what ``pipeline.serve`` and the exported command use) on the same prompts
 (django_en_fr test prompts) with greedy decoding up to ``--max-tokens`` or EOS.
 
-- Evaluation: ``scoring.generate`` (batched ``generate``, ``--batch-size``) against
-  ``vllm_engine.predict`` (a vLLM offline engine in its own process; its start-up is counted,
+- Evaluation: ``generation.generate`` (batched ``generate``, ``--batch-size``) against
+  ``vllm_client.predict`` (a vLLM offline engine in its own process; its start-up is counted,
   as a run pays it). Also the number of identical outputs.
 - Base and tuned (``pipeline.evaluate`` of a LoRA adapter): an engine per model (the tuned
   model's call above, then one for the base) against one engine generating for both (the base's
@@ -36,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import clients, default_pool, start_server  # noqa: E402
 
-from pipeline import config as C, scoring, vllm_engine  # noqa: E402
+from pipeline.config.schema import DecodingConfig  # noqa: E402
+from pipeline.scoring import vllm_client  # noqa: E402
+from pipeline.scoring.generation import generate  # noqa: E402
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -64,24 +66,24 @@ def main() -> None:
 
     from pipeline.server.pool import ModelPool
 
-    vllm_engine.python()  # fails early, saying how to install it
+    vllm_client.python()  # fails early, saying how to install it
     tmp = Path(tempfile.mkdtemp())
     model_cfg, adapter, prompts, pool = default_pool(args.prompts, tmp)
     folder, tokenizer = pool.base_folder, pool.tokenizer
-    decoding = C.DecodingConfig(max_new_tokens=args.max_tokens, seed=0)
+    decoding = DecodingConfig(max_new_tokens=args.max_tokens, seed=0)
     rows = []
 
     with ModelPool.activate(pool.choices["tuned"]) as model:
         start = time.perf_counter()
-        builtin = scoring.generate(model, tokenizer, prompts, decoding, args.batch_size)
+        builtin = generate(model, tokenizer, prompts, decoding, args.batch_size)
         builtin_s = time.perf_counter() - start
-        # What vllm_engine.predict does, with the engine's own timings kept apart.
+        # What vllm_client.predict does, with the engine's own timings kept apart.
         start = time.perf_counter()
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        base, saved = vllm_engine.on_disk(model, tmp)
-        stops = vllm_engine.stop_ids(tokenizer, model)
+        base, saved = vllm_client.on_disk(model, tmp)
+        stops = vllm_client.stop_ids(tokenizer, model)
         call = time.perf_counter()
-        generated = vllm_engine.generate(base, "float32", [vllm_engine.Job(ids, saved)], decoding, stops)
+        generated = vllm_client.generate(base, "float32", [vllm_client.Job(ids, saved)], decoding, stops)
         call_s = time.perf_counter() - call
         theirs = [t.strip() for t in tokenizer.batch_decode(generated.outputs[0], skip_special_tokens=True)]
         vllm_s = time.perf_counter() - start
@@ -107,10 +109,10 @@ def main() -> None:
     rows.append(("serving", f"pipeline.serve, {args.concurrency} clients", seconds, served / seconds, "-"))
 
     port = 8000 + os.getpid() % 1000
-    vargs = vllm_engine.serve_arguments(folder, "float32", {"tuned": adapter}, model_cfg.name)
+    vargs = vllm_client.serve_arguments(folder, "float32", {"tuned": adapter}, model_cfg.name)
     log = tmp / "vllm.log"
     start = time.perf_counter()
-    proc = subprocess.Popen(vllm_engine.worker_command("serve", *vargs, "--host", "127.0.0.1",
+    proc = subprocess.Popen(vllm_client.worker_command("serve", *vargs, "--host", "127.0.0.1",
                                                        "--port", str(port)),
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
@@ -136,10 +138,10 @@ def base_and_tuned(folder: str, adapter: Path, ids: list, decoding, stops: list,
     run measures, before and after training: ``tuned`` and ``tuned_s`` are the tuned model's
     call, then the base gets its own) against one engine for both, whole calls."""
     start = time.perf_counter()
-    base = vllm_engine.generate(folder, "float32", [vllm_engine.Job(ids)], decoding, stops).outputs[0]
+    base = vllm_client.generate(folder, "float32", [vllm_client.Job(ids)], decoding, stops).outputs[0]
     apart, apart_s = [tuned, base], tuned_s + time.perf_counter() - start
     start = time.perf_counter()
-    together = vllm_engine.generate(folder, "float32", [vllm_engine.Job(ids, adapter), vllm_engine.Job(ids)],
+    together = vllm_client.generate(folder, "float32", [vllm_client.Job(ids, adapter), vllm_client.Job(ids)],
                                     decoding, stops).outputs
     together_s = time.perf_counter() - start
     same = sum(a == b for x, y in zip(apart, together) for a, b in zip(x, y))

@@ -67,7 +67,7 @@ def in_process_cases(description: str, columns: list):
     (:func:`case_parts`) with its name."""
     import torch
 
-    from pipeline.precision import cpu_kind
+    from pipeline.model.precision import cpu_kind
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cases", default="default,classification")
@@ -82,21 +82,18 @@ def in_process_cases(description: str, columns: list):
 
 
 def case_parts(case: str, data_file: Path) -> tuple:
-    """A case's composed train config, tokenizer, splits (after the caps) and base model, for the
-    benchmarks that measure pieces of a run in one process."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    """A case's composed train config (a checked ``TrainConfig``), tokenizer, splits (after the
+    caps) and base model, for the benchmarks that measure pieces of a run in one process."""
+    from pipeline.commands.compose import compose_train
+    from pipeline.data.splits import build_datasets
+    from pipeline.model import loading
 
-    from pipeline import data, model as models
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*case_overrides(case, data_file), f"paths.root_dir={ROOT}",
-                                          "paths.run_dir=."])
-    folder = models.resolve_folder(cfg.model, os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir),
-                                   cfg.data.seed)
-    tokenizer = models.load_tokenizer(folder, cfg.model)
-    splits = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer)
-    return cfg, tokenizer, splits, models.load_model(folder, cfg.model)
+    cfg = compose_train([*case_overrides(case, data_file), f"paths.root_dir={ROOT}"])
+    folder = loading.resolve_folder(cfg.model, os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir),
+                                    cfg.data.seed)
+    tokenizer = loading.load_tokenizer(folder, cfg.model)
+    splits = build_datasets(cfg.data, tokenizer)
+    return cfg, tokenizer, splits, loading.load_model(folder, cfg.model)
 
 
 def run_pipeline(overrides: list, run_dir: Path, cache: Path) -> dict:
@@ -129,9 +126,9 @@ def plain_generate(model, tokenizer, prompts: list, evaluation) -> list:
     script does (the pipeline's own generation computes the prompts' shared opening once)."""
     import torch
 
-    from pipeline import scoring
+    from pipeline.scoring.generation import generation_kwargs
 
-    kwargs = scoring.generation_kwargs(evaluation.decoding, tokenizer)
+    kwargs = generation_kwargs(evaluation.decoding, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [""] * len(prompts)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -149,26 +146,29 @@ def plain_generate(model, tokenizer, prompts: list, evaluation) -> list:
 
 def script(out: Path, overrides: list) -> None:
     """The hand-written contender (composing the config only to read the same settings)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from pipeline.commands.compose import compose_train
+    from pipeline.data.packing import collator
+    from pipeline.data.splits import build_datasets
+    from pipeline.model import loading
+    from pipeline.model.precision import resolve, resolve_loss
+    from pipeline.scoring import metrics
+    from pipeline.scoring.measurement import Evaluator
 
-    from pipeline import data, scoring, metrics as M, model as models
-    from pipeline.precision import resolve, resolve_loss
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.root_dir={ROOT}"])
-    folder = models.resolve_folder(cfg.model, os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir),
-                                   cfg.data.seed)
+    cfg = compose_train([*overrides, f"paths.root_dir={ROOT}"])
+    folder = loading.resolve_folder(cfg.model, os.environ.get("PIPELINE_CACHE_DIR", cfg.paths.cache_dir),
+                                    cfg.data.seed)
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     set_seed(cfg.seed)
-    tokenizer = models.load_tokenizer(folder, cfg.model)
-    splits = data.build_datasets(OmegaConf.to_object(cfg.data), tokenizer)
-    evaluator = scoring.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
-                                           plain_template=False)
+    tokenizer = loading.load_tokenizer(folder, cfg.model)
+    splits = build_datasets(cfg.data, tokenizer)
+    # The evaluator only supplies the sets; the script measures losses and generations itself.
+    evaluator = Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed, plain_template=False,
+                                collate=collator(tokenizer, cfg.data.packing, cfg.data.pack_length),
+                                loss_batch_size=cfg.trainer.per_device_eval_batch_size)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=cfg.adapter.r, lora_alpha=cfg.adapter.lora_alpha,
@@ -194,7 +194,7 @@ def script(out: Path, overrides: list) -> None:
             result[f"{name}/loss"] = nll / tokens
         for s in evaluator.sets:
             outputs = plain_generate(model, tokenizer, s.prompts, cfg.evaluation)
-            values, _ = M.compute(list(cfg.evaluation.metrics), outputs, s.references,
+            values, _ = metrics.compute(list(cfg.evaluation.metrics), outputs, s.references,
                                   labels=list(cfg.evaluation.labels) if cfg.evaluation.labels else None)
             result.update({f"{s.name}/{k}": v for k, v in values.items()})
         model.train()
@@ -226,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     if args._script:
         return script(args._script, json.loads(args._overrides))
-    from pipeline.precision import cpu_kind
+    from pipeline.model.precision import cpu_kind
 
     summary = {"benchmark": "whole_run", "cpu": cpu_kind(), "rows": args.rows, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:

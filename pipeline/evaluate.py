@@ -7,89 +7,80 @@ same prompts with the same decoding; results go to a new folder, the evaluated r
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import config as C, errors
-from pipeline import data, scoring, model as models, packing, runfolder, trainer
+from pipeline.adapters.registry import settings_for
+from pipeline.adapters.saved import SavedRun, is_adapter, load_adapter, read_run
+from pipeline.commands import runner
+from pipeline.commands.compose import record, typed_config
+from pipeline.commands.validation import validate_evaluate
+from pipeline.config.app_schema import EvaluateConfig
+from pipeline.config.errors import ConfigError
+from pipeline.config.options import CONF_DIR
+from pipeline.data.packing import collator
+from pipeline.data.splits import build_datasets
+from pipeline.model import loading
+from pipeline.runs.runfolder import RunFolder
+from pipeline.scoring.measurement import Evaluator, before_after, before_after_table, write_predictions
 
-log = logging.getLogger("pipeline.evaluate")
 
-
-def _source(cfg: C.EvaluateConfig) -> Tuple[C.DataConfig, C.ModelConfig, Any, Path]:
+def _source(cfg: EvaluateConfig) -> SavedRun:
     """Data, model, adapter settings and artifact folder: from the run folder when given."""
     if cfg.run:
-        return runfolder.read_run(cfg.run)
+        return read_run(cfg.run)
     if not cfg.adapter_path:
-        raise C.ConfigError(["give run=<run folder>, or adapter_path=<adapter or model folder>"])
-    return cfg.data, cfg.model, C.adapter_settings(cfg.adapter_method), Path(cfg.adapter_path)
+        raise ConfigError(["give run=<run folder>, or adapter_path=<adapter or model folder>"])
+    return SavedRun(cfg.data, cfg.model, settings_for(cfg.adapter_method), Path(cfg.adapter_path))
 
 
-def _models(folder: str, model_cfg: C.ModelConfig, settings: Any, artifact: Path) -> Tuple[Any, Any]:
-    """(tuned, base) models; for an adapter they are one PEFT model, its adapter toggled."""
-    from pipeline.adapters import load_adapter
-
-    if (artifact / "adapter_config.json").exists():
-        base = models.load_model(folder, model_cfg, settings.quantization())
-        return load_adapter(base, artifact), None
-    from transformers import AutoModelForCausalLM
-
-    tuned = AutoModelForCausalLM.from_pretrained(artifact)
-    return tuned, models.load_model(folder, model_cfg)
+def _models(folder: str, source: SavedRun) -> Tuple[Any, Optional[Any]]:
+    """(tuned, base) models; for an adapter they are one PEFT model (base None: its adapter is
+    toggled off to measure the base)."""
+    if is_adapter(source.artifact):
+        base = loading.load_model(folder, source.model, source.settings.quantization())
+        return load_adapter(base, source.artifact), None
+    return loading.load_model(str(source.artifact), source.model), loading.load_model(folder, source.model)
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> Dict[str, float]:
     """Measures base and tuned model on the configured sets; returns the metrics."""
-    run = runfolder.RunFolder(Path(cfg.paths.run_dir))
-    run.start(cfg, list(hydra.core.hydra_config.HydraConfig.get().overrides.task))
-    try:
-        cfg = C.typed_config(cfg)
-        data_cfg, model_cfg, settings, artifact = _source(cfg)
-        folder = models.resolve_folder(model_cfg, cfg.paths.cache_dir, data_cfg.seed)
-        tokenizer = models.load_tokenizer(folder, model_cfg)
-        splits = data.build_datasets(data_cfg, tokenizer)
-        evaluator = scoring.Evaluator.build(cfg.evaluation, splits, tokenizer, seed=data_cfg.seed,
-                                               plain_template=data_cfg.template == "plain")
-        tuned_model, base_model = _models(folder, model_cfg, settings, artifact)
-        args = trainer.training_arguments(
-            C.TrainerConfig(per_device_eval_batch_size=cfg.evaluation.batch_size), run.path / "tmp",
-            cfg.seed, has_eval=False, report_to=[], run_name=run.path.name)
-
+    run = RunFolder(Path(cfg.paths.run_dir))
+    with runner.recording(run, record(cfg), runner.task_overrides()):
+        config: EvaluateConfig = typed_config(cfg)
+        source = _source(config)
+        validate_evaluate(config, source.data)  # before any model loads
+        folder = loading.resolve_folder(source.model, config.paths.cache_dir, source.data.seed)
+        tokenizer = loading.load_tokenizer(folder, source.model)
+        splits = build_datasets(source.data, tokenizer)
+        evaluator = Evaluator.build(config.evaluation, splits, tokenizer, seed=source.data.seed,
+                                    plain_template=source.data.template == "plain",
+                                    collate=collator(tokenizer, False), loss_batch_size=config.evaluation.batch_size)
+        tuned_model, base_model = _models(folder, source)
         # An adapter's base and tuned generations come from one vLLM engine (evaluation.engine=vllm).
         generated = evaluator.predict_base_and_tuned(tuned_model) if base_model is None else {}
-
-        def measure(model: Any, label: str) -> scoring.Measurement:
-            hf_trainer = trainer.build_trainer(model, tokenizer, args, None, None,
-                                               packing.collator(tokenizer, False), "stop",
-                                               run.path / "history.jsonl")
-            return evaluator.measure(hf_trainer, label, generated.get(label))
-
         if base_model is None:
             with tuned_model.disable_adapter():
-                base = measure(tuned_model, "base")
+                base = evaluator.measure(tuned_model, "base", generated.get("base"))
         else:
-            base = measure(base_model, "base")
-        tuned = measure(tuned_model, "tuned")
-        metrics = trainer.compare(base.metrics, tuned.metrics)
-        scoring.write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
+            base = evaluator.measure(base_model, "base")
+        tuned = evaluator.measure(tuned_model, "tuned", generated.get("tuned"))
+        metrics = before_after(base.metrics, tuned.metrics)
+        write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
         run.write_metrics(metrics)
-        print("base vs tuned:\n" + scoring.comparison_table(metrics))
-        run.finish("success", evaluated=str(artifact))
-        return metrics
-    except BaseException as err:
-        run.finish("interrupted" if isinstance(err, KeyboardInterrupt) else "failed", err)
-        raise
+        print("base vs tuned:\n" + before_after_table(metrics))
+        run.finish("success", evaluated=str(source.artifact))
+    return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(C.CONF_DIR), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    return C.run_task(evaluate, cfg)
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> Dict[str, float]:
+    return runner.main(evaluate, cfg)
 
 
 if __name__ == "__main__":
     main()
-    errors.end_process()
+    runner.end_process()

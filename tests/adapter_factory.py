@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import List
 
+from pipeline.adapters.registry import ADAPTERS
+from pipeline.commands.compose import record
+from pipeline.config.options import load_option
+from pipeline.model import loading
+from pipeline.runs.runfolder import RunFolder
 from tests.conftest import compose_train
 
 
@@ -26,12 +32,10 @@ def make_bottleneck(base_folder: str, path: Path, seed: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline import config as C, model as models
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_folder)
-    architecture = models.describe(base_folder, C.load_option("model", "tiny_llama"))
-    tuned = C.ADAPTERS["bottleneck"](r=8).apply(model, architecture)
+    architecture = loading.describe(base_folder, load_option("model", "tiny_llama"))
+    tuned = ADAPTERS["bottleneck"](r=8).apply(model, architecture)
     with torch.no_grad():
         for name, param in tuned.named_parameters():
             if "bottleneck_" in name:
@@ -42,12 +46,8 @@ def make_bottleneck(base_folder: str, path: Path, seed: int) -> Path:
 
 def make_run(run_dir: Path, adapter: Path, overrides: List[str]) -> Path:
     """A finished-looking run folder: the composed train config and ``adapter`` as its adapter/."""
-    import shutil
-
-    from pipeline import runfolder
-
     cfg = compose_train(["model=tiny_llama", "debug=fast", "logger=none", *overrides], run_dir)
-    runfolder.RunFolder(run_dir).start(cfg, overrides)
+    RunFolder(run_dir).start(record(cfg), overrides)
     shutil.copytree(adapter, run_dir / "adapter")
-    runfolder.RunFolder(run_dir).finish("success")
+    RunFolder(run_dir).finish("success")
     return run_dir

@@ -13,6 +13,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from pipeline.commands import store  # noqa: F401  (registers the schemas the configs compose against)
+from pipeline.config.options import load_option
+from pipeline.model import loading
+from pipeline.train import train
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -45,8 +50,6 @@ def compose_train(overrides: List[str], run_dir: Path) -> DictConfig:
 
 
 def run_train(overrides: List[str], run_dir: Path) -> float:
-    from pipeline.train import train
-
     return train(compose_train(overrides, run_dir))
 
 
@@ -57,11 +60,8 @@ def read_json(path: Path) -> Dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> str:
     """The cached tiny Llama (random weights, SmolLM2 tokenizer) as a from_pretrained folder."""
-    from pipeline import config as C, model as models
-
-    cfg = C.load_option("model", "tiny_llama")
     cache = os.environ.get("PIPELINE_CACHE_DIR", "~/.cache/pipeline")
-    return models.resolve_folder(cfg, cache, seed=42)
+    return loading.resolve_folder(load_option("model", "tiny_llama"), cache, seed=42)
 
 
 @pytest.fixture(scope="session")

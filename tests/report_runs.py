@@ -1,8 +1,9 @@
 """Fake run folders for the report tests, written by the real writers.
 
 The config is composed from conf/ as ``pipeline.train`` composes it, ``run.json`` and
-``config.yaml`` come from :class:`pipeline.runfolder.RunFolder`, the predictions from
-:func:`pipeline.scoring.write_predictions` with scores from :func:`pipeline.metrics.compute`;
+``config.yaml`` come from :class:`pipeline.runs.runfolder.RunFolder`, the predictions from
+:func:`pipeline.scoring.measurement.write_predictions` with scores from
+:func:`pipeline.scoring.metrics.compute`;
 only the model outputs and the cost figures are made up.
 """
 
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from pipeline.commands.compose import record
+from pipeline.runs.runfolder import RunFolder
+from pipeline.scoring.measurement import EvalSet, Measurement, write_predictions
+from pipeline.scoring.metrics import compute
 from tests.conftest import compose_train
 
 METRICS = ["bleu", "exact_match"]
@@ -65,26 +70,24 @@ def write_run(folder: Path, overrides: Sequence[str], correct: int, costs: Dict[
         retained: The run's figures on :data:`RETENTION_SET`, measured as an extra dataset
             (``evaluation.extra_datasets``), or None for a run without one.
     """
-    from pipeline import scoring, runfolder
-
     cfg = compose_train(["model=tiny_llama", *overrides], folder)
-    run = runfolder.RunFolder(folder)
-    run.start(cfg, list(overrides))
+    run = RunFolder(folder)
+    run.start(record(cfg), list(overrides))
     if status != "success":
         run.finish(status, RuntimeError("trial stopped"))
         return folder
-    sets = [scoring.EvalSet("test", PROMPTS, [[r] for r in REFERENCES])]
+    sets = [EvalSet("test", PROMPTS, [[r] for r in REFERENCES])]
     base_texts, tuned_texts = {"test": outputs(0)}, {"test": outputs(correct)}
     losses: Dict[str, Dict[str, float]] = {"base": {}, "tuned": {}}
     if retained:
-        sets.append(scoring.EvalSet(RETENTION_SET, QUESTIONS, [[a] for a in ANSWERS]))
+        sets.append(EvalSet(RETENTION_SET, QUESTIONS, [[a] for a in ANSWERS]))
         base_texts[RETENTION_SET] = outputs(retained.base_correct, ANSWERS)
         tuned_texts[RETENTION_SET] = outputs(retained.tuned_correct, ANSWERS)
         losses = {"base": {f"{RETENTION_SET}/loss": retained.base_loss},
                   "tuned": {f"{RETENTION_SET}/loss": retained.tuned_loss}}
     base = _measure(sets, base_texts, losses["base"])
     tuned = _measure(sets, tuned_texts, losses["tuned"])
-    scoring.write_predictions(folder / "eval" / "predictions.jsonl", sets, base, tuned)
+    write_predictions(folder / "eval" / "predictions.jsonl", sets, base, tuned)
     values = {**{f"base/{k}": v for k, v in base.metrics.items()},
               **{f"tuned/{k}": v for k, v in tuned.metrics.items()}}
     values.update({f"delta/{k}": tuned.metrics[k] - base.metrics[k] for k in base.metrics})
@@ -96,14 +99,12 @@ def write_run(folder: Path, overrides: Sequence[str], correct: int, costs: Dict[
 
 
 def _measure(sets: List, texts: Dict[str, List[str]], losses: Dict[str, float]):
-    """A :class:`pipeline.scoring.Measurement` of ``texts`` (per set), scored for real."""
-    from pipeline import scoring, metrics as M
-
+    """A :class:`pipeline.scoring.measurement.Measurement` of ``texts`` (per set), scored for real."""
     values, per_example = dict(losses), {}
     for s in sets:
-        corpus, per_example[s.name] = M.compute(METRICS, texts[s.name], s.references)
+        corpus, per_example[s.name] = compute(METRICS, texts[s.name], s.references)
         values.update({f"{s.name}/{k}": v for k, v in corpus.items()})
-    return scoring.Measurement(values, texts, per_example)
+    return Measurement(values, texts, per_example)
 
 
 # Per method and seed: test examples right after tuning, then the retention set's answers right

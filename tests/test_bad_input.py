@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, PipelineError
+from pipeline.config.errors import ConfigError, PipelineError
 from tests.conftest import ROOT, python_path, read_json, run_train, write_jsonl
 
 FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity"]
@@ -76,7 +76,7 @@ CASES = [
     ("unknown_adapter_method", ["adapter.method=lorra"], "adapter.method='lorra' is unknown; choose one of"),
     ("key_of_another_adapter", ["+adapter.reduction_factor=4"], "adapter.reduction_factor=4 is not a setting of adapter=lora"),
     ("unknown_target_module", ["adapter.target_modules=[qkv]"], "adapter.target_modules has unknown module name(s) ['qkv']"),
-    ("hub_model_without_path", ["model=hub"], "model.path is required with model.source=hub"),
+    ("hub_model_without_path", ["model=hub"], "model.path is required: set it on the command line"),
     ("missing_model_folder", ["model=hub", "model.path=/nonexistent/model"],
      "model.path='/nonexistent/model' is not an existing folder"),
     ("unknown_tokenizer_option", ["model.tokenizer=smollm3"], "model option 'smollm3' does not exist; available:"),

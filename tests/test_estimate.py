@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config as C
-from pipeline import estimate as E
+from pipeline import estimate
+from pipeline.commands.compose import typed_config
+from pipeline.model import loading
+from pipeline.trainer import memory
 from tests.conftest import compose_train
 
 # Llama-2-7B's size and its largest layer (an embedding), 2 nodes x 8 GPUs.
@@ -39,38 +41,36 @@ def _deepspeed_rows(capsys, stage: int) -> dict:
     (3, True, "offload_param=cpu,offload_optimizer=cpu,zero_init=1"),
 ])
 def test_full_finetuning_matches_deepspeeds_estimate(capsys, stage, offload, options):
-    counts = E.ParameterCounts(total=TOTAL, trainable=TOTAL, quantized=0, largest_layer=LARGEST)
-    ours = E.estimate(counts, stage=stage, processes=PER_NODE * NODES, mixed_precision=True, deepspeed=True,
+    counts = memory.ParameterCounts(total=TOTAL, trainable=TOTAL, quantized=0, largest_layer=LARGEST)
+    ours = memory.estimate(counts, stage=stage, processes=PER_NODE * NODES, mixed_precision=True, deepspeed=True,
                       offload_optimizer=offload, offload_params=offload)
     theirs = _deepspeed_rows(capsys, stage)[options]
-    assert ours.total / E.GB == pytest.approx(theirs, abs=0.006)  # DeepSpeed prints 2 decimals
+    assert ours.total / memory.GB == pytest.approx(theirs, abs=0.006)  # DeepSpeed prints 2 decimals
 
 
 def test_sharding_and_adapters_shrink_the_estimate():
-    full = E.ParameterCounts(total=1000, trainable=1000, quantized=0, largest_layer=100)
-    zero = {s: E.estimate(full, stage=s, processes=4, mixed_precision=True, deepspeed=True) for s in (1, 2, 3)}
+    full = memory.ParameterCounts(total=1000, trainable=1000, quantized=0, largest_layer=100)
+    zero = {s: memory.estimate(full, stage=s, processes=4, mixed_precision=True, deepspeed=True) for s in (1, 2, 3)}
     assert zero[1].optimizer == 12 * 1000 / 4 and zero[1].gradients == 6 * 1000
     assert zero[2].gradients == 6 * 1000 / 4 and zero[2].weights == 2 * 1000
     assert zero[3].weights == 2 * 1000 / 4 and zero[3].gathered_layer == 400
-    ddp = E.estimate(full, stage=0, processes=4, mixed_precision=True, deepspeed=False, weight_bytes=4)
+    ddp = memory.estimate(full, stage=0, processes=4, mixed_precision=True, deepspeed=False, weight_bytes=4)
     assert (ddp.weights, ddp.gradients, ddp.optimizer) == (4000, 4000, 8000)
-    qlora = E.ParameterCounts(total=1000, trainable=10, quantized=800, largest_layer=100)
-    q = E.estimate(qlora, stage=0, processes=1, mixed_precision=True, deepspeed=True)
+    qlora = memory.ParameterCounts(total=1000, trainable=10, quantized=800, largest_layer=100)
+    q = memory.estimate(qlora, stage=0, processes=1, mixed_precision=True, deepspeed=True)
     assert q.weights == 200 * 2 + 800 * 0.5 and q.optimizer == 10 * 12
 
 
 def test_counts_from_the_config_match_the_loaded_model(tmp_path, tiny_folder):
-    from pipeline import model as models
-
-    cfg = C.typed_config(compose_train(["model=tiny_llama", "debug=fast", "adapter=lora"], tmp_path))
-    counts = E.count_for_config(cfg)
-    loaded = models.load_model(tiny_folder, cfg.model)
-    adapted = cfg.adapter.apply(loaded, models.describe(tiny_folder, cfg.model))
-    assert (counts.trainable, counts.total) == models.parameter_counts(adapted)
-    qcfg = C.typed_config(compose_train(["model=tiny_llama", "debug=fast", "adapter=qlora"], tmp_path))
-    qcounts = E.count_for_config(qcfg)
+    cfg = typed_config(compose_train(["model=tiny_llama", "debug=fast", "adapter=lora"], tmp_path))
+    counts = memory.count_for_config(cfg)
+    loaded = loading.load_model(tiny_folder, cfg.model)
+    adapted = cfg.adapter.apply(loaded, loading.describe(tiny_folder, cfg.model))
+    assert (counts.trainable, counts.total) == loading.parameter_counts(adapted)
+    qcfg = typed_config(compose_train(["model=tiny_llama", "debug=fast", "adapter=qlora"], tmp_path))
+    qcounts = memory.count_for_config(qcfg)
     assert qcounts.trainable == counts.trainable and qcounts.quantized > 0
-    text = E.describe(qcfg, qcounts)
+    text = memory.describe(qcfg, qcounts)
     assert "adapter=qlora" in text and "total per device" in text
 
 
@@ -82,34 +82,29 @@ def test_counts_from_the_config_match_the_loaded_model(tmp_path, tiny_folder):
 def test_synthetic_shapes_count_as_the_real_models_without_building_weights(tmp_path, shape, parameters, tied):
     """Real shapes with random weights: counted (and estimated) from their config alone, in
     seconds; only a run builds the weights."""
-    from pipeline import model as models
-
-    cfg = C.typed_config(compose_train([f"model={shape}", "adapter=full"], tmp_path / "run"))
-    counts = E.count_for_config(cfg)
+    cfg = typed_config(compose_train([f"model={shape}", "adapter=full"], tmp_path / "run"))
+    counts = memory.count_for_config(cfg)
     assert counts.total == counts.trainable == parameters
-    folder = Path(models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed))
+    folder = Path(loading.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed))
     config = json.loads((folder / "config.json").read_text())
     assert config["vocab_size"] == 128256 and config["tie_word_embeddings"] is tied
     assert not list(folder.glob("*.safetensors")) and (folder / "tokenizer.json").exists()
     # QLoRA's estimate at this shape: 4-bit linear layers, 16-bit embeddings (and head).
-    qlora = E.predict([f"model={shape}", "adapter=qlora"])
-    lora = E.predict([f"model={shape}", "adapter=lora"])
+    qlora = estimate.predict([f"model={shape}", "adapter=qlora"])
+    lora = estimate.predict([f"model={shape}", "adapter=lora"])
     assert qlora.gradients == lora.gradients and qlora.weights < 0.45 * lora.weights
 
 
 def test_a_tiny_vocabulary_below_the_tokenizers_is_refused(tmp_path):
-    from pipeline import model as models
-
-    cfg = compose_train(["model=tiny_llama", "model.tiny.vocab_size=100"],
-                        tmp_path / "run")
-    with pytest.raises(models.ModelError, match="model.tiny.vocab_size=100 is smaller than the tokenizer's"):
-        models.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
+    cfg = typed_config(compose_train(["model=tiny_llama", "model.tiny.vocab_size=100"], tmp_path / "run"))
+    with pytest.raises(loading.ModelError, match="model.tiny.vocab_size=100 is smaller than the tokenizer's"):
+        loading.config_folder(cfg.model, cfg.paths.cache_dir, cfg.data.seed)
 
 
 def test_the_cli_names_a_bad_override_without_a_traceback(capsys):
-    assert E.main(["model=tiny_llama", "distributed.strategy=fsdp"]) == 1
+    assert estimate.main(["model=tiny_llama", "distributed.strategy=fsdp"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: Error merging override distributed.strategy=fsdp\n")
     assert "Invalid value 'fsdp', expected one of [single, ddp, deepspeed]" in err and "Traceback" not in err
-    assert E.main(["model=tiny_llama", "adapter.r=0"]) == 1
+    assert estimate.main(["model=tiny_llama", "adapter.r=0"]) == 1
     assert "adapter.r=0 must be > 0" in capsys.readouterr().err

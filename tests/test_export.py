@@ -11,7 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from pipeline import export as E
+from pipeline import export
+from pipeline.adapters.merging import MergeError
+from pipeline.commands.compose import typed_config
+from pipeline.config.app_schema import ExportConfig
+from pipeline.model import loading
 from tests.adapter_factory import make_bottleneck, make_lora, make_run
 from tests.conftest import CONF, ROOT
 
@@ -33,7 +37,7 @@ def test_merged_model_has_the_adapter_models_logits(lora_run, tiny_folder, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = E.export(compose_export([f"run={lora_run}", "export.merge=true",
+    out = export.export(compose_export([f"run={lora_run}", "export.merge=true",
                                    f"export.output={tmp_path / 'merged'}"], tmp_path))
     assert {"model.safetensors", "config.json", "tokenizer.json", "vllm_command.sh",
             "export.json"} <= {p.name for p in out.iterdir()}
@@ -54,7 +58,7 @@ def test_merged_model_has_the_adapter_models_logits(lora_run, tiny_folder, tmp_p
 
 
 def test_adapter_export_writes_the_exact_vllm_command(lora_run, tiny_folder, tmp_path, capsys):
-    out = E.export(compose_export([f"run={lora_run}", f"export.output={tmp_path / 'vllm'}",
+    out = export.export(compose_export([f"run={lora_run}", f"export.output={tmp_path / 'vllm'}",
                                    "export.lora_name=fr"], tmp_path))
     command = (out / "vllm_command.sh").read_text().strip()
     assert command == (f"vllm serve {tiny_folder} --dtype float32 --enable-lora --max-loras 2 "
@@ -62,26 +66,24 @@ def test_adapter_export_writes_the_exact_vllm_command(lora_run, tiny_folder, tmp
     assert command in capsys.readouterr().out
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     with pytest.raises(Exception, match="export.overwrite=true"):
-        E.export(compose_export([f"run={lora_run}", f"export.output={out}"], tmp_path))
+        export.export(compose_export([f"run={lora_run}", f"export.output={out}"], tmp_path))
 
 
 def test_merge_into_a_4bit_base_is_refused_without_dequantize(lora_run, tmp_path):
     run = make_run(tmp_path / "qrun", lora_run / "adapter", ["adapter=qlora"])
-    with pytest.raises(E.ExportError, match=r"4-bit.*export.dequantize=true"):
-        E.export(compose_export([f"run={run}", "export.merge=true"], tmp_path))
+    with pytest.raises(MergeError, match=r"4-bit.*export.dequantize=true"):
+        export.export(compose_export([f"run={run}", "export.merge=true"], tmp_path))
     assert not (run / "export").exists()
 
 
 def test_dequantized_merge_equals_the_adapter_on_the_4bit_base(lora_run, tmp_path):
     from peft import PeftModel
 
-    from pipeline import model as models
-
     run = make_run(tmp_path / "qrun", lora_run / "adapter", ["adapter=qlora"])
-    out = E.export(compose_export([f"run={run}", "export.merge=true", "export.dequantize=true"], tmp_path))
+    out = export.export(compose_export([f"run={run}", "export.merge=true", "export.dequantize=true"], tmp_path))
     assert out == run / "export" / "merged"
-    source = E.read_source(compose_export([f"run={run}"], tmp_path))
-    folder = models.resolve_folder(source.model_cfg, source_cache(), source.seed)
+    source = export.read_source(typed_config(compose_export([f"run={run}"], tmp_path)))
+    folder = loading.resolve_folder(source.model_cfg, source_cache(), source.seed)
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[1, 20, 300, 4000, 5]])
@@ -90,7 +92,7 @@ def test_dequantized_merge_equals_the_adapter_on_the_4bit_base(lora_run, tmp_pat
     # would pick bfloat16 on such a CPU; either would put bf16 rounding (~4e-3 here) into the
     # reference, not into the merge.
     fp32 = dataclasses.replace(source.quantization, compute_dtype="float32")
-    quantized = PeftModel.from_pretrained(models.load_model(folder, source.model_cfg, fp32),
+    quantized = PeftModel.from_pretrained(loading.load_model(folder, source.model_cfg, fp32),
                                           run / "adapter").eval()
     with torch.no_grad():
         expected = quantized(input_ids=ids).logits
@@ -112,20 +114,18 @@ def source_cache() -> str:
 def test_bottleneck_merge_is_refused_with_its_reason(tiny_folder, tmp_path):
     run = make_run(tmp_path / "brun", make_bottleneck(tiny_folder, tmp_path / "bn", seed=2),
                    ["adapter=bottleneck"])
-    with pytest.raises(E.ExportError, match="non-linear"):
-        E.export(compose_export([f"run={run}", "export.merge=true"], tmp_path))
-    with pytest.raises(E.ExportError, match="LoRA adapters only"):
-        E.export(compose_export([f"run={run}"], tmp_path))
+    with pytest.raises(MergeError, match="non-linear"):
+        export.export(compose_export([f"run={run}", "export.merge=true"], tmp_path))
+    with pytest.raises(export.ExportError, match="LoRA adapters only"):
+        export.export(compose_export([f"run={run}"], tmp_path))
     assert not (run / "export").exists()
 
 
 def test_the_export_dtype_is_a_checked_choice(tmp_path):
     from hydra.errors import ConfigCompositionException
 
-    from pipeline import config as C
-
-    typed = C.typed_config(compose_export(["model=tiny_llama", "export.dtype=bfloat16"], tmp_path))
-    assert isinstance(typed, C.ExportConfig) and typed.export.dtype == "bfloat16"
+    typed = typed_config(compose_export(["model=tiny_llama", "export.dtype=bfloat16"], tmp_path))
+    assert isinstance(typed, ExportConfig) and typed.export.dtype == "bfloat16"
     with pytest.raises(ConfigCompositionException) as err:
         compose_export(["model=tiny_llama", "export.dtype=float64"], tmp_path)
     assert "Invalid value 'float64', expected one of [float32, bfloat16, float16]" in str(err.value.__cause__)

@@ -49,11 +49,11 @@ def test_help_and_printing_the_config_import_no_heavy_library(args, tmp_path):
 
 END = """
 import atexit, threading, time
-from pipeline import errors
+from pipeline.commands import runner
 atexit.register(lambda: print("exit handler ran"))
 threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
 print("work done", end="")  # still in stdout's buffer: the output is a pipe
-errors.end_process()
+runner.end_process()
 print("not reached")
 """
 

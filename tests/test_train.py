@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import config as C
+from pipeline.adapters.registry import ADAPTERS
+from pipeline.adapters.saved import load_adapter
+from pipeline.config.errors import ConfigError
+from pipeline.trainer import tracking
 from tests.conftest import ROOT, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast"]
-METHODS = sorted(C.ADAPTERS)  # every registered method
+METHODS = sorted(ADAPTERS)  # every registered method
 
 
 def base_model(run_dir: Path):
@@ -60,7 +63,6 @@ def test_each_method_trains_saves_and_reloads(method, tmp_path):
         assert (run_dir / "model" / "model.safetensors").exists()
         assert AutoModelForCausalLM.from_pretrained(run_dir / "model").num_parameters() > 3_000_000
         return
-    from pipeline.adapters import load_adapter
 
     files = {p.name for p in (run_dir / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
@@ -151,7 +153,7 @@ def test_non_finite_loss_skip_policy_drops_the_steps_and_goes_on(tmp_path):
 
 def test_validation_error_marks_run_failed(tmp_path):
     run_dir = tmp_path / "run"
-    with pytest.raises(C.ConfigError):
+    with pytest.raises(ConfigError):
         run_train([*FAST, "adapter.r=0"], run_dir)
     info = read_json(run_dir / "run.json")
     assert info["status"] == "failed" and "adapter.r=0 must be > 0" in info["error"]
@@ -199,8 +201,6 @@ def test_debug_overfit_memorises_a_handful_of_examples(tmp_path):
 
 
 def test_peak_memory_is_per_run_inside_one_process():
-    from pipeline import tracking
-
     big = torch.ones(400 * 2**20 // 4)  # 400 MB touched
     before = tracking.peak_memory_mb()["perf/peak_rss_mb"]
     del big

@@ -42,7 +42,7 @@ def test_a_wheel_installed_in_a_fresh_environment_trains_from_another_folder(tmp
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    located = _run([python, "-c", "import pipeline.config as C; print(C.CONF_DIR)"], cwd=elsewhere, env=env)
+    located = _run([python, "-c", "from pipeline.config.options import CONF_DIR; print(CONF_DIR)"], cwd=elsewhere, env=env)
     assert Path(located.stdout.strip()).is_relative_to(fresh)  # the wheel's copy, not the checkout
     _run([fresh / "bin" / "pipeline-train", "model=tiny_llama", "debug=fast", "logger=none",
           "hydra.run.dir=outputs/run"], cwd=elsewhere, env=env)

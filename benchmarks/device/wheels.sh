@@ -65,7 +65,7 @@ if [ "$DEST" = "$ROOT/.whl" ]; then
   rm -rf .device/cache/tokenizers
   mkdir -p .device/cache
   PIPELINE_CACHE_DIR="$ROOT/.device/cache" "$ROOT/.venv/bin/python" -c \
-    "from pathlib import Path; from pipeline import model as m; print(m._tokenizer_folder('smollm2_135m', Path('.device/cache'), 42))"
+    "from pathlib import Path; from pipeline.model import loading; print(loading._tokenizer_folder('smollm2_135m', Path('.device/cache'), 42))"
   mkdir -p .git/info && touch .git/info/exclude
   for p in /.whl/ /.device/; do grep -qxF "$p" .git/info/exclude || echo "$p" >> .git/info/exclude; done
 fi

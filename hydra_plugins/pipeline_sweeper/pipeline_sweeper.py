@@ -1,18 +1,30 @@
-"""Hydra's entry to the Optuna sweeps of ``pipeline.sweep`` (``hydra/sweeper=pipeline_optuna``).
+"""Hydra's entry to the Optuna sweeps of :mod:`pipeline.study` (``hydra/sweeper=pipeline_optuna``).
 
 Hydra only instantiates sweepers from the ``hydra_plugins`` package, so this thin class lives
-here and hands everything to :mod:`pipeline.sweep`. Sweep files select it with
+here: it turns Hydra's objects (the composed sweep config, the command line, the launcher and
+its job results) into typed configs, override lists and exceptions, and hands the sweep to
+:func:`pipeline.study.driver.run`. Sweep files select it with
 ``override /hydra/sweeper: pipeline_optuna``.
 """
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
+
+from pipeline.commands.compose import typed_config
+from pipeline.config.errors import ConfigError, PipelineError
+from pipeline.config.schema import TrainConfig
+from pipeline.study import driver
 
 
 @dataclass
@@ -22,6 +34,16 @@ class PipelineOptunaSweeperConf:
 
 ConfigStore.instance().store(group="hydra/sweeper", name="pipeline_optuna",
                              node=PipelineOptunaSweeperConf, provider="pipeline")
+
+
+def passed_through(arguments: List[str]) -> List[str]:
+    """Command-line overrides every trial gets; grid syntax (``a=1,2``) has no place here."""
+    parsed = OverridesParser.create().parse_overrides(list(arguments))
+    grids = [o.input_line for o in parsed if o.is_sweep_override()]
+    if grids:
+        raise ConfigError([f"{g}: a sweep searches sweep.params, not comma lists; add the key to "
+                           "sweep.params or give one value" for g in grids])
+    return [o.input_line for o in parsed if not o.get_key_element().startswith("sweep.trial")]
 
 
 class PipelineOptunaSweeper(Sweeper):
@@ -43,23 +65,33 @@ class PipelineOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def _compose(self, overrides: List[str]) -> DictConfig:
-        """A job's config, composed as the launcher will compose it."""
-        from omegaconf import open_dict
-
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+    @staticmethod
+    def _typed(cfg: DictConfig) -> TrainConfig:
+        """A composed train config without Hydra's node, as its typed object; ``paths.run_dir``
+        (a job's folder, known only once it is launched) set to a placeholder."""
+        cfg = cfg.copy()
         with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+            cfg.pop("hydra", None)
+        cfg.paths.run_dir = "."
+        return typed_config(cfg)
+
+    def _compose(self, overrides: List[str]) -> TrainConfig:
+        """A job's config, composed as the launcher will compose it."""
+        return self._typed(self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides)))
+
+    def _launch(self, jobs: List[List[str]], first_index: int) -> List[Optional[BaseException]]:
+        """Runs the jobs through Hydra's launcher: per job the exception it failed with, or None."""
+        returns = self.launcher.launch(jobs, initial_job_idx=first_index)
+        return [job._return_value if job.status == JobStatus.FAILED else None for job in returns]
 
     def sweep(self, arguments: List[str]) -> Any:
-        import sys
-
-        from pipeline import sweep_loop
-        from pipeline.config import PipelineError
-
+        HydraConfig.instance().set_config(self.config)  # paths interpolate ${hydra:runtime.cwd}
         try:
-            return sweep_loop.run(self.config, self.launcher, arguments, compose=self._compose)
+            if self.config.sweep is None:
+                raise ConfigError(["hydra/sweeper=pipeline_optuna needs a sweep definition: add "
+                                   "sweep=<name> (a file in sweeps/)"])
+            return driver.run(self._typed(self.config), Path(self.config.hydra.sweep.dir), self._launch,
+                              passed_through(arguments), compose=self._compose)
         except PipelineError as err:  # the message says what is wrong; a traceback would bury it
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)

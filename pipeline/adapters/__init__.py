@@ -1,24 +1,21 @@
-"""Adapter methods behind one registry (see :mod:`pipeline.adapters.registry`).
+"""Adapter methods behind one registry (:mod:`pipeline.adapters.registry`): one module (or
+subpackage) per method family, a saved run's adapter read back (:mod:`pipeline.adapters.saved`)
+and merged into its base (:mod:`pipeline.adapters.merging`).
 
 Every module of this package is imported here, so that its ``@register_adapter`` classes
 register: a new method is a new module (plus its ``conf/adapter/<name>.yaml``), listed nowhere.
-Not imported: ``registry`` itself and tuner implementations named ``peft_*``, which import peft
-and are imported by their method when needed (``apply``, ``register_tuner``).
+Settings modules import no torch or peft; a tuner of our own (``bottleneck/tuner.py``) is
+imported by its method only when the adapter is applied or loaded.
 """
 
 import importlib
 import pkgutil
 
-from pipeline.adapters.registry import (ADAPTERS, AdapterSettings, load_adapter, register_adapter,
-                                        register_tuners)
-
 
 def _discover() -> None:
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if module.name != "registry" and not module.name.startswith(("peft_", "_")):
+        if not module.name.startswith("_"):
             importlib.import_module(f"{__name__}.{module.name}")
 
 
 _discover()
-
-__all__ = ["ADAPTERS", "AdapterSettings", "load_adapter", "register_adapter", "register_tuners"]

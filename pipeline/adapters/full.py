@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from pipeline.adapters.registry import AdapterSettings, register_adapter
+from pipeline.config.schema import ArchitectureInfo
 
 
 @register_adapter("full")
@@ -14,7 +15,7 @@ class FullSettings(AdapterSettings):
     method: str = "full"
     vllm: ClassVar[bool] = True
 
-    def apply(self, model: Any, architecture: Any) -> Any:
+    def apply(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
         model.requires_grad_(True)
         return model
 
@@ -28,6 +29,6 @@ class NoneSettings(AdapterSettings):
     trains: ClassVar[bool] = False
     vllm: ClassVar[bool] = True
 
-    def apply(self, model: Any, architecture: Any) -> Any:
+    def apply(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
         model.requires_grad_(False)
         return model

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
+from pipeline.config.schema import ArchitectureInfo
 
 
 @register_adapter("ia3")
@@ -16,7 +17,7 @@ class IA3Settings(AdapterSettings):
     feedforward_modules: Any = None  # must be a subset of target_modules
     modules_to_save: Optional[List[str]] = None
 
-    def check(self, architecture: Any) -> List[str]:
+    def check(self, architecture: Optional[ArchitectureInfo]) -> List[str]:
         problems = check_targets("adapter.target_modules", self.target_modules, architecture)
         problems += check_targets("adapter.feedforward_modules", self.feedforward_modules, architecture)
         if (self.target_modules is None) != (self.feedforward_modules is None):
@@ -28,8 +29,8 @@ class IA3Settings(AdapterSettings):
                 problems.append(f"adapter.feedforward_modules {extra} are not in adapter.target_modules")
         return problems
 
-    def apply(self, model: Any, architecture: Any) -> Any:
-        from peft import IA3Config, get_peft_model
+    def apply(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
+        from peft import IA3Config, get_peft_model  # lazy: peft loads torch and transformers
 
         def as_list(value: Any) -> Any:
             return list(value) if isinstance(value, (list, tuple)) else value

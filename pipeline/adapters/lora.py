@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
-from pipeline.choices import make_choice
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.schema import QuantizationSettings
+from pipeline.config.choices import make_choice
+from pipeline.config.schema import ArchitectureInfo, QuantizationSettings
+from pipeline.model.precision import compute_dtype
 
 # Architectures whose projections are transformers' Conv1D, which bitsandbytes cannot quantize.
 NOT_QUANTIZABLE = {"gpt2": "its projections are Conv1D layers, which bitsandbytes does not quantize"}
@@ -34,7 +33,7 @@ class LoraSettings(AdapterSettings):
     use_dora: ClassVar[bool] = False
     vllm: ClassVar[bool] = True
 
-    def check(self, architecture: Any) -> List[str]:
+    def check(self, architecture: Optional[ArchitectureInfo]) -> List[str]:
         problems = []
         if self.r <= 0:
             problems.append(f"adapter.r={self.r} must be > 0; use adapter=full to train all weights")
@@ -44,6 +43,7 @@ class LoraSettings(AdapterSettings):
             problems.append(f"adapter.lora_dropout={self.lora_dropout} must be in [0, 1)")
         problems += check_targets("adapter.target_modules", self.target_modules, architecture)
         if self.target_modules is None and architecture is not None:
+            # lazy: peft loads torch and transformers; configs are checked without them
             from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
             if architecture.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
@@ -52,7 +52,7 @@ class LoraSettings(AdapterSettings):
         return problems
 
     def peft_config(self) -> Any:
-        from peft import LoraConfig
+        from peft import LoraConfig  # lazy: peft loads torch and transformers
 
         targets = self.target_modules
         return LoraConfig(
@@ -62,8 +62,8 @@ class LoraSettings(AdapterSettings):
             modules_to_save=self.modules_to_save, task_type="CAUSAL_LM",
         )
 
-    def apply(self, model: Any, architecture: Any) -> Any:
-        from peft import get_peft_model
+    def apply(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
+        from peft import get_peft_model  # lazy: peft loads torch and transformers
 
         return get_peft_model(model, self.peft_config())
 
@@ -88,14 +88,14 @@ class QLoraSettings(LoraSettings):
     quant_type: QuantType = QuantType.nf4  # 4-bit only
     double_quant: bool = True
     # auto: bfloat16 where the device multiplies it natively (AVX512-bf16/AMX CPUs, Ampere+ GPUs),
-    # else float32 (the rule of trainer.precision=auto, pipeline/precision.py).
+    # else float32 (the rule of trainer.precision=auto, pipeline/model/precision.py).
     compute_dtype: ComputeDtype = ComputeDtype.auto
     quant_storage: Optional[str] = None  # set to the compute dtype for ZeRO-3 / FSDP sharding
 
     quantized: ClassVar[bool] = True
     vllm: ClassVar[bool] = False  # vLLM would run the adapter on the float base
 
-    def check(self, architecture: Any) -> List[str]:
+    def check(self, architecture: Optional[ArchitectureInfo]) -> List[str]:
         problems = super().check(architecture)
         if self.bits not in (4, 8):
             problems.append(f"adapter.bits={self.bits} must be 4 or 8")
@@ -105,23 +105,20 @@ class QLoraSettings(LoraSettings):
                             f"{NOT_QUANTIZABLE[architecture.model_type]}; use adapter=lora")
         return problems
 
-    def quantization(self) -> "QuantizationSettings":
-        from pipeline.precision import compute_dtype
-        from pipeline.schema import QuantizationSettings
-
+    def quantization(self) -> QuantizationSettings:
         return QuantizationSettings(bits=self.bits, quant_type=str(self.quant_type), double_quant=self.double_quant,
                                     compute_dtype=compute_dtype(self.compute_dtype),
                                     quant_storage=self.quant_storage)
 
-    def apply_for_counting(self, model: Any, architecture: Any) -> Any:
+    def apply_for_counting(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
         # The same LoRA layers over a base that is quantized on load; k-bit preparation needs
         # real weights, and changes no count.
         return super().apply(model, architecture)
 
-    def apply(self, model: Any, architecture: Any) -> Any:
-        from peft import prepare_model_for_kbit_training
+    def apply(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
+        from peft import prepare_model_for_kbit_training  # lazy: peft loads torch and transformers
 
-        # pipeline.model.load_model has already guarded the 4-bit weights (guard_cpu_4bit).
+        # pipeline.model.loading.load_model has already guarded the 4-bit weights (guard_cpu_4bit).
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=model.is_gradient_checkpointing)
         return super().apply(model, architecture)

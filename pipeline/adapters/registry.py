@@ -4,21 +4,21 @@ A method is a dataclass extending :class:`AdapterSettings` (its fields are the `
 config group's schema for that option) decorated with :func:`register_adapter`. Adding a method
 is one module in ``pipeline/adapters/`` and one ``conf/adapter/<name>.yaml``: the package imports
 its modules at start-up (``pipeline/adapters/__init__.py``), the config schema, the checks, the
-tests' and benchmarks' method lists, the memory estimate and the loaders of saved adapters
-(:func:`load_adapter`) all ask the registry. Settings modules stay light: heavy imports (peft,
-bitsandbytes, a tuner of one's own) happen inside the methods below.
+tests' and benchmarks' method lists, the memory estimate and the loader of saved adapters
+(:func:`pipeline.adapters.saved.load_adapter`) all ask the registry. Settings modules stay light:
+heavy imports (peft, bitsandbytes, a tuner of one's own) happen inside the methods below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Type
+from typing import Any, ClassVar, Dict, List, Optional, Set, Type
 
 from omegaconf import MISSING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.config import ArchitectureInfo
-    from pipeline.schema import QuantizationSettings
+from pipeline.config.errors import ConfigError
+from pipeline.config.schema import ArchitectureInfo, QuantizationSettings
 
 
 @dataclass
@@ -36,19 +36,19 @@ class AdapterSettings:
     quantized: ClassVar[bool] = False
     vllm: ClassVar[bool] = False
 
-    def check(self, architecture: Optional["ArchitectureInfo"]) -> List[str]:
+    def check(self, architecture: Optional[ArchitectureInfo]) -> List[str]:
         """Returns problems with these settings (empty when fine); never raises."""
         return []
 
-    def quantization(self) -> Optional["QuantizationSettings"]:
+    def quantization(self) -> Optional[QuantizationSettings]:
         """How the base is quantized on load, or None for a float base."""
         return None
 
-    def apply(self, model: Any, architecture: "ArchitectureInfo") -> Any:
+    def apply(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
         """Returns the model with this adapter attached and only its parameters trainable."""
         raise NotImplementedError
 
-    def apply_for_counting(self, model: Any, architecture: "ArchitectureInfo") -> Any:
+    def apply_for_counting(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
         """:meth:`apply` on a model built on the meta device (no weights), for the memory
         estimate's parameter counts. A method whose ``apply`` needs real weights overrides it."""
         if not self.trains:
@@ -83,7 +83,7 @@ def register_adapter(name: str):
     return decorator
 
 
-def check_targets(key: str, targets: Any, architecture: Optional["ArchitectureInfo"]) -> List[str]:
+def check_targets(key: str, targets: Any, architecture: Optional[ArchitectureInfo]) -> List[str]:
     """Checks that every target module name exists in the architecture, listing those that do."""
     if targets is None or architecture is None or targets == "all-linear":
         return []
@@ -98,22 +98,37 @@ def check_targets(key: str, targets: Any, architecture: Optional["ArchitectureIn
             f"available linear modules: {', '.join(leaves)}"]
 
 
+def settings_fields(method: str) -> Set[str]:
+    """The ``adapter.*`` keys of registered method ``method``."""
+    return {f.name for f in dataclasses.fields(ADAPTERS[method])}
+
+
+def settings_for(method: str, key: str = "adapter_method") -> AdapterSettings:
+    """A registered method's default settings (for an adapter folder given by path).
+
+    Raises:
+        ConfigError: for a method that is not registered, naming ``key``.
+    """
+    if method not in ADAPTERS:
+        raise ConfigError([f"{key}={method!r} is unknown; choose one of: {', '.join(sorted(ADAPTERS))}"])
+    return ADAPTERS[method]()
+
+
+def check_architecture(settings: AdapterSettings, architecture: ArchitectureInfo) -> None:
+    """The settings' checks that need the base model's architecture (target modules exist, the
+    base can be quantized), before any weights load.
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    problems = settings.check(architecture)
+    if problems:
+        raise ConfigError(problems)
+
+
 def register_tuners() -> None:
     """Every registered method's :meth:`AdapterSettings.register_tuner`: after it, PEFT loads a
     saved adapter of any registered type (``PeftModel.from_pretrained``, ``load_adapter``)."""
     for settings in ADAPTERS.values():
         settings.register_tuner()
 
-
-def load_adapter(base: Any, artifact: Any, **kwargs: Any) -> Any:
-    """``base`` with the saved adapter in ``artifact`` attached, whatever its registered method.
-
-    Args:
-        base: the base model, loaded as the adapter was trained on it (4-bit for QLoRA).
-        artifact: the adapter folder (``adapter_config.json`` and the weights).
-        kwargs: passed to ``PeftModel.from_pretrained`` (e.g. ``adapter_name``).
-    """
-    from peft import PeftModel
-
-    register_tuners()
-    return PeftModel.from_pretrained(base, artifact, **kwargs)

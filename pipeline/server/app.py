@@ -9,6 +9,7 @@ check limits, submit and relay events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from pipeline.config import ServerConfig
+from pipeline.config.app_schema import ServerConfig
 from pipeline.server.engine import Delta, Engine, Failure, Finish, GenerationRequest
 from pipeline.server.counters import Metrics
 from pipeline.server.pool import ModelPool
@@ -227,8 +228,6 @@ def _client_text(encode: Any, param: str) -> Any:
 def _contained(endpoint: Any) -> Any:
     """An endpoint whose unexpected errors answer an OpenAI 500 body from within the app:
     Starlette's last-resort handler re-raises, and the server then drops the connection."""
-    import functools
-
     @functools.wraps(endpoint)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:

@@ -151,7 +151,7 @@ class Engine:
                     self._run([request])
 
     def _generate(self, group: List[GenerationRequest]) -> None:
-        import torch
+        import torch  # lazy: start-up must not pay for torch
         from transformers import StoppingCriteriaList
 
         rows = [(request, i) for request in group for i in range(request.n)]
@@ -198,7 +198,7 @@ class RowTracker:
         self.text = [""] * len(rows)  # decoded so far, stop strings not cut
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
+        import torch  # lazy: start-up must not pay for torch
 
         new = input_ids[:, self.width:].tolist()
         for row, (request, _) in enumerate(self.rows):

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from pipeline import config as C
-from pipeline import model as models
+from pipeline.adapters.saved import is_adapter, load_adapter, read_run
+from pipeline.config.errors import ConfigError
+from pipeline.config.schema import ModelConfig, QuantizationSettings
+from pipeline.model import loading
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +29,14 @@ class Source:
     """One served name and where its weights come from."""
 
     name: str
-    model_cfg: C.ModelConfig  # the base it was trained on
+    model_cfg: ModelConfig  # the base it was trained on
     artifact: Path  # adapter folder (adapter_config.json) or full model folder (config.json)
-    quantization: Optional[Dict[str, Any]] = None  # the base's 4-bit settings (QLoRA), or None
+    quantization: Optional[QuantizationSettings] = None  # the base's 4-bit settings (QLoRA), or None
     seed: Optional[int] = None  # a tiny base's initialisation seed (None: the server's)
 
     @property
     def is_adapter(self) -> bool:
-        return (self.artifact / "adapter_config.json").exists()
+        return is_adapter(self.artifact)
 
 
 @dataclass
@@ -48,21 +50,19 @@ class Choice:
     parent: Optional[str] = None  # the base's served name, for adapters
 
 
-def source_from_path(name: str, path: str, model_cfg: C.ModelConfig, key: str) -> Source:
+def source_from_path(name: str, path: str, model_cfg: ModelConfig, key: str) -> Source:
     """A run folder (its config says the base) or a bare adapter / model folder (on ``model_cfg``).
 
     Raises:
         ConfigError: when ``path`` is none of these; the message names ``key``.
     """
-    from pipeline.runfolder import read_run
-
     folder = Path(path)
     if (folder / "config.yaml").exists():
         data_cfg, run_model, settings, artifact = read_run(path)
         return Source(name, run_model, artifact, settings.quantization(), data_cfg.seed)
     if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
         return Source(name, model_cfg, folder)
-    raise C.ConfigError([f"{key}={path!r} is neither a run folder (config.yaml) nor an adapter "
+    raise ConfigError([f"{key}={path!r} is neither a run folder (config.yaml) nor an adapter "
                          "(adapter_config.json) or model folder (config.json)"])
 
 
@@ -72,7 +72,7 @@ def base_problems(sources: List[Source], base_folder: str, cache_dir: str, seed:
     problems = []
     for source in sources:
         own_seed = seed if source.seed is None else source.seed
-        folder = models.resolve_folder(source.model_cfg, cache_dir, own_seed)
+        folder = loading.resolve_folder(source.model_cfg, cache_dir, own_seed)
         if source.is_adapter and folder != base_folder:
             problems.append(f"{source.name}: trained on model {source.model_cfg.name} ({folder}), "
                             f"but the server's base is {base_folder}; serve it from its own "
@@ -83,10 +83,10 @@ def base_problems(sources: List[Source], base_folder: str, cache_dir: str, seed:
 class ModelPool:
     """Loads the base and every source once; maps served names to :class:`Choice`."""
 
-    def __init__(self, base_cfg: C.ModelConfig, base_name: str, sources: List[Source],
+    def __init__(self, base_cfg: ModelConfig, base_name: str, sources: List[Source],
                  cache_dir: str, seed: int):
-        self.base_folder = models.resolve_folder(base_cfg, cache_dir, seed)
-        self.tokenizer = models.load_tokenizer(self.base_folder, base_cfg)
+        self.base_folder = loading.resolve_folder(base_cfg, cache_dir, seed)
+        self.tokenizer = loading.load_tokenizer(self.base_folder, base_cfg)
         self.base_name = base_name
         self.choices: Dict[str, Choice] = {}
         self._check_bases(sources, cache_dir, seed)
@@ -96,29 +96,27 @@ class ModelPool:
                 self._add_adapter(source, base_cfg, shared)
             else:
                 self.choices[source.name] = Choice(source.name, _for_inference(
-                    models.load_model(str(source.artifact), source.model_cfg)), None)
+                    loading.load_model(str(source.artifact), source.model_cfg)), None)
         # The base: the first unquantised shared model with adapters off, else its own copy.
         plain = next((m for (_, quant), m in shared.items() if quant == "null"), None)
         if plain is None:
-            plain = _for_inference(models.load_model(self.base_folder, base_cfg))
+            plain = _for_inference(loading.load_model(self.base_folder, base_cfg))
         self.choices = {base_name: Choice(base_name, plain, None), **self.choices}
         self.context_length = _context_length(plain)
 
     def _check_bases(self, sources: List[Source], cache_dir: str, seed: int) -> None:
         problems = base_problems(sources, self.base_folder, cache_dir, seed)
         if problems:
-            raise C.ConfigError(problems)
+            raise ConfigError(problems)
 
-    def _add_adapter(self, source: Source, base_cfg: C.ModelConfig, shared: Dict) -> None:
-        from pipeline.adapters import load_adapter
-
+    def _add_adapter(self, source: Source, base_cfg: ModelConfig, shared: Dict) -> None:
         peft_type = json.loads((source.artifact / "adapter_config.json").read_text())["peft_type"]
         key = (peft_type, source.quantization.key() if source.quantization else "null")
         # PEFT matches adapter names inside parameter names: a served name such as "a" or "lora"
         # would collide with the "lora_" prefix, so PEFT gets names of its own.
         internal = f"adapter{len(self.choices)}"
         if key not in shared:
-            base = models.load_model(self.base_folder, base_cfg, source.quantization)
+            base = loading.load_model(self.base_folder, base_cfg, source.quantization)
             shared[key] = _for_inference(load_adapter(base, source.artifact, adapter_name=internal))
         else:
             shared[key].load_adapter(source.artifact, adapter_name=internal)
@@ -145,7 +143,7 @@ class ModelPool:
 def _for_inference(model: Any) -> Any:
     """Generation mode on the GPU when there is one: eval, no gradients, KV cache on (training
     loads turn it off). A quantized base is already where bitsandbytes placed it."""
-    import torch
+    import torch  # lazy: start-up must not pay for torch
 
     if torch.cuda.is_available() and getattr(model, "hf_quantizer", None) is None:
         model.to(torch.device("cuda", torch.cuda.current_device()))

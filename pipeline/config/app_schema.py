@@ -1,0 +1,101 @@
+"""The schemas of the entry points other than training: ``evaluate``, ``serve`` and ``export``
+(their ``conf/<entry>.yaml``). The stages they share with training are in :mod:`pipeline.config.schema`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+from pipeline.config.choices import ServerEngine, WeightsDtype
+from pipeline.config.schema import DataConfig, EvaluationConfig, LoggerConfig, ModelConfig, PathsConfig
+
+
+@dataclass
+class EvaluateConfig:
+    """The composed ``evaluate`` config: a finished run, or any model plus an adapter folder."""
+
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    evaluation: EvaluationConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    run: Optional[str] = None  # a run folder: its model, data (same split), adapter
+    adapter_path: Optional[str] = None  # an adapter (or full model) folder for `model`
+    # The registered method adapter_path was trained with (qlora: the base loads in 4-bit).
+    adapter_method: str = "lora"
+    seed: int = 42
+    task_name: str = "evaluate"
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ServerConfig:
+    """How the OpenAI-compatible server listens, batches and limits requests."""
+
+    # builtin: this package's server (every adapter method, dynamic batching); vllm: vLLM's own
+    # OpenAI-compatible server on the same models, names, key and address (LoRA adapters only;
+    # see pipeline/scoring/vllm_client.py for its environment). The batching and limit settings below
+    # are the built-in engine's; vLLM takes its own from ``vllm_args``.
+    engine: ServerEngine = ServerEngine.builtin
+    vllm_args: List[str] = field(default_factory=list)  # extra `vllm serve` arguments
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set it deliberately
+    port: int = 8000
+    # The API key is read from this environment variable (unset or empty: no key required);
+    # ``api_key`` in the config is a fallback for tests. Neither is ever logged.
+    api_key_env: str = "PIPELINE_API_KEY"
+    api_key: Optional[str] = None
+    max_batch_size: int = 8  # rows (prompts x n) generated together
+    max_wait_ms: float = 10.0  # how long the first queued request waits for companions
+    max_prompt_tokens: int = 1024
+    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64
+    max_n: int = 8
+    timeout_graceful_shutdown: Optional[float] = 30.0  # seconds in-flight requests get on shutdown
+    log_level: str = "info"
+
+
+@dataclass
+class ServeConfig:
+    """The composed ``serve`` config: a run folder, named adapters, or both, on one base."""
+
+    model: ModelConfig = MISSING
+    paths: PathsConfig = MISSING
+    server: ServerConfig = field(default_factory=ServerConfig)
+    run: Optional[str] = None  # a run folder: its base model and its adapter/ or model/
+    run_name: str = "tuned"  # the ``model`` name under which ``run`` is served
+    # A sweep's name (outputs/sweeps/<name>) or folder: serves its best trial as ``run``, or every
+    # Pareto-front trial of a multi-objective sweep as ``trial_<n>`` (from its report.json).
+    sweep: Optional[str] = None
+    # name -> run folder or adapter folder. Typed Any: Hydra cannot add keys to a typed dict
+    # from the command line (`adapters={fr: ...}`); serve.check validates it instead.
+    adapters: Any = None
+    base_name: Optional[str] = None  # the base model's served name (null: model.name)
+    seed: int = 42
+    task_name: str = "serve"
+
+
+@dataclass
+class ExportSettings:
+    merge: bool = False  # true: one merged safetensors model; false: adapter + vLLM command
+    dequantize: bool = False  # merge into a dequantised copy of a 4-bit base (else refused)
+    dtype: WeightsDtype = WeightsDtype.float32  # of the merged weights
+    output: Optional[str] = None  # the export folder (null: <run>/export/merged or .../vllm)
+    lora_name: str = "tuned"  # the name vLLM serves the adapter under
+    overwrite: bool = False
+
+
+@dataclass
+class ExportConfig:
+    """The composed ``export`` config: a finished run, or a model plus an adapter folder."""
+
+    model: ModelConfig = MISSING
+    paths: PathsConfig = MISSING
+    export: ExportSettings = field(default_factory=ExportSettings)
+    run: Optional[str] = None
+    sweep: Optional[str] = None  # a sweep's name or folder: exports its best trial's run
+    adapter_path: Optional[str] = None
+    adapter_method: str = "lora"  # the registered method adapter_path was trained with
+    seed: int = 42
+    task_name: str = "export"

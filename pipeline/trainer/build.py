@@ -1,0 +1,215 @@
+"""The Trainer of a run: ``TrainingArguments`` from the config, transformers' ``Trainer`` with our
+guards, and the batches it trains and evaluates on.
+
+The Trainer owns the loop, gradient accumulation, mixed precision, checkpointing, resume and
+the W&B integration. What we add: ``use_cpu`` whenever CUDA is absent (without it, multi-process
+CPU runs silently train every rank on the same data), a non-finite loss guard, evaluations that
+leave the RNG alone, and the run folder's metric history (:mod:`pipeline.trainer.callbacks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from pipeline.config.errors import ConfigError, PipelineError
+from pipeline.config.schema import TrainerConfig
+from pipeline.data.packing import collator, real_tokens
+from pipeline.data.splits import Splits
+from pipeline.model import precision
+from pipeline.runs import progress
+from pipeline.runs.checkpoints import rewind_history
+from pipeline.scoring.measurement import Evaluator
+from pipeline.trainer.callbacks import progress_callback, recording_callback
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(PipelineError, RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def unknown_extra_keys(extra: Dict[str, Any]) -> List[str]:
+    """A problem for each ``trainer.extra`` key that is not a ``TrainingArguments`` field."""
+    from transformers import TrainingArguments  # lazy: transformers loads torch
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    problems = []
+    for key in extra:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            problems.append(f"trainer.extra.{key} is not a TrainingArguments field"
+                            + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return problems
+
+
+def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_eval: bool,
+                       report_to: List[str], run_name: str,
+                       best: Optional[Tuple[str, bool]] = None,
+                       distributed: Optional[Dict[str, Any]] = None) -> Any:
+    """Builds ``TrainingArguments``; ``cfg.extra`` keys must be TrainingArguments fields.
+
+    ``best`` (from :func:`pipeline.trainer.objective.best_metric`) makes the Trainer track the best checkpoint, which
+    ``save_total_limit`` rotation then never deletes. ``distributed`` adds the multi-process
+    arguments (``deepspeed``: a config dict, ``ddp_backend``), see
+    :func:`pipeline.trainer.distributed.trainer_arguments`.
+
+    Raises:
+        ConfigError: for an unknown ``trainer.extra`` key (listing close matches).
+    """
+    import torch  # lazy: start-up must not pay for torch
+    from transformers import TrainingArguments
+
+    problems = unknown_extra_keys(cfg.extra)
+    if problems:
+        raise ConfigError(problems)
+    evaluate_every = cfg.eval_steps if has_eval else None
+    mixed = precision.resolve(cfg.precision).precision  # as is, unless auto (train() resolved it)
+    kwargs: Dict[str, Any] = dict(
+        output_dir=str(output_dir), seed=seed, data_seed=seed, run_name=run_name,
+        max_steps=cfg.max_steps, num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
+        bf16=mixed == "bf16", fp16=mixed == "fp16",
+        logging_steps=cfg.logging_steps, logging_nan_inf_filter=False,
+        eval_strategy="steps" if evaluate_every else "no", eval_steps=evaluate_every,
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit, train_sampling_strategy=cfg.sampling,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        include_num_input_tokens_seen="non_padding", report_to=report_to,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress.interactive(),  # a bar on a terminal; else progress_callback
+    )
+    if best and evaluate_every:
+        kwargs.update(metric_for_best_model=best[0], greater_is_better=best[1])
+        if cfg.save_steps and cfg.save_steps % evaluate_every:
+            log.warning("trainer.save_steps=%d is not a multiple of trainer.eval_steps=%d: a "
+                        "checkpoint exists only where both fall, so the best one may not be kept",
+                        cfg.save_steps, evaluate_every)
+    kwargs.update(distributed or {})
+    kwargs.update(cfg.extra)
+    return TrainingArguments(**kwargs)
+
+
+def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
+                  eval_dataset: Optional[Any], data_collator: Any, nan_policy: str,
+                  history_path: Path, callbacks: Optional[List[Any]] = None,
+                  extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None) -> Any:
+    """transformers' Trainer with a non-finite-loss guard and run-folder metric history.
+
+    ``extra_eval(model)`` adds metrics (e.g. BLEU on a validation slice) to every evaluation
+    during training, logged as ``eval/<name>`` and seen by callbacks (pruning) like the loss.
+    """
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=data_collator, processing_class=tokenizer,
+        callbacks=[recording_callback(history_path), progress_callback(), *(callbacks or [])])
+    trainer.nan_policy, trainer.extra_eval = nan_policy, extra_eval
+    return trainer
+
+
+def _trainer_class() -> type:
+    """The Trainer that :func:`build_trainer` makes (defined on first use: importing this
+    module does not import transformers)."""
+    import torch  # lazy: start-up must not pay for torch
+    from transformers import Trainer
+
+    class PipelineTrainer(Trainer):
+        skipped_steps = 0
+        nan_policy: str = "stop"
+        extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if torch.isfinite(loss):
+                return loss
+            step = self.state.global_step + 1
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"training loss is {loss.item()} at step {step}; lower trainer.learning_rate, "
+                    "use trainer.precision=fp32, or set trainer.nan_policy=skip")
+            # skip: drop this step's gradients (optimizers skip parameters whose grad is None).
+            model.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            log.warning("non-finite loss at step %d: skipped (%d so far)", step, self.skipped_steps)
+            return torch.zeros_like(loss)
+
+        def _track_num_input_tokens(self, inputs):
+            # The Trainer counts non-padding tokens by the attention mask, or else as ids other
+            # than the padding id; packed rows have no mask (it would turn off the block-diagonal
+            # attention), and the padding id is often the end-of-turn token that every example
+            # holds, so count them as the packing collator laid them out.
+            if "attention_mask" in inputs or "position_ids" not in inputs or \
+                    self.args.include_num_input_tokens_seen != "non_padding":
+                return super()._track_num_input_tokens(inputs)
+            count = torch.as_tensor(real_tokens(inputs), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
+
+        def evaluate(self, *args, **kwargs):
+            # Every data loader iteration draws its seed from the global RNG: without the fork,
+            # each evaluation would shift all later dropout masks and shuffles, and a run that
+            # evaluates every few steps (a sweep trial, for its pruner) would train another
+            # model than the same config without evaluations.
+            device = self.args.device
+            devices = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                return super().evaluate(*args, **kwargs)
+
+        def evaluation_loop(self, *args, **kwargs):
+            output = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+            if self.extra_eval is not None and prefix == "eval" and self.state.global_step > 0:
+                output.metrics.update({f"eval_{k}": v for k, v in self.extra_eval(self.model).items()})
+            return output
+
+    return PipelineTrainer
+
+
+def evaluation_slice(validation: Optional[Any], cfg: TrainerConfig) -> Optional[Any]:
+    """What evaluations during training score: the first ``trainer.eval_examples`` validation
+    examples (a fixed slice, the same at every step and in every trial), or all of them."""
+    if validation is None or cfg.eval_examples is None or cfg.eval_examples >= len(validation):
+        return validation
+    log.info("evaluations during training: the first %d of %d validation examples "
+             "(trainer.eval_examples)", cfg.eval_examples, len(validation))
+    return validation.select(range(cfg.eval_examples))
+
+
+def prepare(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Splits, run_dir: Path, *, seed: int,
+            packing: bool, report_to: List[str], run_name: str, resume_from: Optional[str],
+            evaluator: Evaluator, callbacks: Optional[List[Any]] = None, best: Optional[Tuple[str, bool]] = None,
+            distributed: Optional[Dict[str, Any]] = None, pack_length: int = 512) -> Any:
+    """The run's Trainer: its arguments, batches and callbacks, the history cut back to
+    ``resume_from``.
+
+    Args:
+        cfg: trainer settings.
+        model: the model with its adapter attached (or all weights trainable).
+        tokenizer: the model's tokenizer.
+        splits: the tokenized splits.
+        run_dir: the run folder (checkpoints go in ``checkpoints/``).
+        seed: the run's seed.
+        packing: padding-free batches, of ``pack_length`` tokens per row.
+        report_to: Trainer integrations (``["wandb"]`` or ``[]``).
+        run_name: the run's display name.
+        resume_from: a checkpoint folder to continue from, or None.
+        evaluator: the run's evaluation sets (their generation metrics during training, if any).
+        callbacks: extra ``TrainerCallback`` objects (pruning, preemption signals).
+        best: ``(metric_for_best_model, greater_is_better)`` from
+            :func:`pipeline.trainer.objective.best_metric`, or None.
+        distributed: multi-process ``TrainingArguments`` (DeepSpeed config, DDP backend).
+    """
+    args = training_arguments(cfg, run_dir / "checkpoints", seed, has_eval=splits.validation is not None,
+                              report_to=report_to, run_name=run_name, best=best,
+                              distributed=distributed)
+    rewind_history(run_dir / "history.jsonl", resume_from)
+    return build_trainer(model, tokenizer, args, splits.train, evaluation_slice(splits.validation, cfg),
+                         collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
+                         callbacks=callbacks, extra_eval=evaluator.during_training)
