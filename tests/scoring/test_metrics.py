@@ -360,6 +360,6 @@ def test_compute_with_evaluate_metric_flattens_numeric_outputs(monkeypatch):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, pipeline.metrics; sys.exit('torch' in sys.modules)"
+    code = "import sys, pipeline.scoring.metrics; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
     assert metrics.HUB_PREFIX == "evaluate:"
