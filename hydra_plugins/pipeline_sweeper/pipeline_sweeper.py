@@ -86,10 +86,7 @@ class PipelineOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         HydraConfig.instance().set_config(self.config)  # paths interpolate ${hydra:runtime.cwd}
-        try:
-            if self.config.sweep is None:
-                raise ConfigError(["hydra/sweeper=pipeline_optuna needs a sweep definition: add "
-                                   "sweep=<name> (a file in sweeps/)"])
+        try:  # the driver refuses a config without a sweep definition
             return driver.run(self._typed(self.config), Path(self.config.hydra.sweep.dir), self._launch,
                               passed_through(arguments), compose=self._compose)
         except PipelineError as err:  # the message says what is wrong; a traceback would bury it

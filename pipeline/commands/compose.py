@@ -120,11 +120,8 @@ def checked_train(cfg: DictConfig) -> TrainConfig:
     Raises:
         ConfigError: every problem found, each naming key, value and fix.
     """
-    missing = sorted(missing_keys(cfg))
-    if missing:  # the other checks would trip over them
-        raise missing_values(missing)
+    typed = typed_config(cfg)  # missing values first: the other checks would trip over them
     problems = unknown_adapter_keys(cfg)
-    typed = typed_config(cfg)
     problems += validation.problems(typed, check_adapter=not problems)
     if problems:
         raise ConfigError(problems)

@@ -225,13 +225,6 @@ def problems(cfg: TrainConfig, check_adapter: bool = True) -> List[str]:
     return found
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raises one :class:`ConfigError` listing every problem of :func:`problems` (if any)."""
-    found = problems(cfg)
-    if found:
-        raise ConfigError(found)
-
-
 def validate_evaluate(cfg: EvaluateConfig, data: DataConfig) -> None:
     """The ``evaluate`` config's problems at once, before any model loads: its evaluation
     settings against the data it measures (``data``: the run's, or ``data=``), the model.

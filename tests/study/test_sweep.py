@@ -110,6 +110,12 @@ def test_sweep_file_selects_the_sweeper_and_a_stable_folder(tmp_path):
     assert tracking.multirun_group(Path(cfg.hydra.sweep.dir)) == "sweeps_qlora_rank_alpha_lr"
 
 
+def test_the_sweeper_needs_a_sweep_definition(tmp_path):
+    cfg = typed_config(compose_train(["model=tiny_llama"], tmp_path))
+    with pytest.raises(ConfigError, match="hydra/sweeper=pipeline_optuna needs a sweep definition"):
+        driver.run(cfg, tmp_path, lambda jobs, first: [], [])
+
+
 def test_search_space_is_conditional(tmp_path):
     cfg = compose_sweep("quality_vs_params", tmp_path)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0),
