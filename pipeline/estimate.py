@@ -14,6 +14,7 @@ from typing import List
 
 from pipeline.commands import runner
 from pipeline.commands.compose import compose_train
+from pipeline.runs import quiet
 from pipeline.trainer import memory
 
 
@@ -28,7 +29,9 @@ def main(argv: List[str]) -> int:
     """Composes the ``train`` config from ``argv`` overrides and prints the estimate."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.estimate", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="train config overrides, e.g. adapter=qlora distributed=zero3")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own notices and progress bars")
     args = parser.parse_args(argv)
+    quiet.install(args.verbose)
 
     def show() -> None:
         cfg = compose_train(args.overrides)

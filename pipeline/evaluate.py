@@ -69,7 +69,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
             base = evaluator.measure(base_model, "base")
         tuned = evaluator.measure(tuned_model, "tuned", generated.get("tuned"))
         metrics = before_after(base.metrics, tuned.metrics)
-        write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.sets, base, tuned)
+        write_predictions(run.path / "eval" / "predictions.jsonl", evaluator.recorded_sets, base, tuned)
         run.write_metrics(metrics)
         print("base vs tuned:\n" + before_after_table(metrics))
         run.finish("success", evaluated=str(source.artifact))

@@ -15,13 +15,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.adapters.merging import merged_model
-from pipeline.adapters.registry import settings_for
+from pipeline.adapters.registry import ADAPTERS, settings_for
 from pipeline.adapters.saved import is_adapter, read_run
 from pipeline.commands import runner, store
 from pipeline.commands.compose import typed_config
@@ -64,6 +64,25 @@ def with_sweep(cfg: ExportConfig) -> ExportConfig:
                            "of them with run=<folder>: " + ", ".join(f"trial {n}: run={d}" for n, d in runs.items())])
     log.info("sweep %s: exporting its best trial, %s", cfg.sweep, next(iter(runs.values())))
     return dataclasses.replace(cfg, run=next(iter(runs.values())))
+
+
+def problems(cfg: ExportConfig) -> List[str]:
+    """Every problem with the ``export`` config that shows before any weights load."""
+    found = []
+    given = [key for key in ("run", "sweep", "adapter_path") if getattr(cfg, key)]
+    if not given:
+        found.append("give run=<run folder>, sweep=<sweep name>, or adapter_path=<adapter folder> with model=...")
+    elif len(given) > 1:
+        found.append(f"{' and '.join(f'{k}=' for k in given)} are all given; give one of them")
+    if cfg.run and not (Path(cfg.run) / "config.yaml").is_file():
+        found.append(f"run={cfg.run!r} is not a run folder (it has no config.yaml)")
+    if cfg.adapter_path and not is_adapter(Path(cfg.adapter_path)):
+        found.append(f"adapter_path={cfg.adapter_path!r} has no adapter_config.json")
+    if cfg.adapter_path and cfg.adapter_method not in ADAPTERS:
+        found.append(f"adapter_method={cfg.adapter_method!r} is unknown; choose one of: {', '.join(sorted(ADAPTERS))}")
+    if cfg.export.output and Path(cfg.export.output).exists() and not cfg.export.overwrite:
+        found.append(f"export.output={cfg.export.output!r} exists; set export.overwrite=true or another export.output")
+    return found
 
 
 def read_source(cfg: ExportConfig) -> ExportSource:
@@ -163,14 +182,15 @@ def _provenance(tmp: Path, source: ExportSource, folder: str, merged: bool) -> N
 def export(cfg: DictConfig) -> Path:
     """Writes the export folder and returns it."""
     loading.quiet_progress_bars()  # the export logs its own progress
-    config = with_sweep(typed_config(cfg))
+    config = with_sweep(typed_config(cfg, problems))  # every problem at once, before any weights load
     source = read_source(config)
     target = output_folder(config, source)
     folder = loading.resolve_folder(source.model_cfg, config.paths.cache_dir, source.seed)
     if config.export.merge:
         write_merged(config, source, folder, target)
-        print(f"merged model: {target}\nserve it: python -m pipeline.serve model=hub model.path={target}"
-              f"\nor: vllm serve {target} --dtype {config.export.dtype}")
+        name = config.export.lora_name  # the model id clients ask for, as for an adapter export
+        print(f"merged model: {target}\nserve it: python -m pipeline.serve model=hub model.path={target} "
+              f"base_name={name}\nor: vllm serve {target} --dtype {config.export.dtype} --served-model-name {name}")
     else:
         command = write_adapter(config, source, folder, target)
         print(f"adapter: {target / 'adapter'}\nvLLM command (also in {target / 'vllm_command.sh'}):\n{command}")

@@ -48,17 +48,17 @@ def with_sweep(cfg: ServeConfig) -> ServeConfig:
 def build_app(cfg: DictConfig) -> Any:
     """The ASGI app for a composed ``serve`` config, its models loaded (tests start it with
     uvicorn themselves)."""
-    return plan.build_app(with_sweep(typed_config(cfg)))
+    return plan.build_app(with_sweep(typed_config(cfg, plan.problems)))
 
 
 def vllm_arguments(cfg: DictConfig) -> List[str]:
     """The ``vllm serve`` arguments for a composed ``serve`` config (see :func:`plan.vllm_arguments`)."""
-    return plan.vllm_arguments(with_sweep(typed_config(cfg)))
+    return plan.vllm_arguments(with_sweep(typed_config(cfg, plan.problems)))
 
 
 def serve(cfg: DictConfig) -> None:
     """Serves until interrupted."""
-    config = with_sweep(typed_config(cfg))
+    config = with_sweep(typed_config(cfg, plan.problems))
     if config.server.engine == "vllm":
         return plan.exec_vllm(config)
     app = plan.build_app(config)

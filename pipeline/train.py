@@ -97,7 +97,8 @@ def _fit(cfg: TrainConfig, run: RunFolder, checkpoint: Optional[str], trial: Any
         cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, packing=cfg.data.packing,
         pack_length=cfg.data.pack_length, report_to=["wandb"] if wandb_run else [], run_name=run.path.name,
         resume_from=checkpoint, evaluator=evaluator,
-        callbacks=callbacks.run_callbacks(cfg.preemption, run) + sweep_trial.callbacks(cfg, trial),
+        callbacks=callbacks.run_callbacks(cfg.preemption, run) + sweep_trial.callbacks(cfg, trial)
+        + [callbacks.epoch_time_callback(summary["train/steps_per_epoch"], summary["train/planned_steps"])],
         best=objective.best_for(cfg, splits.validation is not None),
         distributed=distributed.trainer_arguments(cfg.distributed, run.path))
     metrics, base_measured, tuned = fit.fit(trainer, cfg.trainer, run.path, trains=cfg.adapter.trains,
@@ -107,10 +108,12 @@ def _fit(cfg: TrainConfig, run: RunFolder, checkpoint: Optional[str], trial: Any
     phases.enter("saving")
     predictions = run.path / "eval" / "predictions.jsonl"
     if distributed.is_main_process():
-        write_predictions(predictions, evaluator.sets, base_measured, tuned)
+        write_predictions(predictions, evaluator.recorded_sets, base_measured, tuned)
     metrics.update(summary, **tracking.peak_memory_mb(), **{"perf/wall_time_s": run.elapsed()})
     run.write_metrics(metrics)
     log.info("base vs tuned:\n%s", before_after_table(metrics))
+    log.info("%s", objective.result_line(metrics, cfg.objective.metric, cfg.objective.direction,
+                                         objective.primary_metric(cfg)))
     tracking.finish_wandb(wandb_run, metrics, predictions)
     sweep_trial.record_metrics(trial, metrics)
     value = objective_value(metrics, cfg.objective.metric)

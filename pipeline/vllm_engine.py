@@ -9,12 +9,14 @@ import argparse
 from pathlib import Path
 from typing import List, Optional
 
+from pipeline.runs import quiet
 from pipeline.scoring import vllm_client
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.vllm_engine",
                                      description="Install or locate vLLM's own environment.")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own notices")
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("install", help="create the vLLM environment")
     setup.add_argument("--target", type=Path, default=vllm_client.default_environment())
@@ -23,6 +25,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                        "(https://download.pytorch.org/whl/cpu where PyPI's torch is a CUDA build)")
     sub.add_parser("where", help="print the Python that runs vLLM")
     args = parser.parse_args(argv)
+    quiet.install(args.verbose)
     if args.command == "install":
         vllm_client.install(args.target, args.cuda, args.torch_index)
     else:

@@ -4,7 +4,7 @@ The config is composed from conf/ as ``pipeline.train`` composes it, ``run.json`
 ``config.yaml`` come from :class:`pipeline.runs.runfolder.RunFolder`, the predictions from
 :func:`pipeline.scoring.measurement.write_predictions` with scores from
 :func:`pipeline.scoring.metrics.compute`;
-only the model outputs and the cost figures are made up.
+only the model outputs, each example's loss and the cost figures are made up.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from pipeline.commands.compose import record
 from pipeline.runs.runfolder import RunFolder
+from pipeline.scoring.losses import perplexity
 from pipeline.scoring.measurement import EvalSet, Measurement, write_predictions
 from pipeline.scoring.metrics import compute
 from tests.conftest import compose_train
@@ -33,6 +34,9 @@ REFERENCES = [
 ]
 PROMPTS = [f"Translate to French: sentence {i}" for i in range(len(REFERENCES))]
 WRONG = "je ne sais pas"
+# The validation set: measured by its loss only, as a training run measures it.
+VALIDATION_REFERENCES = ["bonjour", "merci beaucoup", "à demain", "il fait beau", "je suis là", "au revoir"]
+VALIDATION_PROMPTS = [f"Translate to French: greeting {i}" for i in range(len(VALIDATION_REFERENCES))]
 
 
 def outputs(correct: int, references: Sequence[str] = REFERENCES) -> List[str]:
@@ -57,6 +61,20 @@ class Retained:
     tuned_loss: float
 
 
+def example_losses(references: Sequence[str], correct: Optional[int]) -> List[Dict[str, float]]:
+    """Made-up per-example losses (``loss``, ``loss_tokens``) as ``Evaluator.measure`` records
+    them: the base model's (``correct`` None) the same in every run; a tuned model's lower the
+    more examples it gets right, and lower on those it gets right."""
+    rows = []
+    for i, ref in enumerate(references):
+        if correct is None:
+            loss = 3.0 + 0.1 * (i % 3)
+        else:
+            loss = 2.8 - 0.1 * correct + 0.07 * ((i * correct) % 5) - (0.5 if i < correct else 0.0)
+        rows.append({"loss": loss, "loss_tokens": len(ref.split()) + 1})
+    return rows
+
+
 def write_run(folder: Path, overrides: Sequence[str], correct: int, costs: Dict[str, float],
               status: str = "success", retained: Optional[Retained] = None) -> Path:
     """A finished run folder of ``python -m pipeline.train <overrides>``.
@@ -64,7 +82,8 @@ def write_run(folder: Path, overrides: Sequence[str], correct: int, costs: Dict[
     Args:
         folder: The run folder to create.
         overrides: The command-line overrides (``model=tiny_llama`` is added to compose fast).
-        correct: How many test examples the tuned model gets right (the base model gets none).
+        correct: How many test examples the tuned model gets right (the base model gets none);
+            it sets the losses on the test and the validation set too (:func:`example_losses`).
         costs: ``params/*`` and ``perf/*`` figures for ``metrics.json``.
         status: The final status; only a successful run gets metrics and predictions.
         retained: The run's figures on :data:`RETENTION_SET`, measured as an extra dataset
@@ -85,9 +104,12 @@ def write_run(folder: Path, overrides: Sequence[str], correct: int, costs: Dict[
         tuned_texts[RETENTION_SET] = outputs(retained.tuned_correct, ANSWERS)
         losses = {"base": {f"{RETENTION_SET}/loss": retained.base_loss},
                   "tuned": {f"{RETENTION_SET}/loss": retained.tuned_loss}}
-    base = _measure(sets, base_texts, losses["base"])
-    tuned = _measure(sets, tuned_texts, losses["tuned"])
-    write_predictions(folder / "eval" / "predictions.jsonl", sets, base, tuned)
+    validation = EvalSet("eval", VALIDATION_PROMPTS, [[r] for r in VALIDATION_REFERENCES])
+    per_example = {side: {"test": example_losses(REFERENCES, known), "eval": example_losses(VALIDATION_REFERENCES, known)}
+                   for side, known in (("base", None), ("tuned", correct))}
+    base = _measure(sets, base_texts, losses["base"], per_example["base"])
+    tuned = _measure(sets, tuned_texts, losses["tuned"], per_example["tuned"])
+    write_predictions(folder / "eval" / "predictions.jsonl", [*sets, validation], base, tuned)
     values = {**{f"base/{k}": v for k, v in base.metrics.items()},
               **{f"tuned/{k}": v for k, v in tuned.metrics.items()}}
     values.update({f"delta/{k}": tuned.metrics[k] - base.metrics[k] for k in base.metrics})
@@ -98,13 +120,18 @@ def write_run(folder: Path, overrides: Sequence[str], correct: int, costs: Dict[
     return folder
 
 
-def _measure(sets: List, texts: Dict[str, List[str]], losses: Dict[str, float]):
-    """A :class:`pipeline.scoring.measurement.Measurement` of ``texts`` (per set), scored for real."""
+def _measure(sets: List, texts: Dict[str, List[str]], losses: Dict[str, float],
+             example_losses: Dict[str, List[Dict[str, float]]]):
+    """A :class:`pipeline.scoring.measurement.Measurement` of ``texts`` (per set), scored for
+    real, with each example's loss and each loss set's loss token-weighted from them."""
     values, per_example = dict(losses), {}
     for s in sets:
         corpus, per_example[s.name] = compute(METRICS, texts[s.name], s.references)
         values.update({f"{s.name}/{k}": v for k, v in corpus.items()})
-    return Measurement(values, texts, per_example)
+    for name, rows in example_losses.items():
+        loss = sum(r["loss"] * r["loss_tokens"] for r in rows) / sum(r["loss_tokens"] for r in rows)
+        values.update({f"{name}/loss": loss, f"{name}/perplexity": perplexity(loss)})
+    return Measurement(values, texts, per_example, example_losses)
 
 
 # Per method and seed: test examples right after tuning, then the retention set's answers right

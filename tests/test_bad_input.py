@@ -84,7 +84,12 @@ CASES = [
      "model.gguf_package='no_such_pkg' is not installed; install it with"),
     ("negative_learning_rate", ["trainer.learning_rate=-1"], "trainer.learning_rate=-1.0 must be > 0"),
     ("nan_learning_rate", ["trainer.learning_rate=nan"], "trainer.learning_rate=nan must be > 0"),
-    ("zero_steps", ["trainer.max_steps=0"], "trainer.max_steps or trainer.num_train_epochs must be > 0"),
+    ("zero_steps", ["trainer.max_steps=0"], "trainer.max_steps=0 must be > 0, or -1"),
+    ("negative_steps", ["trainer.max_steps=-5"], "trainer.max_steps=-5 must be > 0, or -1 (-1: train "
+     "trainer.num_train_epochs instead)"),
+    ("added_misspelt_key", ["+trainer.learnig_rate=1e-4"], "trainer.learnig_rate=0.0001 is not a setting: "
+     "did you mean trainer.learning_rate?"),
+    ("added_unknown_key", ["+foo=1"], "foo=1 is not a setting: remove it"),
     ("typo_in_trainer_extra", ["+trainer.extra.lerning_rate=1"],
      "trainer.extra.lerning_rate is not a TrainingArguments field; did you mean learning_rate"),
     ("zero_checkpoints_kept", ["trainer.save_total_limit=0"], "trainer.save_total_limit=0 must be > 0 or null"),
@@ -190,6 +195,8 @@ def cli(*overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("overrides, message, folder", [
     pytest.param(["adapter.r=0"], "error: 1 configuration problem(s):\n  - adapter.r=0 must be > 0", True,
                  id="validation"),
+    pytest.param(["+trainer.learnig_rate=1e-4"], "error: 1 configuration problem(s):\n  - trainer.learnig_rate="
+                 "0.0001 is not a setting: did you mean trainer.learning_rate?", True, id="added_misspelt_key"),
     pytest.param(["resume={d}/run/checkpoints/checkpoint-4"],
                  "error: resume={d}/run/checkpoints/checkpoint-4: cannot resume from this checkpoint: "
                  "{d}/run/checkpoints/checkpoint-4/adapter_model.safetensors is unreadable", True,
@@ -197,6 +204,11 @@ def cli(*overrides: str) -> subprocess.CompletedProcess:
     # Hydra rejects these while composing, before a run folder exists; its message names the
     # option or the key and it prints no traceback.
     pytest.param(["adapter=lorra"], "Could not find 'adapter/lorra'", False, id="unknown_adapter_option"),
+    pytest.param(["trainer.learnig_rate=1e-4"], "Could not override 'trainer.learnig_rate': not a setting; "
+                 "did you mean trainer.learning_rate?", False, id="misspelt_key"),
+    # debug=fast (in FAST) chooses logger=none: no W&B section to set a key in
+    pytest.param(["logger.wandb.project=x"], "Could not override 'logger.wandb.project': logger.wandb is null "
+                 "here", False, id="key_under_a_null_section"),
     pytest.param(["trainer.max_steps=ten"], "Value 'ten' of type 'str' could not be converted to Integer\n"
                  "    full_key: trainer.max_steps", False, id="wrong_type"),
     # a choice outside its values (every choice key: tests/test_config.py)

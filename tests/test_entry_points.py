@@ -1,28 +1,23 @@
 """What the rest of the suite does not exercise still points to the right modules: the console
-scripts, the Hydra callback in conf/hydra/, the sweeper plugin, the Dockerfile's build step, every
-benchmark (``--help``) and every ``python -m pipeline.*`` command the README shows (``--cfg
-job`` for the Hydra apps, composed or ``--help`` for the others)."""
+scripts, the Hydra callback in conf/hydra/, the sweeper plugin, the Dockerfile's build step and
+every benchmark (``--help``). The commands the READMEs show: tests/test_docs.py."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import List, Tuple
 
 import pytest
 import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 
 from tests.conftest import ROOT, compose_train, python_path
 
-HYDRA_APPS = {"pipeline.train", "pipeline.evaluate", "pipeline.serve", "pipeline.export"}
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
@@ -69,54 +64,3 @@ def test_the_dockerfile_builds_the_model_cache_with_existing_modules():
 def test_every_benchmark_answers_help(script):
     done = _run(f"benchmarks/{script}", "--help")
     assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr[-2000:]
-
-
-def readme_commands() -> List[Tuple[str, List[str]]]:
-    """(module, arguments) of every ``python -m pipeline.*`` line in the README's code blocks
-    (continuations joined, comments and shell prefixes dropped)."""
-    code, inside = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("```"):
-            inside = not inside
-        elif inside:
-            code.append(line)
-    found = []
-    for line in "\n".join(code).replace("\\\n", " ").splitlines():
-        if "-m pipeline." not in line or "$(" in line:
-            continue
-        words = shlex.split(line.split("  #")[0].split(" # ")[0])
-        start = words.index("-m", words.index(next(w for w in words if w.endswith("python") or w == "torchrun")))
-        found.append((words[start + 1], words[start + 2:]))
-    return found
-
-
-COMMANDS = readme_commands()
-
-
-def _as_composable(args: List[str]) -> List[str]:
-    """Overrides that compose alone: ``-m`` dropped (``--cfg job`` prints one job's config),
-    a sweep's comma list as its first value, a README placeholder as a plain word."""
-    args = [re.sub(r"<[^>]+>|\.\.\.", "x", a) for a in args if a not in ("-m", "--multirun")]
-    parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    return [f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else o.input_line
-            for o in parsed]
-
-
-def test_the_readme_names_every_entry_point():
-    assert {module for module, _ in COMMANDS} >= HYDRA_APPS | {"pipeline.data", "pipeline.report",
-                                                                "pipeline.estimate", "pipeline.vllm_engine"}
-    assert len(COMMANDS) >= 40
-
-
-@pytest.mark.parametrize("module, args", COMMANDS, ids=[f"{m} {' '.join(a)}"[:80] for m, a in COMMANDS])
-def test_every_readme_command_composes(module, args, tmp_path):
-    if module in HYDRA_APPS:
-        done = _run("-m", module, *_as_composable(args), f"hydra.run.dir={tmp_path}", "--cfg", "job")
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "task_name:" in done.stdout
-    else:
-        done = _run("-m", module, "--help")
-        assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr[-2000:]
-        if module in ("pipeline.data", "pipeline.estimate"):  # they take train's overrides
-            cfg = compose_train(_as_composable(args), tmp_path)
-            assert cfg.task_name == "train"

@@ -19,11 +19,12 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.commands.compose import typed_config
 from pipeline.config.errors import ConfigError, PipelineError
 from pipeline.config.schema import TrainConfig
+from pipeline.runs import atomic
 from pipeline.study import driver
 
 
@@ -86,8 +87,12 @@ class PipelineOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         HydraConfig.instance().set_config(self.config)  # paths interpolate ${hydra:runtime.cwd}
+        folder = Path(self.config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Hydra's own sweepers record the command's composed config there; so does this one.
+        atomic.write_text(folder / "multirun.yaml", OmegaConf.to_yaml(self.config))
         try:  # the driver refuses a config without a sweep definition
-            return driver.run(self._typed(self.config), Path(self.config.hydra.sweep.dir), self._launch,
+            return driver.run(self._typed(self.config), folder, self._launch,
                               passed_through(arguments), compose=self._compose)
         except PipelineError as err:  # the message says what is wrong; a traceback would bury it
             print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, List, Optional
 
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
 from pipeline.config.choices import make_choice
+from pipeline.config.ranges import bounded
 from pipeline.config.schema import ArchitectureInfo, QuantizationSettings
 from pipeline.model.precision import compute_dtype
 
@@ -22,9 +23,9 @@ ComputeDtype = make_choice("ComputeDtype", "auto", "float32", "bfloat16", "float
 @dataclass
 class LoraSettings(AdapterSettings):
     method: str = "lora"
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+    r: int = bounded(16, gt=0, fix="use adapter=full to train all weights")
+    lora_alpha: float = bounded(32.0, gt=0, meaning="scaling = alpha / r")
+    lora_dropout: float = bounded(0.05, ge=0, lt=1)
     target_modules: Any = None  # null: PEFT's default for the architecture; a list; or "all-linear"
     bias: LoraBias = LoraBias.none
     use_rslora: bool = False
@@ -34,14 +35,7 @@ class LoraSettings(AdapterSettings):
     vllm: ClassVar[bool] = True
 
     def check(self, architecture: Optional[ArchitectureInfo]) -> List[str]:
-        problems = []
-        if self.r <= 0:
-            problems.append(f"adapter.r={self.r} must be > 0; use adapter=full to train all weights")
-        if not self.lora_alpha > 0:
-            problems.append(f"adapter.lora_alpha={self.lora_alpha} must be > 0 (scaling = alpha / r)")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"adapter.lora_dropout={self.lora_dropout} must be in [0, 1)")
-        problems += check_targets("adapter.target_modules", self.target_modules, architecture)
+        problems = check_targets("adapter.target_modules", self.target_modules, architecture)
         if self.target_modules is None and architecture is not None:
             # lazy: peft loads torch and transformers; configs are checked without them
             from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -84,7 +78,7 @@ class QLoraSettings(LoraSettings):
     """LoRA over a base quantized by bitsandbytes (4-bit NF4 with double quantization by default)."""
 
     method: str = "qlora"
-    bits: int = 4
+    bits: int = bounded(4, one_of=(4, 8))
     quant_type: QuantType = QuantType.nf4  # 4-bit only
     double_quant: bool = True
     # auto: bfloat16 where the device multiplies it natively (AVX512-bf16/AMX CPUs, Ampere+ GPUs),
@@ -97,8 +91,6 @@ class QLoraSettings(LoraSettings):
 
     def check(self, architecture: Optional[ArchitectureInfo]) -> List[str]:
         problems = super().check(architecture)
-        if self.bits not in (4, 8):
-            problems.append(f"adapter.bits={self.bits} must be 4 or 8")
         if architecture is not None and architecture.model_type in NOT_QUANTIZABLE:
             problems.append(f"adapter={self.method} needs a quantizable base, but model_type="
                             f"{architecture.model_type} cannot be quantized: "

@@ -10,7 +10,7 @@ tools that print and exit (``pipeline.estimate``, ``python -m pipeline.data``, b
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -21,8 +21,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pipeline.adapters.registry import ADAPTERS, settings_fields
 from pipeline.commands import store  # noqa: F401  (registers the schemas the configs compose against)
 from pipeline.commands import validation
+from pipeline.commands.keys import unknown_keys
 from pipeline.config.errors import ConfigError, missing_values
 from pipeline.config.options import CONF_DIR, plain
+from pipeline.config.ranges import range_problems
 from pipeline.config.app_schema import EvaluateConfig, ExportConfig, ServeConfig
 from pipeline.config.schema import TrainConfig
 
@@ -70,19 +72,35 @@ def unknown_adapter_keys(cfg: DictConfig) -> List[str]:
     return problems
 
 
-def typed_config(cfg: Union[DictConfig, EntryConfig]) -> EntryConfig:
+def typed_config(cfg: Union[DictConfig, EntryConfig],
+                 checks: Callable[[Any], List[str]] = lambda typed: []) -> EntryConfig:
     """An entry point's composed config as its schema object, every interpolation resolved:
     ``TrainConfig``, ``EvaluateConfig``, ``ServeConfig`` or ``ExportConfig``, the adapter as its
-    method's settings. No cross-field checks (:func:`checked_train` adds them for training).
+    method's settings; every value checked against its declared range
+    (:mod:`pipeline.config.ranges`). ``checks`` adds the entry point's rules across fields, so
+    that one error lists every problem.
 
     Raises:
-        ConfigError: every value still missing (``???``), named by its key.
+        ConfigError: every key the schema does not have (with the closest known key), every
+            value still missing (``???``) or out of its range, and what ``checks`` finds.
     """
     if not OmegaConf.is_config(cfg):
         return cfg
+    problems = unknown_keys(cfg)
     missing = sorted(missing_keys(cfg))
-    if missing:
-        raise missing_values(missing)
+    if missing:  # the other checks would trip over them
+        raise missing_values(missing, problems)
+    try:
+        typed = _convert(cfg)
+    except ConfigError as err:
+        raise ConfigError(problems + err.problems) from None
+    problems += range_problems(typed) + checks(typed)
+    if problems:
+        raise ConfigError(problems)
+    return typed
+
+
+def _convert(cfg: DictConfig) -> EntryConfig:
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as err:  # behind an interpolation
@@ -120,12 +138,11 @@ def checked_train(cfg: DictConfig) -> TrainConfig:
     Raises:
         ConfigError: every problem found, each naming key, value and fix.
     """
-    typed = typed_config(cfg)  # missing values first: the other checks would trip over them
-    problems = unknown_adapter_keys(cfg)
-    problems += validation.problems(typed, check_adapter=not problems)
-    if problems:
-        raise ConfigError(problems)
-    return typed
+    def rules(typed: TrainConfig) -> List[str]:
+        adapter_keys = unknown_adapter_keys(cfg)
+        return adapter_keys + validation.problems(typed, check_adapter=not adapter_keys)
+
+    return typed_config(cfg, rules)
 
 
 def compose_train(overrides: List[str]) -> TrainConfig:

@@ -27,9 +27,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.errors import Interrupted, PipelineError
+from pipeline.runs import quiet
 from pipeline.runs.runfolder import ReplicaRunFolder, RunFolder, unwritable_reason
 from pipeline.study.trial import is_pruned
 from pipeline.trainer import preemption, tracking
@@ -50,7 +51,9 @@ def multirun_folder() -> Optional[Path]:
 
 def main(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """Runs an entry point's ``task`` and turns its errors into an exit status (see the module
-    docstring)."""
+    docstring). The libraries' notices stay quiet unless ``hydra.verbose`` is set."""
+    wandb_mode = OmegaConf.select(cfg, "logger.wandb.mode")  # None: logger=none, or no logger group
+    quiet.install(verbose=bool(HydraConfig.get().verbose), logs_to_wandb=wandb_mode not in (None, "disabled"))
     try:
         return task(cfg)
     except Interrupted as err:  # in a multirun too: the whole process is being stopped

@@ -20,6 +20,7 @@ except ImportError:
     hydra_plugins = None
 
 from pipeline.adapters.registry import ADAPTERS
+from pipeline.commands.keys import guard_overrides
 from pipeline.config.app_schema import EvaluateConfig, ExportConfig, ServeConfig
 from pipeline.config.errors import ConfigError
 from pipeline.config.options import PACKAGE_DIR, SWEEPS_DIR
@@ -39,6 +40,7 @@ def register_configs() -> None:
         cs.store(group="schema/adapter", name=name, node=settings)
     register_sweeps(cs)
     expose_sweeper_plugin()
+    guard_overrides()
 
 
 def expose_sweeper_plugin() -> None:

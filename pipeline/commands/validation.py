@@ -32,23 +32,13 @@ LOCAL_SUFFIXES = tuple(LOADERS)  # a path with one of these suffixes is a local 
 
 def _check_data(data: DataConfig) -> List[str]:
     problems = []
-    if data.max_length < 8:
-        problems.append(f"data.max_length={data.max_length} must be >= 8")
-    for key in ("validation_size", "test_size"):
-        value = getattr(data, key)
-        if not value >= 0:
-            problems.append(f"data.{key}={value} must be >= 0 (a fraction < 1 or a count)")
-    fractions = [v for v in (data.validation_size, data.test_size) if v < 1]
+    fractions = [v for v in (data.validation_size, data.test_size) if 0 <= v < 1]
     if sum(fractions) >= 1:
         problems.append(f"data.validation_size + data.test_size = {sum(fractions)} leaves no "
                         "training examples; make them smaller")
     if data.packing and data.pack_length < data.max_length:
         problems.append(f"data.pack_length={data.pack_length} must be >= data.max_length="
                         f"{data.max_length} (every example must fit in a packed row); raise it")
-    for key in ("max_examples", "max_validation_examples", "max_test_examples"):
-        value = getattr(data, key)
-        if value is not None and value <= 0:
-            problems.append(f"data.{key}={value} must be > 0 or null")
     if data.template == "plain" and data.format == "messages":
         problems.append("data.format=messages needs data.template=chat (a chat template renders "
                         "the turns); use data.template=chat")
@@ -60,8 +50,6 @@ def _check_data(data: DataConfig) -> List[str]:
         if (source.examples is None) == (source.fraction is None):
             problems.append(f"data.mix[{i}] ({source.data}) needs examples (a count) or fraction (of the "
                             "main training examples), one of them")
-        elif not (source.examples or 0) >= 0 or not (source.fraction or 0) >= 0:
-            problems.append(f"data.mix[{i}] ({source.data}): examples and fraction must be >= 0")
         if source.data not in group_options("data"):
             problems.append(f"data.mix[{i}].data={source.data!r} is not a data option; available: "
                             f"{', '.join(group_options('data'))}")
@@ -93,21 +81,6 @@ def _check_model(model: ModelConfig) -> List[str]:
 
 def _check_trainer(trainer: TrainerConfig) -> List[str]:
     problems = []
-    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "logging_steps")
-    for key in positive:
-        if getattr(trainer, key) <= 0:
-            problems.append(f"trainer.{key}={getattr(trainer, key)} must be > 0")
-    if not trainer.learning_rate > 0:
-        problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
-    if trainer.max_steps == 0 or (trainer.max_steps < 0 and trainer.num_train_epochs <= 0):
-        problems.append("trainer.max_steps or trainer.num_train_epochs must be > 0")
-    if not 0 <= trainer.warmup_ratio < 1:
-        problems.append(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
-    for key in ("eval_steps", "eval_examples", "save_steps", "save_total_limit"):
-        value = getattr(trainer, key)
-        if value is not None and value <= 0:
-            problems.append(f"trainer.{key}={value} must be > 0 or null")
     if trainer.extra:
         problems += unknown_extra_keys(trainer.extra)
     return problems
@@ -117,9 +90,6 @@ def _check_preemption(preemption: PreemptionConfig) -> List[str]:
     problems = [f"preemption.signals has {name!r}, not a signal name such as SIGTERM or SIGUSR1"
                 for name in preemption.signals
                 if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP")]
-    code = preemption.exit_code
-    if code is not None and not 0 < code < 256:
-        problems.append(f"preemption.exit_code={code} must be in 1..255 (0 would read as success)")
     return problems
 
 
@@ -145,10 +115,6 @@ def _check_evaluation_sets(ev: EvaluationConfig, data: DataConfig) -> List[str]:
     if {"accuracy", "macro_f1"} & set(ev.metrics) and not ev.labels:
         problems.append("evaluation.labels must list the label set for accuracy / macro_f1, "
                         "e.g. evaluation.labels=[positive,negative]")
-    if ev.max_examples is not None and ev.max_examples <= 0:
-        problems.append(f"evaluation.max_examples={ev.max_examples} must be > 0 or null")
-    if ev.batch_size <= 0 or ev.decoding.max_new_tokens <= 0:
-        problems.append("evaluation.batch_size and evaluation.decoding.max_new_tokens must be > 0")
     if ev.engine == "vllm" and ev.decoding.strategy == "beam" and ev.metrics:
         problems.append("evaluation.engine=vllm: evaluation.decoding.strategy=beam is not "
                         "supported; use greedy or sample, or evaluation.engine=transformers")

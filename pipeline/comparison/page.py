@@ -74,16 +74,35 @@ def configuration_lines(table: Dict[str, Dict[str, Any]], keys: List[str], metri
     return lines
 
 
+def tie_remark(difference: paired.Difference) -> str:
+    """What a comparison in which every run scores each example the same shows instead of a
+    difference ('' for any other)."""
+    if difference.constant is not None:
+        return f"constant: every run scores {difference.constant:.4g} on every example; no difference to test"
+    if difference.identical:
+        return "identical: every run scores each example the same; no difference to test"
+    return ""
+
+
 def paired_lines(differences: Dict[str, paired.Difference], note: Optional[str], metric: str,
                  baseline: str) -> List[str]:
-    """The section of paired differences to the baseline (or why there is none)."""
+    """The section of paired differences to the baseline (or why there is none, or that the
+    metric is the same on every example of every run)."""
     lines = ["", f"## Paired differences to {baseline}", ""]
     if not differences:
         return lines + [f"Not computed: {note or 'a single configuration'}."]
     first = next(iter(differences.values()))
+    if first.identical:
+        return lines + [f"Not compared: `{metric}` is {tie_remark(first)}. Every run gives each of the "
+                        f"{first.examples} shared examples, all of them together and each of the "
+                        f"{first.replicates} resamples the same score, so it cannot tell the configurations "
+                        "apart; choose a metric that does with `--metric`."]
+    weighting = (" Each side's loss on a resample weighs each example's mean token loss by its "
+                 "tokens, as the set's loss does." if paired.MetricRef.parse(metric).name in paired.LOSS_METRICS
+                 else "")
     lines += [f"Difference in `{metric}` (configuration minus `{baseline}`), with a paired bootstrap "
               f"95% interval: {first.replicates} resamples of the {first.examples} shared examples, "
-              "the same for both sides, each side the mean over its seeds. `*`: the interval "
+              f"the same for both sides, each side the mean over its seeds.{weighting} `*`: the interval "
               "excludes 0.", "",
               "| configuration | difference | 95% interval | significant |", "|---|---:|---:|---|"]
     for label, d in differences.items():
@@ -227,9 +246,10 @@ def wandb_tables(result: Dict[str, Any]) -> Dict[str, WandbRows]:
     tables = {"report/comparison": _configuration_rows(result)}
     if result["differences"]:
         tables["report/paired_differences"] = (
-            ["configuration", "baseline", "metric", "difference", "low", "high", "significant", "examples"],
-            [[label, result["baseline"], metric, d.difference, d.low, d.high, d.significant, d.examples]
-             for label, d in result["differences"].items()])
+            ["configuration", "baseline", "metric", "difference", "low", "high", "significant", "examples",
+             "remark"],
+            [[label, result["baseline"], metric, d.difference, d.low, d.high, d.significant, d.examples,
+              tie_remark(d)] for label, d in result["differences"].items()])
     if costs:  # not report/pareto: that is the Pareto plot's key
         tables["report/pareto_front"] = (["configuration", metric, *costs, "non_dominated"], [
             [label, row.get(metric, (math.nan, 0))[0], *[row[k][0] for k in costs], label in result["pareto"]]

@@ -11,13 +11,23 @@ configuration has several seeds and sentence-level metrics (ROUGE, exact match, 
 are resampled too, as means of their per-example scores. Corpus-level metrics (BLEU, chrF) are
 recomputed on each resample from sacrebleu's per-sentence sufficient statistics: summing them
 over a resample and scoring the sum is exactly the corpus score of that resample (the route
-``sacrebleu.significance`` takes), without re-tokenising the text a thousand times.
+``sacrebleu.significance`` takes), without re-tokenising the text a thousand times. Losses are
+recomputed the same way: each example's mean token loss weighted by its token count, summed over
+a resample, is the token-weighted loss of that resample, as ``metrics.json`` reports a set's loss
+(and the perplexity its exponential).
+
+A metric on which every run scores each example the same cannot tell the configurations apart:
+its difference is 0 with an interval of width 0, which reads as a measured tie. That happens
+when the metric is constant (BLEU 0 throughout, when a tiny model's outputs share no word with
+the references) or when the runs compared are one model (the base model of runs that share it).
+Such a comparison is marked (:attr:`Difference.identical`, :attr:`Difference.constant`), for the
+report to say so instead.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
@@ -26,10 +36,13 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from pipeline.comparison.grouping import Configured, mean_std
 from pipeline.runs.progress import Progress
+from pipeline.scoring.losses import MAX_LOG_PERPLEXITY
 from pipeline.scoring.metrics import reference_streams
 
 # The same settings as pipeline.scoring.metrics.corpus_bleu / corpus_chrf (sacrebleu's defaults).
 CORPUS_METRICS = {"bleu": BLEU, "chrf": CHRF}
+# Token-weighted over a resample, from each example's ``loss`` and ``loss_tokens``.
+LOSS_METRICS = ("loss", "perplexity")
 SIDES = ("base", "tuned", "delta")
 RUN_SPLITS = ("eval", "test")  # a run's own splits; any other evaluation set is an extra dataset
 LOWER_IS_BETTER = ("loss", "perplexity", "unparsable_rate")
@@ -66,13 +79,28 @@ def metric_suffix(metric: str) -> str:
 
 @dataclass(frozen=True)
 class Difference:
-    """A configuration's difference to the baseline, with its paired bootstrap interval."""
+    """A configuration's difference to the baseline, with its paired bootstrap interval.
+
+    Attributes:
+        difference: the configuration's score minus the baseline's, on every shared example.
+        low: the 2.5th percentile of the difference over the resamples.
+        high: the 97.5th percentile.
+        examples: how many examples every run shares.
+        replicates: how many resamples.
+        identical: every run compared, of every configuration, scores each example the same,
+            alone and all together, and every configuration scores each resample the same:
+            there is no difference to test (difference, low and high are then 0 and say nothing).
+        constant: when the runs are identical and that score is one value on every example,
+            the value; None otherwise.
+    """
 
     difference: float
     low: float
     high: float
     examples: int
     replicates: int
+    identical: bool = False
+    constant: Optional[float] = None
 
     @property
     def significant(self) -> bool:
@@ -90,25 +118,70 @@ def _example_key(row: Dict[str, Any]) -> Tuple[int, str]:
     return row["index"], row["prompt"]
 
 
-def align(configs: Mapping[str, Sequence[Rows]], split: str) -> Dict[str, List[Rows]]:
-    """Every run's rows of evaluation set ``split``, restricted to the examples all runs share
-    and put in one order, so that index ``i`` is the same prompt in every run.
+def _sides(metric: MetricRef) -> Tuple[str, ...]:
+    return ("base", "tuned") if metric.side == "delta" else (metric.side,)
+
+
+def _needs(metric: MetricRef) -> Tuple[str, ...]:
+    """The per-example scores a row must hold for ``metric`` (none for a corpus metric: it is
+    recomputed from the outputs)."""
+    if metric.name in CORPUS_METRICS:
+        return ()
+    return ("loss", "loss_tokens") if metric.name in LOSS_METRICS else (metric.name,)
+
+
+def can_score(row: Dict[str, Any], metric: MetricRef) -> bool:
+    """Whether a prediction row can score ``metric``: a corpus metric needs the row's outputs
+    (an example measured only by its loss has none), any other metric its per-example score."""
+    if metric.name in CORPUS_METRICS:
+        return all(row[side] is not None for side in _sides(metric))
+    return all(name in row[f"{side}_scores"] for side in _sides(metric) for name in _needs(metric))
+
+
+def _unscored(label: str, rows: Rows, metric: MetricRef) -> str:
+    """Why the rows of one run of ``label`` cannot score ``metric`` on its set."""
+    where = f"eval/predictions.jsonl of a run of {label!r}"
+    if not rows:
+        return f"{where} has no row of set {metric.split!r}"
+    if metric.name in CORPUS_METRICS:
+        return f"{where} has no output on set {metric.split!r} to score {metric.name!r} on"
+    side, name = next((side, name) for side in _sides(metric) for name in _needs(metric)
+                      if name not in rows[0][f"{side}_scores"])
+    had = sorted(rows[0][f"{side}_scores"])
+    why = " (it was measured before per-example losses were recorded)" if metric.name in LOSS_METRICS else ""
+    return (f"{where} has no per-example {name!r} score of the {side} model on set "
+            f"{metric.split!r}{why}; it has: {', '.join(had) or 'none'}")
+
+
+def align(configs: Mapping[str, Sequence[Rows]], metric: MetricRef) -> Dict[str, List[Rows]]:
+    """Every run's rows of ``metric``'s evaluation set that can score it (:func:`can_score`),
+    restricted to the examples all runs share and put in one order, so that index ``i`` is the
+    same prompt in every run.
 
     Args:
         configs: Per configuration label, the prediction rows of each of its runs (seeds).
-        split: The evaluation set (``test``, ``eval`` or an extra dataset's name).
+        metric: The metric compared; its set is ``test``, ``eval`` or an extra dataset's name.
 
     Returns:
         The same structure with aligned rows.
 
     Raises:
-        ValueError: When no example is shared by every run.
+        ValueError: When a run has no row that scores the metric (naming what its rows hold
+            instead), or no example is shared by every run.
     """
-    by_key = [[{_example_key(r): r for r in rows if r["set"] == split} for rows in runs]
-              for runs in configs.values()]
+    by_key = []
+    for label, runs in configs.items():
+        keyed = []
+        for rows in runs:
+            in_set = [r for r in rows if r["set"] == metric.split]
+            scored = {_example_key(r): r for r in in_set if can_score(r, metric)}
+            if not scored:
+                raise ValueError(_unscored(label, in_set, metric))
+            keyed.append(scored)
+        by_key.append(keyed)
     shared = set.intersection(*(set(run) for runs in by_key for run in runs))
     if not shared:
-        raise ValueError(f"no example of set {split!r} is in the predictions of every run")
+        raise ValueError(f"no example of set {metric.split!r} is in the predictions of every run")
     order = sorted(shared)
     return {label: [[run[k] for k in order] for run in runs] for label, runs in zip(configs, by_key)}
 
@@ -128,34 +201,48 @@ def _corpus_scores(rows: Rows, side: str, name: str, indices: np.ndarray) -> np.
     return np.array([metric._compute_score_from_stats(s.tolist()).score for s in sums])
 
 
+def _loss_scores(rows: Rows, side: str, name: str, indices: np.ndarray) -> np.ndarray:
+    scored = [r[f"{side}_scores"] for r in rows]
+    tokens = np.array([float(s["loss_tokens"]) for s in scored])
+    nll = np.array([float(s["loss"]) for s in scored]) * tokens
+    loss = nll[indices].sum(axis=1) / np.maximum(tokens[indices].sum(axis=1), 1.0)
+    return loss if name == "loss" else np.exp(np.minimum(loss, MAX_LOG_PERPLEXITY))
+
+
 def run_scores(rows: Rows, metric: MetricRef, indices: np.ndarray) -> np.ndarray:
     """One run's ``metric`` on each resample.
 
     Args:
-        rows: The run's aligned prediction rows.
+        rows: The run's aligned prediction rows (each can score the metric: :func:`align`).
         metric: What to score; ``delta`` is tuned minus base on the same resample.
         indices: One row of example indices per resample.
 
     Returns:
         One score per row of ``indices``.
-
-    Raises:
-        ValueError: When the rows hold no per-example score for the metric.
     """
     if metric.side == "delta":
         return (run_scores(rows, MetricRef("tuned", metric.split, metric.name), indices)
                 - run_scores(rows, MetricRef("base", metric.split, metric.name), indices))
     if metric.name in CORPUS_METRICS:
         return _corpus_scores(rows, metric.side, metric.name, indices)
-    if metric.name not in rows[0][f"{metric.side}_scores"]:
-        raise ValueError(f"eval/predictions.jsonl has no per-example {metric.name!r} score; "
-                         f"it has: {', '.join(sorted(rows[0][f'{metric.side}_scores']))}")
+    if metric.name in LOSS_METRICS:
+        return _loss_scores(rows, metric.side, metric.name, indices)
     return _sentence_scores(rows, metric.side, metric.name, indices)
 
 
 def config_scores(runs: Sequence[Rows], metric: MetricRef, indices: np.ndarray) -> np.ndarray:
     """A configuration's score on each resample: the mean over its runs (seeds)."""
     return np.mean([run_scores(rows, metric, indices) for rows in runs], axis=0)
+
+
+def shared_scores(aligned: Mapping[str, Sequence[Rows]], metric: MetricRef) -> Optional[np.ndarray]:
+    """Each aligned example's score alone, then all of them together, when every run gives
+    exactly these; None when two runs score an example differently."""
+    n = len(next(iter(aligned.values()))[0])
+    probes = (np.arange(n)[:, None], np.arange(n)[None, :])  # each example alone; all together
+    per_run = [np.concatenate([run_scores(rows, metric, probe) for probe in probes])
+               for runs in aligned.values() for rows in runs]
+    return per_run[0] if all(np.array_equal(per_run[0], other) for other in per_run[1:]) else None
 
 
 def paired_bootstrap(configs: Mapping[str, Sequence[Rows]], baseline: str, metric: MetricRef,
@@ -174,29 +261,36 @@ def paired_bootstrap(configs: Mapping[str, Sequence[Rows]], baseline: str, metri
         seed: Seed of the resampling RNG; fixed so that a report is reproducible.
 
     Returns:
-        Per configuration other than the baseline, its :class:`Difference`.
+        Per configuration other than the baseline, its :class:`Difference` (each marked
+        ``identical`` when every run scores each example the same, and ``constant`` when that
+        is one value on every example).
 
     Raises:
         ValueError: When the runs share no example or hold no per-example score for the metric.
     """
-    aligned = align(configs, metric.split)
+    aligned = align(configs, metric)
     n = len(aligned[baseline][0])
     indices = np.random.default_rng(seed).integers(0, n, size=(replicates, n))
     everything = np.arange(n)[None, :]
     base_resampled = config_scores(aligned[baseline], metric, indices)
     base_score = config_scores(aligned[baseline], metric, everything)[0]
+    shared = shared_scores(aligned, metric)
     differences = {}
     with Progress(len(aligned) - 1, f"report: paired bootstrap of {metric.side}/{metric.split}/{metric.name} ({replicates} resamples "
                   f"of {n} examples)", "configurations") as shown:
         for label, runs in aligned.items():
             if label == baseline:
                 continue
-            resampled = config_scores(runs, metric, indices) - base_resampled
-            low, high = np.percentile(resampled, [2.5, 97.5])
+            scored = config_scores(runs, metric, indices)
+            # A corpus metric could still differ on a resample; a mean over seeds may round apart.
+            if shared is not None and not np.allclose(scored, base_resampled, rtol=1e-12, atol=0):
+                shared = None
+            low, high = np.percentile(scored - base_resampled, [2.5, 97.5])
             point = config_scores(runs, metric, everything)[0] - base_score
             differences[label] = Difference(float(point), float(low), float(high), n, replicates)
             shown.update()
-    return differences
+    constant = float(shared[0]) if shared is not None and np.all(shared == shared[0]) else None
+    return {label: replace(d, identical=shared is not None, constant=constant) for label, d in differences.items()}
 
 
 # --------------------------------------------------------------------------- retention

@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from pipeline.config.choices import ServerEngine, WeightsDtype
+from pipeline.config.ranges import SEED, bounded
 from pipeline.config.schema import DataConfig, EvaluationConfig, LoggerConfig, ModelConfig, PathsConfig
 
 
@@ -25,7 +26,7 @@ class EvaluateConfig:
     adapter_path: Optional[str] = None  # an adapter (or full model) folder for `model`
     # The registered method adapter_path was trained with (qlora: the base loads in 4-bit).
     adapter_method: str = "lora"
-    seed: int = 42
+    seed: int = bounded(42, **SEED)
     task_name: str = "evaluate"
     tags: List[str] = field(default_factory=list)
 
@@ -41,18 +42,18 @@ class ServerConfig:
     engine: ServerEngine = ServerEngine.builtin
     vllm_args: List[str] = field(default_factory=list)  # extra `vllm serve` arguments
     host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set it deliberately
-    port: int = 8000
+    port: int = bounded(8000, ge=1, le=65535)
     # The API key is read from this environment variable (unset or empty: no key required);
     # ``api_key`` in the config is a fallback for tests. Neither is ever logged.
     api_key_env: str = "PIPELINE_API_KEY"
     api_key: Optional[str] = None
-    max_batch_size: int = 8  # rows (prompts x n) generated together
-    max_wait_ms: float = 10.0  # how long the first queued request waits for companions
-    max_prompt_tokens: int = 1024
-    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 64
-    max_n: int = 8
-    timeout_graceful_shutdown: Optional[float] = 30.0  # seconds in-flight requests get on shutdown
+    max_batch_size: int = bounded(8, gt=0)  # rows (prompts x n) generated together
+    max_wait_ms: float = bounded(10.0, ge=0)  # how long the first queued request waits for companions
+    max_prompt_tokens: int = bounded(1024, gt=0)
+    max_tokens_limit: int = bounded(512, gt=0)  # the largest max_tokens a request may ask for
+    default_max_tokens: int = bounded(64, gt=0)
+    max_n: int = bounded(8, gt=0)
+    timeout_graceful_shutdown: Optional[float] = bounded(30.0, ge=0)  # seconds in-flight requests get on shutdown
     log_level: str = "info"
 
 
@@ -72,7 +73,7 @@ class ServeConfig:
     # from the command line (`adapters={fr: ...}`); serve.check validates it instead.
     adapters: Any = None
     base_name: Optional[str] = None  # the base model's served name (null: model.name)
-    seed: int = 42
+    seed: int = bounded(42, **SEED)
     task_name: str = "serve"
 
 
@@ -82,7 +83,7 @@ class ExportSettings:
     dequantize: bool = False  # merge into a dequantised copy of a 4-bit base (else refused)
     dtype: WeightsDtype = WeightsDtype.float32  # of the merged weights
     output: Optional[str] = None  # the export folder (null: <run>/export/merged or .../vllm)
-    lora_name: str = "tuned"  # the name vLLM serves the adapter under
+    lora_name: str = "tuned"  # the model id the export is served under (adapter or merged model)
     overwrite: bool = False
 
 
@@ -97,5 +98,5 @@ class ExportConfig:
     sweep: Optional[str] = None  # a sweep's name or folder: exports its best trial's run
     adapter_path: Optional[str] = None
     adapter_method: str = "lora"  # the registered method adapter_path was trained with
-    seed: int = 42
+    seed: int = bounded(42, **SEED)
     task_name: str = "export"

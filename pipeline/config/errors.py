@@ -7,7 +7,7 @@ configuration problem at once. :class:`Interrupted` is a run stopped on request,
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 
 class PipelineError(Exception):
@@ -24,9 +24,11 @@ class ConfigError(PipelineError, ValueError):
         super().__init__(f"{len(problems)} configuration problem(s):\n{lines}")
 
 
-def missing_values(keys: List[str]) -> ConfigError:
-    """The error for keys still ``???`` after composition."""
-    return ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..." for key in keys])
+def missing_values(keys: List[str], others: Optional[List[str]] = None) -> ConfigError:
+    """The error for keys still ``???`` after composition (with ``others``, problems found
+    alongside, reported in the same error)."""
+    return ConfigError([f"{key} is required: set it on the command line, e.g. {key}=..." for key in keys]
+                       + list(others or []))
 
 
 class Interrupted(Exception):

@@ -21,6 +21,7 @@ from omegaconf import II, MISSING, SI
 from pipeline.config.choices import (DataFormat, DecodingStrategy, Direction, EvaluationEngine, LossPrecision,
                               ModelDtype, ModelSource, NanPolicy, ParamType, Precision, Sampling, Strategy,
                               Template, TinyArchitecture, TinyDtype, TrainOn, Truncation, WandbMode)
+from pipeline.config.ranges import SEED, bounded, unbounded
 
 # --------------------------------------------------------------------------- data
 
@@ -33,8 +34,8 @@ class MixSource:
 
     data: str = MISSING  # a data option: conf/data/<name>.yaml
     overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. {path: other.jsonl, format: sharegpt}
-    examples: Optional[int] = None
-    fraction: Optional[float] = None
+    examples: Optional[int] = bounded(None, ge=0)
+    fraction: Optional[float] = bounded(None, ge=0)
 
 
 @dataclass
@@ -50,11 +51,12 @@ class DataConfig:
     format: DataFormat = DataFormat.auto
     subset: Optional[str] = None  # hub dataset configuration name
     source_split: str = "train"  # split read from the source before our own split
-    # Held-out sets as the user has them, used as they are (never re-split; only capped by
-    # max_validation_examples / max_test_examples): local files or folders ...
+    # Held-out sets as the user has them, used as they are (never re-split; cut only to a count
+    # given as data.validation_size / data.test_size >= 1): local files or folders ...
     validation_path: Optional[str] = None
     test_path: Optional[str] = None
-    # ... or, for a hub dataset (or a folder of train/validation/test files), its named splits,
+    # ... or, for a hub dataset (a local folder of split-named files is read as its splits
+    # without this, by datasets' own file-name rules), its named splits,
     # e.g. {train: train, validation: validation, test: test}. Typed Any: Hydra cannot add keys
     # to a typed dict from the command line (data.splits='{...}'); _check_data validates it.
     splits: Any = None
@@ -82,18 +84,18 @@ class DataConfig:
     cache: bool = True
     system_prompt: Optional[str] = None
     template: Template = Template.chat  # chat: the tokenizer's chat template | plain: prompt + completion + eos
-    max_length: int = 256
+    max_length: int = bounded(256, ge=8)
     truncation: Truncation = Truncation.drop  # what to do with longer examples
-    validation_size: float = 0.1  # fraction (< 1) or count (>= 1) of examples
-    test_size: float = 0.1
+    validation_size: float = bounded(0.1, ge=0)  # fraction (< 1) or count (>= 1) of examples
+    test_size: float = bounded(0.1, ge=0)
     # A fraction of a large file is more than evaluation needs (every validation example is
     # scored at each trainer.eval_steps): fractions are capped at these counts, and the rest
     # trains. Counts given as validation_size/test_size are kept as they are. null: no cap.
-    max_validation_examples: Optional[int] = 200
-    max_test_examples: Optional[int] = 300
-    max_examples: Optional[int] = None  # cap before splitting (debug, quick experiments)
+    max_validation_examples: Optional[int] = bounded(200, gt=0)
+    max_test_examples: Optional[int] = bounded(300, gt=0)
+    max_examples: Optional[int] = bounded(None, gt=0)  # cap before splitting (debug, quick experiments)
     packing: bool = False  # padding-free batches (position ids restart per example)
-    pack_length: int = 512  # packing: the token budget of one packed row (>= max_length)
+    pack_length: int = bounded(512, ge=8)  # packing: the token budget of one packed row (>= max_length)
     # Other sources mixed into train (never into validation/test), e.g. some general chat data
     # against forgetting: [{data: chatterbot_qa, fraction: 0.2}]. Each source's own training
     # split is sampled (seeded), so its held-out examples stay unseen; counts land in run.json.
@@ -101,7 +103,7 @@ class DataConfig:
     # The split's seed (and a tiny model's initialisation). Fixed rather than ${seed}: the runs
     # of a multirun over seeds then train on the same split and are evaluated on the same
     # examples, so they compare example by example and share one base measurement.
-    seed: int = 42
+    seed: int = bounded(42, **SEED)
 
 
 # --------------------------------------------------------------------------- model
@@ -113,13 +115,13 @@ class TinyModelConfig:
     real model's shape (``model=synthetic_llama_8b``) to measure memory and speed offline."""
 
     architecture: TinyArchitecture = TinyArchitecture.llama
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position_embeddings: int = 1024
-    vocab_size: Optional[int] = None  # null: the tokenizer's; a real model's size counts its rows
+    hidden_size: int = bounded(64, gt=0)
+    intermediate_size: int = bounded(128, gt=0)
+    num_layers: int = bounded(2, gt=0)
+    num_heads: int = bounded(4, gt=0)
+    num_kv_heads: int = bounded(2, gt=0)
+    max_position_embeddings: int = bounded(1024, gt=0)
+    vocab_size: Optional[int] = bounded(None, gt=0)  # null: the tokenizer's; a real model's size counts its rows
     tie_word_embeddings: bool = True
     dtype: TinyDtype = TinyDtype.float32  # of the stored random weights
 
@@ -129,7 +131,7 @@ class QuantizationSettings:
     """A base quantized on load by bitsandbytes (QLoRA's): the arguments of
     :func:`pipeline.model.quantization.bnb_config`, as the adapter settings resolve them."""
 
-    bits: int = 4  # 4 | 8
+    bits: int = bounded(4, one_of=(4, 8))
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
     compute_dtype: str = "bfloat16"  # resolved: never "auto"
@@ -177,33 +179,33 @@ class TrainerConfig:
     Anything else ``TrainingArguments`` accepts goes in ``extra`` (checked against its fields).
     """
 
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
+    max_steps: int = bounded(-1, gt=0, also=(-1,), meaning="-1: train trainer.num_train_epochs instead")
+    num_train_epochs: float = bounded(1.0, gt=0)
+    per_device_train_batch_size: int = bounded(8, gt=0)
+    per_device_eval_batch_size: int = bounded(8, gt=0)
+    gradient_accumulation_steps: int = bounded(1, gt=0)
+    learning_rate: float = bounded(2e-4, gt=0)
     # A lookup table for experiments that vary the method, used by interpolation:
     # learning_rate: ${trainer.learning_rate_per_method.${adapter.method}}
-    learning_rate_per_method: Dict[str, float] = field(default_factory=dict)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    learning_rate_per_method: Dict[str, float] = bounded(gt=0, default_factory=dict)
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup_ratio: float = bounded(0.03, ge=0, lt=1)
     lr_scheduler_type: str = "cosine"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, ge=0, meaning="0: no clipping")
     optim: str = "adamw_torch"
     # auto: bf16 autocast where the device multiplies bf16 natively (AVX512-bf16/AMX CPUs,
     # Ampere+ GPUs), else fp32; see pipeline/model/precision.py. fp32 | bf16 | fp16 force one.
     precision: Precision = Precision.auto
-    logging_steps: int = 10
-    eval_steps: Optional[int] = 50  # null: evaluate only at the end
+    logging_steps: int = bounded(10, gt=0)
+    eval_steps: Optional[int] = bounded(50, gt=0)  # null: evaluate only at the end
     # Evaluations during training (every eval_steps: the loss curve, pruning, best checkpoint)
     # score the first eval_examples validation examples, a fixed slice; null: all of them. The
     # base and tuned measurements always use the whole validation split.
-    eval_examples: Optional[int] = None
-    save_steps: Optional[int] = 100  # null: no intermediate checkpoints
-    save_total_limit: Optional[int] = 2
+    eval_examples: Optional[int] = bounded(None, gt=0)
+    save_steps: Optional[int] = bounded(100, gt=0)  # null: no intermediate checkpoints
+    save_total_limit: Optional[int] = bounded(2, gt=0)
     sampling: Sampling = Sampling.random  # group_by_length: less padding
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = bounded(0, ge=0)
     nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -216,12 +218,12 @@ class DecodingConfig:
     """How both the base and the tuned model generate (the same for both)."""
 
     strategy: DecodingStrategy = DecodingStrategy.greedy
-    max_new_tokens: int = 48
-    temperature: float = 1.0  # sample only
-    top_p: float = 1.0  # sample only
-    num_beams: int = 4  # beam only
+    max_new_tokens: int = bounded(48, gt=0)
+    temperature: float = bounded(1.0, gt=0)  # sample only
+    top_p: float = bounded(1.0, gt=0, le=1)  # sample only
+    num_beams: int = bounded(4, gt=0)  # beam only
     stop_strings: List[str] = field(default_factory=list)
-    seed: int = II("seed")  # the run's seed
+    seed: int = bounded(II("seed"), **SEED)  # the run's seed
 
 
 @dataclass
@@ -234,11 +236,11 @@ class EvaluationConfig:
 
     splits: List[str] = field(default_factory=lambda: ["test"])  # eval (validation) and/or test
     extra_datasets: List[str] = field(default_factory=list)  # data options, evaluated on their test split
-    max_examples: Optional[int] = 100  # per set
+    max_examples: Optional[int] = bounded(100, gt=0)  # per set
     # Generation batch: on 2 CPU cores 32 prompts a batch decoded the default's and a
     # classification file's test prompts 1.15-1.4x faster than 16, with the same outputs (one
     # pass over the weights serves more rows). Lower it if generation runs out of memory.
-    batch_size: int = 32
+    batch_size: int = bounded(32, gt=0)
     # Loss and perplexity under bf16 autocast (auto: where the hardware multiplies bf16
     # natively; about 3x faster on an AVX512-bf16 CPU, losses moved by up to ~1%) or fp32.
     # Generation always runs in the model's own dtype. The choice is in run.json.
@@ -250,7 +252,7 @@ class EvaluationConfig:
     # `during_training_examples` validation examples, logged as eval/<metric>: lets sweeps
     # optimise and prune on BLEU/ROUGE, not only loss. Off by default: generation is slow.
     during_training: bool = False
-    during_training_examples: int = 16
+    during_training_examples: int = bounded(16, gt=0)
     # Reuse the base model's measurement across runs that share its fingerprint (same base,
     # quantisation, tokenizer, examples, decoding and metrics): pipeline/scoring/base_cache.py.
     cache_base: bool = True
@@ -307,9 +309,9 @@ class DistributedConfig:
     """
 
     strategy: Strategy = Strategy.single
-    nproc_per_node: int = 1
-    nnodes: int = 1  # nodes of a SLURM job (the memory estimate shards over nnodes x nproc_per_node)
-    zero_stage: int = 0  # deepspeed only: 1 | 2 | 3
+    nproc_per_node: int = bounded(1, gt=0)
+    nnodes: int = bounded(1, gt=0)  # nodes of a SLURM job (the memory estimate shards over nnodes x nproc_per_node)
+    zero_stage: int = bounded(0, ge=0, le=3)  # deepspeed only: 1 | 2 | 3
     offload_optimizer: bool = False  # optimizer states in CPU memory (DeepSpeedCPUAdam, compiles once)
     offload_params: bool = False  # stage 3: parameters in CPU memory too
     # ZeRO-3: build the model already sharded (deepspeed.zero.Init) instead of whole on every
@@ -319,7 +321,7 @@ class DistributedConfig:
     # ZeRO-3: gather the full 16-bit weights when saving, else the saved adapter/model is empty.
     gather_16bit_weights_on_save: bool = True
     backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU
-    master_port: int = 29500  # rendezvous port of a self-launched single-node run
+    master_port: int = bounded(29500, ge=1, le=65535)  # rendezvous port of a self-launched single-node run
     # Anything else DeepSpeed's JSON accepts, merged over the generated config.
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -332,7 +334,7 @@ class PreemptionConfig:
     signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     # null: 128 + the signal number (143 SIGTERM, 138 SIGUSR1), as a shell reports a job killed
     # by it; set it to the code your cluster requeues on (slurm.conf RequeueExit).
-    exit_code: Optional[int] = None
+    exit_code: Optional[int] = bounded(None, ge=1, le=255, meaning="0 would read as success")
     # Under SLURM (SLURM_JOB_ID set), on SIGUSR1 (`sbatch --signal=USR1@<seconds>` before the
     # time limit) run `scontrol requeue $SLURM_JOB_ID`. SIGTERM is left to SLURM: it comes
     # from scancel, or from a preemption that SLURM requeues itself (PreemptMode=REQUEUE).
@@ -358,10 +360,10 @@ class SweepParam:
     """
 
     type: ParamType = MISSING
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: Optional[float] = unbounded(None, why="the swept key's own range applies to the samples")
+    high: Optional[float] = unbounded(None, why="the swept key's own range applies to the samples")
     log: bool = False
-    step: Optional[float] = None
+    step: Optional[float] = bounded(None, gt=0)
     choices: Optional[List[Any]] = None
     times: Optional[str] = None
 
@@ -382,18 +384,18 @@ class SweepConfig:
     objectives: List[ObjectiveConfig] = field(default_factory=list)
     sampler: Optional[Dict[str, Any]] = None
     pruner: Any = None  # a preset name, {_target_: ..., ...} or null
-    n_trials: int = 20  # trials the study should hold (earlier sessions and other workers count)
-    n_jobs: int = 1  # trials launched together (in parallel with a parallel launcher)
+    n_trials: int = bounded(20, gt=0)  # trials the study should hold (earlier sessions and other workers count)
+    n_jobs: int = bounded(1, gt=0)  # trials launched together (in parallel with a parallel launcher)
     storage: Optional[str] = None  # an Optuna RDB URL (sqlite:///..., postgresql://...)
-    max_failures: int = 3  # failed trials in the study after which the sweep stops
-    heartbeat_s: int = 60  # trials of a killed worker fail after 2 heartbeats without news
+    max_failures: int = bounded(3, gt=0)  # failed trials in the study after which the sweep stops
+    heartbeat_s: int = bounded(60, gt=0)  # trials of a killed worker fail after 2 heartbeats without news
     # Wall-clock budget of the study in minutes (null: none): no new trial starts once it is
     # spent; trials in flight finish. Kept in the storage, so a resumed sweep continues it.
-    timeout_min: Optional[float] = None
+    timeout_min: Optional[float] = bounded(None, gt=0)
     # Per-device memory limit in GiB (null: none): a sampled configuration whose model states
     # (pipeline.estimate) exceed it is recorded as pruned, with the estimate, and never starts.
-    max_memory_gb: Optional[float] = None
-    trial: Optional[int] = None
+    max_memory_gb: Optional[float] = bounded(None, gt=0)
+    trial: Optional[int] = bounded(None, ge=0)
 
 
 # --------------------------------------------------------------------------- top level
@@ -413,7 +415,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
-    seed: int = 42
+    seed: int = bounded(42, **SEED)
     resume: str = "never"  # never | auto | path to a run folder or checkpoint
     task_name: str = "train"
     tags: List[str] = field(default_factory=list)

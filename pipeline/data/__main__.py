@@ -17,13 +17,16 @@ from pipeline.commands import runner
 from pipeline.commands.compose import compose_train
 from pipeline.data.preview import preview
 from pipeline.model import loading
+from pipeline.runs import quiet
 
 
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=3, help="rendered training examples to show")
     parser.add_argument("overrides", nargs="*", help="train config overrides, e.g. data=my_jsonl data.path=x")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own notices and progress bars")
     args = parser.parse_args(argv)
+    quiet.install(args.verbose)
 
     def show() -> None:
         cfg = compose_train(args.overrides)

@@ -20,13 +20,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pipeline.config.options import load_option, plain
 from pipeline.config.schema import DataConfig
-from pipeline.data.records import source_files
+from pipeline.data.records import SPLITS, inside, source_files
 from pipeline.runs import atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the tokenized rows change meaning
-SPLITS = ("train", "validation", "test")
+# Bump when the tokenized rows or the stats change meaning. 2: a folder's split-named files are
+# read as its splits (they were pooled), and stats["sources"] says which files made which split.
+FORMAT = 2
 
 
 def _files(path: str) -> List[Path]:
@@ -41,13 +42,16 @@ def _content(path: Optional[str]) -> Any:
     files = _files(path)
     if not files:
         return None
+    root = Path(path).expanduser()
     digests = {}
     for file in files:
         h = hashlib.sha256()
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        digests[file.name] = h.hexdigest()
+        # By the path inside the folder: train/part1.jsonl and test/part1.jsonl are two files,
+        # and a file moved between split folders changes the splits.
+        digests[inside(file, root).as_posix() if root.is_dir() else file.name] = h.hexdigest()
     return digests
 
 

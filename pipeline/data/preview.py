@@ -1,6 +1,7 @@
 """What the model will train on, before any compute (``python -m pipeline.data [train overrides]``,
 :mod:`pipeline.data.__main__`), without loading model weights:
 
+* which files made which split (or the share carved from the train files);
 * the first ``--examples`` training examples as rendered, with the tokens that carry loss
   marked (green on a terminal, ``[[...]]`` otherwise);
 * per split: examples, the token-length distribution, and what ``data.max_length`` drops or cuts;
@@ -15,7 +16,7 @@ from typing import Any, Dict, List
 
 from pipeline.config.schema import TrainConfig
 from pipeline.data.packing import IGNORE_INDEX
-from pipeline.data.splits import held_out_sources, load_parts, overlap, render, source_counts, tokenize
+from pipeline.data.splits import load_parts, overlap, render, sources_record, split_lines, tokenize
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
@@ -54,12 +55,14 @@ def split_summary(name: str, encoded: List[tuple], max_length: int, truncation: 
 
 def preview(cfg: TrainConfig, tokenizer: Any, examples: int, colour: bool) -> str:
     """The preview as text (see the module docstring)."""
-    fmt, records, parts = load_parts(cfg.data)
-    given = [f"{name} from {path if split is None else 'split ' + split}"
-             for name, (path, split, _) in held_out_sources(cfg.data).items()]
-    lines = [f"data={cfg.data.name}: {cfg.data.path} ({records} records{', ' if given else ''}{', '.join(given)}; "
-             f"format {fmt}, template "
-             f"{cfg.data.template}, train_on={cfg.data.train_on}, tokenizer of model={cfg.model.name})", ""]
+    loaded = load_parts(cfg.data)
+    parts, sources = loaded.parts, sources_record(loaded)
+    given = [f"{name} from {origin.path if origin.split is None else 'split ' + origin.split}"
+             for name, origin in loaded.plan.origins.items() if name != "train"]
+    lines = [f"data={cfg.data.name}: {cfg.data.path} ({loaded.records} records{', ' if given else ''}"
+             f"{', '.join(given)}; format {loaded.format}, template "
+             f"{cfg.data.template}, train_on={cfg.data.train_on}, tokenizer of model={cfg.model.name})",
+             *(f"  {line}" for line in split_lines(sources, cfg.data)), ""]
     encoded = {}
     for name, part in parts.items():
         encoded[name] = []
@@ -84,8 +87,11 @@ def preview(cfg: TrainConfig, tokenizer: Any, examples: int, colour: bool) -> st
     lines += ["", f"one epoch: {train['kept']} examples, {train['tokens']:,} tokens ({train['loss_tokens']:,} carry "
                   f"loss) in {steps} steps of {batch}; trainer.max_steps={cfg.trainer.max_steps}"]
     lines.append("examples per source: " + "; ".join(
-        f"{source}: " + ", ".join(f"{split} {n}" for split, n in counts.items())
-        for source, counts in source_counts(parts).items()))
+        f"{source}: " + ", ".join(f"{split} {record[split]}" for split in ("train", "validation", "test")
+                                  if split in record)
+        for source, record in sources.items()))
+    if sources["main"]["unread"]:
+        lines.append(f"not read from {cfg.data.path}: " + ", ".join(sources["main"]["unread"]))
     found = overlap(parts)
     lines.append("held-out examples also in train (exact / same normalised prompt): " + ", ".join(
         f"{name} {found[name]['exact']} / {found[name]['normalized']} of {found[name]['examples']}"

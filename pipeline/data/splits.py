@@ -19,15 +19,22 @@ import random
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pipeline.config.options import load_option
 from pipeline.config.schema import DataConfig
 from pipeline.data import cache
 from pipeline.data.packing import IGNORE_INDEX
-from pipeline.data.records import DataError, detect_format, load_records, to_messages
+from pipeline.data.records import (SPLITS, DataError, FolderLayout, Origin, detect_format, folder_layout, inside,
+                                   load_records, locate, to_messages)
 
 log = logging.getLogger(__name__)
+
+HELD_OUT = ("validation", "test")
+# How to name a folder's files so that they are read as splits (datasets' own rules).
+NAMING = ("train.jsonl, validation.jsonl, test.jsonl (valid, val, dev, testing and eval count too, and so do "
+          "shards such as train-00000-of-00002.jsonl and sub-folders train/, validation/, test/)")
 
 
 @dataclass
@@ -117,10 +124,10 @@ def split_examples(examples: List[Example], cfg: DataConfig,
                    given: Optional[Dict[str, List[Example]]] = None) -> Dict[str, List[Example]]:
     """Deterministic train/validation/test split: a seeded shuffle, then test, validation, train.
 
-    ``given``: held-out sets the user brought (``data.validation_path``/``test_path`` or a hub
-    dataset's ``data.splits``): used as they are, nothing is carved from ``examples`` for them;
-    a count ``data.<set>_size >= 1`` takes that many of them (a seeded sample), a fraction
-    keeps them all.
+    ``given``: held-out sets the user brought (``data.validation_path``/``test_path``, a hub
+    dataset's ``data.splits`` or the split-named files of a ``data.path`` folder): used as they
+    are, nothing is carved from ``examples`` for them; a count ``data.<set>_size >= 1`` takes
+    that many of them (a seeded sample), a fraction keeps them all.
     """
     given = given or {}
     order = list(range(len(examples)))
@@ -147,60 +154,188 @@ def split_examples(examples: List[Example], cfg: DataConfig,
     return parts
 
 
-def held_out_sources(cfg: DataConfig) -> Dict[str, Tuple[str, Optional[str], str]]:
-    """Held-out sets the user brought: ``{split: (path, hub split, config key)}``."""
-    sources = {}
-    for name in ("validation", "test"):
-        if getattr(cfg, f"{name}_path"):
-            sources[name] = (getattr(cfg, f"{name}_path"), None, f"data.{name}_path")
-        elif name in (cfg.splits or {}):
-            sources[name] = (cfg.path, cfg.splits[name], f"data.splits.{name}")
-    return sources
+@dataclass(frozen=True)
+class SplitPlan:
+    """Where the main source's splits come from (:func:`split_plan`).
+
+    Attributes:
+        origins: ``train``, and each held-out set the user brought (a file or folder, a hub
+            dataset's split, a split of ``data.path``'s folder); a held-out set absent from it
+            is carved from train.
+        unread: the data files in ``data.path``'s folder that no split reads.
+    """
+
+    origins: Dict[str, Origin]
+    unread: Tuple[Path, ...] = ()
 
 
-def mixed_in(cfg: DataConfig, train: int) -> Dict[str, List[Example]]:
-    """``{source name: examples}`` that ``data.mix`` adds to a training split of ``train``
-    examples: a seeded sample of each source's own training split."""
+@dataclass
+class Loaded:
+    """The examples of each split before tokenization, and where they came from (:func:`load_parts`).
+
+    Attributes:
+        format: the main source's data format.
+        records: the main source's training records, before any were carved out.
+        parts: ``{train, validation, test: examples}``; ``data.mix`` sources are in train.
+        plan: where the main source's splits come from.
+        mixed: ``data.mix`` source name -> the training split its examples were drawn from.
+    """
+
+    format: str
+    records: int
+    parts: Dict[str, List[Example]]
+    plan: SplitPlan
+    mixed: Dict[str, Origin] = field(default_factory=dict)
+
+
+def _listed(names: Sequence[Any], most: int = 3) -> str:
+    """Up to ``most`` names, then how many more."""
+    shown = ", ".join(str(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def split_plan(cfg: DataConfig) -> SplitPlan:
+    """Where train and the held-out sets come from. A held-out set is, first to last:
+    ``data.<set>_path``; ``data.splits.<set>`` (a hub dataset's split, or a split of a folder
+    whose file names give splits); the files of ``data.path``'s folder named for the set (when
+    ``data.splits`` is not set); otherwise carved from train.
+
+    Raises:
+        DataError: settings that contradict each other or the folder, naming the key and the fix.
+    """
+    chosen = dict(cfg.splits or {})
+    train = chosen.get("train", cfg.source_split)
+    for name in HELD_OUT:
+        path = getattr(cfg, f"{name}_path")
+        if path and name in chosen:
+            raise DataError(f"data.{name}_path={path!r} and data.splits.{name}={chosen[name]!r} both name "
+                            f"the {name} set; keep one of them")
+        if chosen.get(name) == train:
+            raise DataError(f"data.splits.{name}={train!r} is the training split as well, so every {name} "
+                            f"example would be trained on; name another split, or leave {name} out of "
+                            "data.splits to carve it from train")
+    folder = Path(cfg.path).expanduser()
+    if folder.is_dir():
+        return _folder_plan(cfg, folder, chosen, train)
+    if chosen and folder.exists():
+        raise DataError(f"data.splits={chosen} names splits, but data.path={cfg.path!r} is one file; bring "
+                        "the held-out sets with data.validation_path / data.test_path, or make data.path a "
+                        f"folder whose files are named for their split: {NAMING}")
+    origins = {"train": locate(cfg.path, "data.path", train)}
+    for name in HELD_OUT:
+        path = getattr(cfg, f"{name}_path")
+        if path:
+            origins[name] = locate(path, f"data.{name}_path", cfg.source_split)
+        elif name in chosen:
+            origins[name] = Origin(f"data.splits.{name}", cfg.path, chosen[name])
+    return SplitPlan(origins)
+
+
+def _folder_plan(cfg: DataConfig, folder: Path, chosen: Dict[str, str], train: str) -> SplitPlan:
+    """:func:`split_plan` for a ``data.path`` folder: its files by the split names in their
+    paths (``datasets``' own rules, :func:`~pipeline.data.records.folder_layout`), or pooled
+    when they have none."""
+    layout = folder_layout(folder, "data.path")
+    names = [inside(f, folder) for f in layout.files]
+    if not layout.named:
+        if chosen:
+            raise DataError(f"data.splits={chosen} names splits, but no file in data.path={cfg.path!r} has a "
+                            f"split name ({_listed(names)}); bring the held-out sets with data.validation_path / "
+                            f"data.test_path, or name the files for their split: {NAMING}")
+        log.info("data.path=%r: no file has a split name (%s): pooled and split by data.validation_size / "
+                 "data.test_size; to have them read as splits, name them for their split: %s",
+                 cfg.path, _listed(names), NAMING)
+        origins = {"train": Origin("data.path", cfg.path, None, layout.files)}
+    else:
+        def split_of(name: str, key: str) -> Origin:
+            if name not in layout.splits:
+                found = "; ".join(f"{split}: {_listed([inside(f, folder) for f in files])}"
+                                  for split, files in layout.splits.items())
+                raise DataError(f"{key}={name!r}: no file in data.path={cfg.path!r} is named for that split "
+                                f"(its files give {found}); set data.splits to splits there are, or name the "
+                                f"files for their split: {NAMING}")
+            return Origin("data.path", cfg.path, name, layout.splits[name])
+
+        origins = {"train": split_of(train, "data.splits.train" if "train" in chosen else "data.source_split")}
+        for name in HELD_OUT:
+            if name in chosen:
+                origins[name] = split_of(chosen[name], f"data.splits.{name}")
+            elif cfg.splits is None and name != train and name in layout.splits:
+                origins[name] = split_of(name, "data.path")
+    for name in HELD_OUT:  # an explicit file or folder wins over the folder's own split
+        path = getattr(cfg, f"{name}_path")
+        if path:
+            origins[name] = locate(path, f"data.{name}_path", cfg.source_split)
+    unread = layout.unread(f for origin in origins.values() for f in origin.files)
+    if unread:
+        log.warning("data.path=%r: %d data file(s) not read: %s", cfg.path, len(unread),
+                    _unread_reasons(cfg, folder, layout, unread))
+    return SplitPlan(origins, tuple(unread))
+
+
+def _unread_reasons(cfg: DataConfig, folder: Path, layout: FolderLayout, unread: List[Path]) -> str:
+    """Why each unread file of a split-named folder is not read, files grouped by reason, and how
+    to have a file without a split name read."""
+    split_of = {f: name for name, files in layout.splits.items() for f in files}
+    reasons: Dict[str, List[Path]] = {}
+    for f in unread:
+        split = split_of.get(f)
+        if split is None:
+            why = "no split name in its path"
+        elif split in HELD_OUT and getattr(cfg, f"{split}_path"):
+            why = f"split {split}: data.{split}_path is read instead"
+        elif cfg.splits is not None:
+            why = f"split {split}: data.splits does not name it"
+        else:
+            why = f"split {split}: not one this run reads; data.splits can name it"
+        reasons.setdefault(why, []).append(inside(f, folder))
+    hint = f"; to read one, name it for its split: {NAMING}" if "no split name in its path" in reasons else ""
+    return "; ".join(f"{_listed(files)} ({why})" for why, files in reasons.items()) + hint
+
+
+def mixed_in(cfg: DataConfig, train: int) -> Dict[str, Tuple[Origin, List[Example]]]:
+    """``{source name: (its training split's origin, examples)}`` that ``data.mix`` adds to a
+    training split of ``train`` examples: a seeded sample of each source's own training split."""
     added = {}
     for i, source in enumerate(cfg.mix):
         source_cfg = load_option("data", source.data, seed=cfg.seed, **dict(source.overrides))
         if source_cfg.mix:
             raise DataError(f"data.mix[{i}] ({source.data}) has a mix of its own; mixes do not nest")
-        _, _, parts = load_parts(source_cfg)
-        pool = parts["train"]
+        loaded = load_parts(source_cfg)
+        pool = loaded.parts["train"]
         wanted = source.examples if source.examples is not None else int(round(source.fraction * train))
         if wanted > len(pool):
             log.warning("data.mix[%d] (%s): %d examples asked for, its training split has %d; taking all",
                         i, source.data, wanted, len(pool))
             wanted = len(pool)
         picked = sorted(random.Random(cfg.seed + i).sample(range(len(pool)), wanted))
-        added[f"{i}:{source.data}"] = [pool[j] for j in picked]
+        added[f"{i}:{source.data}"] = (loaded.plan.origins["train"], [pool[j] for j in picked])
     return added
 
 
-def _read_examples(cfg: DataConfig, path: Optional[str] = None, split: Optional[str] = None,
-                   key: str = "data.path") -> Tuple[str, List[Example]]:
-    """``(format, examples)`` of one source (:func:`load_records`' arguments), every record
-    converted to messages."""
-    records, where = load_records(cfg, path, split, key)
+def _read_examples(cfg: DataConfig, origin: Origin) -> Tuple[str, List[Example]]:
+    """``(format, examples)`` of one origin, every record converted to messages."""
+    records, where = load_records(cfg, origin)
     if len(records) == 0:
-        raise DataError(f"{key}={path or cfg.path!r} holds no records")
+        raise DataError(f"{origin.described()} holds no records")
     fmt = detect_format(cfg, list(records.column_names))
     return fmt, [Example(to_messages(r, fmt, cfg, where(i)), where(i)) for i, r in enumerate(records)]
 
 
-def load_parts(cfg: DataConfig) -> Tuple[str, int, Dict[str, List[Example]]]:
-    """``(format, records, {train, validation, test: examples})``: the source converted and split,
-    or kept as split when the user brought held-out sets; ``data.mix`` sources join train."""
-    fmt, examples = _read_examples(cfg, split=(cfg.splits or {}).get("train"))
-    given = {name: _read_examples(cfg, path, split, key)[1]
-             for name, (path, split, key) in held_out_sources(cfg).items()}
+def load_parts(cfg: DataConfig) -> Loaded:
+    """The source converted and split (:func:`split_plan`): held-out sets the user brought are
+    kept as they are, the others carved from train; ``data.mix`` sources join train."""
+    plan = split_plan(cfg)
+    fmt, examples = _read_examples(cfg, plan.origins["train"])
+    given = {name: _read_examples(cfg, origin)[1] for name, origin in plan.origins.items() if name != "train"}
     parts = split_examples(examples, cfg, given)
-    for source, added in mixed_in(cfg, len(parts["train"])).items():
+    mixed = {}
+    for source, (origin, added) in mixed_in(cfg, len(parts["train"])).items():
         for ex in added:
             ex.source = source
         parts["train"] = parts["train"] + added
-    return fmt, len(examples), parts
+        mixed[source] = origin
+    return Loaded(fmt, len(examples), parts, plan, mixed)
 
 
 def source_counts(parts: Dict[str, List[Example]]) -> Dict[str, Dict[str, int]]:
@@ -211,6 +346,42 @@ def source_counts(parts: Dict[str, List[Example]]) -> Dict[str, Dict[str, int]]:
             counts.setdefault(ex.source, {}).setdefault(name, 0)
             counts[ex.source][name] += 1
     return counts
+
+
+def sources_record(loaded: Loaded) -> Dict[str, Dict[str, Any]]:
+    """``stats["sources"]`` (``run.json``'s ``data_sources``): per source (``main`` is
+    ``data.path``, a mixed one ``<index>:<option>``), its examples per split as
+    :func:`source_counts` counts them, and ``files``: ``{split: the files read for it}`` (a hub
+    dataset's ``id[split]``). The main source also has ``carved``, the held-out splits carved
+    from its train files, and ``unread``, the data files of its folder no split reads."""
+    counts = source_counts(loaded.parts)
+    origins = loaded.plan.origins
+    train = origins["train"].names()
+    record: Dict[str, Dict[str, Any]] = {"main": {
+        **counts.get("main", {}),
+        "files": {name: origins[name].names() if name in origins else train for name in SPLITS},
+        "carved": [name for name in HELD_OUT if name not in origins],
+        "unread": [str(f) for f in loaded.plan.unread]}}
+    for source, origin in loaded.mixed.items():
+        record[source] = {**counts.get(source, {}), "files": {"train": origin.names()}}
+    return record
+
+
+def split_lines(sources: Dict[str, Dict[str, Any]], cfg: DataConfig) -> List[str]:
+    """One line per split of the main source (:func:`sources_record`): its examples and the
+    files they came from, or the share carved from the train files."""
+    main = sources["main"]
+    lines = []
+    for name in SPLITS:
+        examples, files = main.get(name, 0), _listed(main["files"][name])
+        if name not in main["carved"]:
+            lines.append(f"{name}: {examples} examples from {files}")
+            continue
+        size = getattr(cfg, f"{name}_size")
+        share = f"{size * 100:g}% " if size < 1 else ""  # a count is the examples themselves
+        lines.append(f"{name}: {examples} examples, {share}carved from {files}" if size
+                     else f"{name}: none (data.{name}_size=0)")
+    return lines
 
 
 # --------------------------------------------------------------------------- leakage
@@ -310,17 +481,22 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Optional[str] = N
             log.info("data: tokenized splits reused from the cache (fingerprint %s)", key[:12])
             parts, stats = cached
             stats["tokenization"] = "cached"
+            for line in split_lines(stats["sources"], cfg):
+                log.info("data: %s", line)
             warn_overlap(stats["overlap"])
             return Splits(train=parts["train"], validation=parts["validation"], test=parts["test"], stats=stats)
-    fmt, records, parts = load_parts(cfg)
-    stats: Dict[str, Any] = {"format": fmt, "records": records, "overlap": overlap(parts),
-                             "held_out": sorted(held_out_sources(cfg)), "tokenization": "tokenized"}
+    loaded = load_parts(cfg)
+    parts = loaded.parts
+    stats: Dict[str, Any] = {"format": loaded.format, "records": loaded.records, "overlap": overlap(parts),
+                             "held_out": sorted(set(loaded.plan.origins) - {"train"}), "tokenization": "tokenized"}
     warn_overlap(stats["overlap"])
     if cfg.dedup and stats["overlap"]["train_examples"]:
         parts["train"], removed = without_overlap(parts)
         stats["overlap"]["removed_from_train"] = removed
         log.info("data.dedup: removed %d train examples that also occur in validation/test", removed)
-    stats["sources"] = source_counts(parts)  # after dedup: the examples that go on to tokenization
+    stats["sources"] = sources_record(loaded)  # after dedup: the examples that go on to tokenization
+    for line in split_lines(stats["sources"], cfg):
+        log.info("data: %s", line)
     out = {}
     for name, part in parts.items():
         rows, counts = _encode_split(part, tokenizer, cfg, name)
@@ -332,5 +508,5 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Optional[str] = N
         raise DataError("data: the train split is empty")
     splits = Splits(train=out["train"], validation=out["validation"], test=out["test"], stats=stats)
     if key:
-        cache.store(cache_dir, key, {name: getattr(splits, name) for name in cache.SPLITS}, stats)
+        cache.store(cache_dir, key, {name: getattr(splits, name) for name in SPLITS}, stats)
     return splits

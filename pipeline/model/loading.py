@@ -20,7 +20,7 @@ from pipeline.config.errors import PipelineError
 from pipeline.config.options import load_option, plain
 from pipeline.config.schema import ArchitectureInfo, ModelConfig, QuantizationSettings, TinyModelConfig
 from pipeline.model.quantization import bnb_config, guard_cpu_4bit
-from pipeline.runs import atomic
+from pipeline.runs import atomic, quiet
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,34 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _gguf_folder(cfg: ModelConfig, cache_dir: Path) -> Path:
+def _gguf_source(cfg: ModelConfig, cache_dir: Path) -> Tuple[Path, Path]:
+    """The packaged GGUF file and the cache folder of its conversion."""
     source = _package_dir(cfg.gguf_package) / cfg.gguf_file
     if not source.exists():
         raise ModelError(f"model.gguf_file={cfg.gguf_file!r} is not in package {cfg.gguf_package} "
                          f"({source.parent})")
     stat = source.stat()
     key = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    target = cache_dir / "models" / f"{Path(cfg.gguf_file).stem}-{key}"
+    return source, cache_dir / "models" / f"{Path(cfg.gguf_file).stem}-{key}"
+
+
+def _gguf_config_folder(cfg: ModelConfig, cache_dir: Path) -> Path:
+    """The converted folder where it exists, else a folder with only the model config read from
+    the GGUF file's metadata (seconds; converting the weights takes half a minute)."""
+    source, target = _gguf_source(cfg, cache_dir)
+    if (target / "config.json").exists():
+        return target
+
+    def read_config(tmp: Path) -> None:
+        from transformers import AutoConfig  # lazy: transformers loads torch
+
+        AutoConfig.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(tmp)
+
+    return _atomic_folder(target.with_name(target.name + "-config"), read_config)
+
+
+def _gguf_folder(cfg: ModelConfig, cache_dir: Path) -> Path:
+    source, target = _gguf_source(cfg, cache_dir)
     if (target / "config.json").exists():
         return target
 
@@ -149,10 +169,13 @@ def _tokenizer_folder(name: str, cache_dir: Path, seed: int) -> str:
 
 
 def config_folder(cfg: ModelConfig, cache_dir: Path, seed: int = 0) -> str:
-    """Like :func:`resolve_folder`, but for a random model only its config and tokenizer: what
-    describing and counting it need, without building its weights."""
+    """Like :func:`resolve_folder`, but for a random model only its config and tokenizer, and for
+    a GGUF file not yet converted only its config: what describing and counting need, without
+    building or converting weights."""
     if cfg.source == "tiny":
         return str(_tiny_folder(cfg, Path(os.path.expanduser(cache_dir)), seed, weights=False))
+    if cfg.source == "gguf":
+        return str(_gguf_config_folder(cfg, Path(os.path.expanduser(cache_dir))))
     return resolve_folder(cfg, cache_dir, seed)
 
 
@@ -258,7 +281,10 @@ def parameter_counts(model: Any) -> Tuple[int, int]:
 
 def quiet_progress_bars() -> None:
     """Turns off the progress bars transformers and datasets draw while loading (a run logs its
-    own progress: :mod:`pipeline.runs.progress`)."""
+    own progress: :mod:`pipeline.runs.progress`), unless the user asked to see everything
+    (``hydra.verbose=true``, ``--verbose``)."""
+    if quiet.showing_everything():
+        return
     import datasets  # lazy: datasets pulls in pyarrow and pandas (seconds); configs compose without it
     import transformers  # lazy: transformers loads torch
 

@@ -26,7 +26,8 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds in words: ``42 s``, ``3 min 05 s``, ``2 h 10 min``."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -75,7 +76,7 @@ class Progress:
             expected = self.total * (now - self._start) / self.done
             self._quiet = expected < QUIET_BELOW_S
             if not self._quiet:
-                log.info("%s: %d %s, about %s in all", self.what, self.total, self.unit, _duration(expected))
+                log.info("%s: %d %s, about %s in all", self.what, self.total, self.unit, duration(expected))
             self._last_log = now
             return
         if self._bar is None and not self._quiet:
@@ -89,7 +90,7 @@ class Progress:
         elapsed = now - self._start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         log.info("%s: %d/%d %s (%.0f%%), %s elapsed, ETA %s", self.what, self.done, self.total,
-                 self.unit, 100.0 * self.done / max(self.total, 1), _duration(elapsed), _duration(eta))
+                 self.unit, 100.0 * self.done / max(self.total, 1), duration(elapsed), duration(eta))
 
     def close(self, failed: bool = False) -> None:
         if self._bar is not None:
@@ -98,4 +99,4 @@ class Progress:
         spent = self._clock() - self._start
         if not failed and (spent >= QUIET_BELOW_S or (self._estimated and not self._quiet)):
             log.info("%s: %d %s in %s", self.what, self.done, self.unit,
-                     _duration(spent))
+                     duration(spent))

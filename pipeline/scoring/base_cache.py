@@ -35,7 +35,9 @@ from pipeline.scoring.measurement import Evaluator, Measurement
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the stored layout or what a measurement means changes (2: losses behind a shared prefix)
+# Bump when the stored layout or what a measurement means changes (2: losses behind a shared
+# prefix; 3: each example's loss kept too).
+FORMAT = 3
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
@@ -103,7 +105,9 @@ def load(cache_dir: str, key: str, evaluator: Evaluator) -> Optional[Measurement
         return None
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
-        measurement = Measurement(dict(payload["metrics"]), payload["outputs"], payload["per_example"])
+        # An entry without per-example losses (written before they were kept) is incomplete.
+        losses = payload["losses"] if "losses" in payload else {}
+        measurement = Measurement(dict(payload["metrics"]), payload["outputs"], payload["per_example"], losses)
         problem = _incomplete(payload, key, measurement, evaluator)
     except (OSError, ValueError, KeyError, TypeError) as err:
         problem = f"unreadable ({type(err).__name__}: {err})"
@@ -117,9 +121,11 @@ def _incomplete(payload: Dict[str, Any], key: str, measurement: Measurement, eva
     """Why a read-back entry does not match what this run would measure ('' when it does)."""
     if payload.get("fingerprint") != key:
         return "its fingerprint does not match its file name"
-    for name in evaluator.loss_sets:
+    for name, dataset in evaluator.loss_sets.items():
         if f"{name}/loss" not in measurement.metrics:
             return f"no {name}/loss"
+        if len(measurement.losses.get(name) or []) != len(dataset):
+            return f"set {name!r} lacks per-example losses or has the wrong number of them"
     if evaluator.cfg.metrics:
         for s in evaluator.sets:
             outputs = measurement.outputs.get(s.name) or []
@@ -133,7 +139,8 @@ def store(cache_dir: str, key: str, measurement: Measurement) -> Path:
     """Writes the entry atomically (a reader sees the whole file or none)."""
     path = entry_path(cache_dir, key)
     write_json(path, {"fingerprint": key, "format": FORMAT, "metrics": measurement.metrics,
-                      "outputs": measurement.outputs, "per_example": measurement.per_example})
+                      "outputs": measurement.outputs, "per_example": measurement.per_example,
+                      "losses": measurement.losses})
     return path
 
 

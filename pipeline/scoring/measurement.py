@@ -6,7 +6,7 @@
 sacrebleu, rouge-score, SQuAD-style EM/F1, classification). It needs no Trainer: training
 (:mod:`pipeline.trainer.fit`) and ``pipeline.evaluate`` both call it. The result is namespaced
 metrics (``base/test/bleu``, ``tuned/test/bleu``, ``delta/test/bleu``), one predictions row per
-example, and a before/after table.
+example (:func:`write_predictions`), and a before/after table.
 """
 
 from __future__ import annotations
@@ -107,40 +107,86 @@ def score(sets: List[EvalSet], predictions: Predictions, cfg: EvaluationConfig
 @dataclass
 class Measurement:
     """What one model scored: loss/perplexity and generation metrics per set, its outputs and
-    per-example scores. Saved for the base model so a resumed run does not measure it again."""
+    per-example scores. Saved for the base model so a resumed run does not measure it again.
+
+    Attributes:
+        metrics: ``{set}/{metric}``: losses token-weighted over each loss set, generation
+            metrics over each generation set.
+        outputs: per generation set, one output per example.
+        per_example: per generation set, each example's generation scores.
+        losses: per loss set, each example's ``{"loss": ..., "loss_tokens": ...}`` (its mean
+            token loss and how many completion tokens it has; see
+            :class:`pipeline.scoring.losses.SetLoss`). A generation set's examples are the first
+            ones of the loss set of the same name.
+    """
 
     metrics: Dict[str, float]
     outputs: Dict[str, List[str]] = field(default_factory=dict)
     per_example: Dict[str, List[Dict[str, float]]] = field(default_factory=dict)
+    losses: Dict[str, List[Dict[str, float]]] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         write_json(path, {"metrics": self.metrics, "outputs": self.outputs,
-                          "per_example": self.per_example})
+                          "per_example": self.per_example, "losses": self.losses})
 
     @classmethod
     def load(cls, path: Path) -> Optional["Measurement"]:
+        """The measurement saved at ``path``, or None when there is none.
+
+        A file saved before per-example losses were kept has no ``losses``: it reads back
+        without them, and its rows in ``eval/predictions.jsonl`` then carry no base loss (a
+        paired comparison on the base's loss says so).
+        """
         if not path.exists():
             return None
         payload = json.loads(path.read_text(encoding="utf-8"))
-        return cls(payload["metrics"], payload["outputs"], payload["per_example"])
+        losses = payload["losses"] if "losses" in payload else {}
+        return cls(payload["metrics"], payload["outputs"], payload["per_example"], losses)
+
+
+def _scores(measured: Measurement, name: str, i: int, generated: bool) -> Dict[str, float]:
+    """Example ``i`` of set ``name``: its generation scores, and its loss where it has one."""
+    scores = dict(measured.per_example[name][i]) if generated else {}
+    losses = measured.losses.get(name, [])
+    if i < len(losses):
+        scores.update(losses[i])
+    return scores
 
 
 def write_predictions(path: Path, sets: List[EvalSet], base: Measurement, tuned: Measurement) -> int:
-    """``eval/predictions.jsonl``: prompt, reference, base and tuned output and their scores.
+    """``eval/predictions.jsonl``: one row per example measured, base and tuned side by side.
 
-    Written atomically (:mod:`pipeline.runs.atomic`). Returns the number of rows.
+    A row holds ``set``, ``index`` (in the set), ``prompt``, ``reference`` (a string, or a list
+    of several), ``base`` and ``tuned`` (the outputs; null for an example only measured by its
+    loss: a set that generates nothing, such as the validation set, or an example beyond
+    ``evaluation.max_examples``), and ``base_scores`` / ``tuned_scores``: the example's
+    generation scores (``bleu``, ``rougeL`` ...) and, on a loss set, ``loss`` (the mean token
+    loss over its completion tokens) and ``loss_tokens`` (how many there are). A set's
+    ``{set}/loss`` in ``metrics.json`` is token-weighted over all of them, not the mean of the
+    per-example losses (:class:`pipeline.scoring.losses.SetLoss`).
+
+    Args:
+        path: the file, written atomically (:mod:`pipeline.runs.atomic`).
+        sets: every set to write, each with all its examples (:attr:`Evaluator.recorded_sets`).
+        base: the base model's measurement.
+        tuned: the tuned model's measurement.
+
+    Returns:
+        The number of rows.
     """
     rows = 0
     with open_atomic(path) as f:
         for s in sets:
-            if s.name not in tuned.outputs:
-                continue
-            for i, (prompt, refs) in enumerate(zip(s.prompts, s.references)):
+            outputs = tuned.outputs[s.name] if s.name in tuned.outputs else []
+            count = max(len(outputs), len(tuned.losses.get(s.name, [])))
+            for i, (prompt, refs) in enumerate(zip(s.prompts[:count], s.references)):
+                generated = i < len(outputs)
                 row = {"set": s.name, "index": i, "prompt": prompt,
                        "reference": refs[0] if len(refs) == 1 else refs,
-                       "base": base.outputs[s.name][i], "tuned": tuned.outputs[s.name][i],
-                       "base_scores": base.per_example[s.name][i],
-                       "tuned_scores": tuned.per_example[s.name][i]}
+                       "base": base.outputs[s.name][i] if generated else None,
+                       "tuned": outputs[i] if generated else None,
+                       "base_scores": _scores(base, s.name, i, generated),
+                       "tuned_scores": _scores(tuned, s.name, i, generated)}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 rows += 1
     return rows
@@ -162,7 +208,9 @@ def _without_training_autocast(model: Any) -> Iterator[None]:
 
 
 class Evaluator:
-    """Measures a model on the configured sets: losses and generations."""
+    """Measures a model on the configured sets: losses (``loss_sets``: per name, tokenized
+    examples) and generations (``sets``). ``recorded_sets`` are those of
+    ``eval/predictions.jsonl``, every example measured (:func:`recorded_sets`)."""
 
     def __init__(self, cfg: EvaluationConfig, loss_sets: Dict[str, Any], sets: List[EvalSet],
                  tokenizer: Any, collate: Callable, loss_batch_size: int,
@@ -171,6 +219,7 @@ class Evaluator:
         self.collate, self.loss_batch_size = collate, loss_batch_size
         self.loss_precision = precision.resolve_loss(cfg.loss_precision)
         self.slice_for_training = slice_for_training
+        self.recorded_sets = recorded_sets(loss_sets, sets)
 
     @classmethod
     def build(cls, cfg: EvaluationConfig, splits: Splits, tokenizer: Any, *, seed: int,
@@ -218,19 +267,22 @@ class Evaluator:
         in float32, the same weights). Once trained, accelerate leaves the model's forward under
         autocast; that patch is undone while measuring, so base and tuned match in precision.
         Losses, means over every completion token, are taken in ``evaluation.loss_precision``
-        (bf16 autocast where it is native), the same for both models.
+        (bf16 autocast where it is native), the same for both models; each example's own mean
+        token loss is kept too (``Measurement.losses``).
         """
         metrics: Dict[str, float] = {}
+        losses: Dict[str, List[Dict[str, float]]] = {}
         bf16 = self.loss_precision.precision == "bf16"
         with _without_training_autocast(model):
             for name, dataset in self.loss_sets.items():
-                metrics.update(evaluate_loss(model, dataset, self.collate, self.loss_batch_size, name,
-                                             label, bf16))
+                measured = evaluate_loss(model, dataset, self.collate, self.loss_batch_size, name, label, bf16)
+                metrics.update(measured)
+                losses[name] = measured.examples
             if predictions is None:
                 predictions = predict(model, self.tokenizer, self.sets, self.cfg, label)
         corpus, per_example = score(self.sets, predictions, self.cfg)
         metrics.update(corpus)
-        return Measurement(metrics, predictions.outputs, per_example)
+        return Measurement(metrics, predictions.outputs, per_example, losses)
 
     def predict_base_and_tuned(self, model: Any) -> Dict[str, Predictions]:
         """``{"base": ..., "tuned": ...}`` generations of a model under a LoRA adapter, from one
@@ -262,6 +314,27 @@ class Evaluator:
         predictions = predict(model, self.tokenizer, [self.slice_for_training], self.cfg)
         corpus, _ = score([self.slice_for_training], predictions, self.cfg)
         return {k.split("/", 1)[1]: v for k, v in corpus.items()}
+
+
+def _whole(name: str, dataset: Any) -> EvalSet:
+    """Every example of a tokenized set as an :class:`EvalSet` (no ``evaluation.max_examples`` cap)."""
+    return EvalSet(name=name, prompts=list(dataset["prompt"]), references=[[r] for r in dataset["reference"]],
+                   examples=dataset)
+
+
+def recorded_sets(loss_sets: Dict[str, Any], sets: List[EvalSet]) -> List[EvalSet]:
+    """The sets ``eval/predictions.jsonl`` has rows of, each with every example measured: a
+    generation set as a loss set of the same name holds it, whole (the generation set is its
+    first ``evaluation.max_examples`` examples), then the loss sets that generate nothing (the
+    validation set, by default).
+
+    Args:
+        loss_sets: per name, the tokenized examples the losses are measured on.
+        sets: the generation sets.
+    """
+    generating = [_whole(s.name, loss_sets[s.name]) if s.name in loss_sets else s for s in sets]
+    named = {s.name for s in sets}
+    return generating + [_whole(name, ds) for name, ds in loss_sets.items() if name not in named]
 
 
 def before_after(base: Dict[str, float], tuned: Dict[str, float]) -> Dict[str, float]:

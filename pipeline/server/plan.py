@@ -24,38 +24,34 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def check(cfg: ServeConfig) -> None:
-    """Every problem with the serve settings at once, before any model loads.
-
-    Raises:
-        ConfigError: listing every problem.
-    """
+def problems(cfg: ServeConfig) -> List[str]:
+    """Every problem with the serve settings across fields (each value's own range is its
+    schema's), before any model loads."""
     s: ServerConfig = cfg.server
-    problems = []
-    if not 0 < s.port < 65536:
-        problems.append(f"server.port={s.port} must be in 1..65535 (0 is not allowed: clients need to know it)")
-    for key in ("max_batch_size", "max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_n"):
-        if getattr(s, key) <= 0:
-            problems.append(f"server.{key}={getattr(s, key)} must be > 0")
+    found = []
     if s.default_max_tokens > s.max_tokens_limit:
-        problems.append(f"server.default_max_tokens={s.default_max_tokens} must be <= "
-                        f"server.max_tokens_limit={s.max_tokens_limit}")
-    if s.max_wait_ms < 0:
-        problems.append(f"server.max_wait_ms={s.max_wait_ms} must be >= 0")
+        found.append(f"server.default_max_tokens={s.default_max_tokens} must be <= "
+                     f"server.max_tokens_limit={s.max_tokens_limit}")
     adapters = cfg.adapters if cfg.adapters is not None else {}
     if not isinstance(adapters, dict) or not all(isinstance(v, str) for v in adapters.values()):
-        raise ConfigError([f"adapters={cfg.adapters!r} must map names to folders, e.g. "
-                           "adapters='{fr: outputs/runs/a, qa: outputs/runs/b}'"])
+        return found + [f"adapters={cfg.adapters!r} must map names to folders, e.g. "
+                        "adapters='{fr: outputs/runs/a, qa: outputs/runs/b}'"]
     names = ([cfg.run_name] if cfg.run else []) + [str(n) for n in adapters]
     for name in names:
         if not NAME.match(str(name)):
-            problems.append(f"served name {name!r} must be letters, digits and . _ : / - (max 128)")
+            found.append(f"served name {name!r} must be letters, digits and . _ : / - (max 128)")
     if len(set(names)) != len(names):
-        problems.append(f"served names must be unique: run_name={cfg.run_name!r} is also in adapters")
+        found.append(f"served names must be unique: run_name={cfg.run_name!r} is also in adapters")
     if base_name(cfg) in names:
-        problems.append(f"base_name={base_name(cfg)!r} is also an adapter name; set base_name=<other>")
-    if problems:
-        raise ConfigError(problems)
+        found.append(f"base_name={base_name(cfg)!r} is also an adapter name; set base_name=<other>")
+    return found
+
+
+def check(cfg: ServeConfig) -> None:
+    """Raises :class:`ConfigError` listing :func:`problems`, if any."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError(found)
 
 
 def base_cfg(cfg: ServeConfig) -> ModelConfig:

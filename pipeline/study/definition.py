@@ -158,18 +158,13 @@ def _refused_values(cfg: TrainConfig, key: str, values: List[Any]) -> List[Tuple
 
 
 def check(cfg: TrainConfig) -> List[str]:
-    """Every problem with the sweep definition, before any trial runs (key, value and fix)."""
+    """Every problem with the sweep definition across its fields, before any trial runs (key,
+    value and fix); each value's own range is checked with the config's
+    (:mod:`pipeline.config.ranges`)."""
     sweep = cfg.sweep
     problems = []
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep.name):
         problems.append(f"sweep.name={sweep.name!r} must be letters, digits, _ . - (it names a folder)")
-    for key in ("n_trials", "n_jobs", "max_failures", "heartbeat_s"):
-        if getattr(sweep, key) <= 0:
-            problems.append(f"sweep.{key}={getattr(sweep, key)} must be > 0")
-    for key in ("timeout_min", "max_memory_gb"):
-        value = getattr(sweep, key)
-        if value is not None and not value > 0:
-            problems.append(f"sweep.{key}={value} must be > 0 or null (no limit)")
     if sweep.trial is not None:
         problems.append("sweep.trial is set by the sweeper for each job; remove it")
     if not sweep.params:

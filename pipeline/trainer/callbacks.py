@@ -75,6 +75,33 @@ def first_step_callback(on_first_step: Callable[[], None]) -> Any:
     return FirstStep()
 
 
+def epoch_time_callback(steps_per_epoch: int, steps: int, after: int = 5) -> Any:
+    """A callback that logs, once ``after`` steps past the first have run (or at the last step
+    of a shorter run), how long one full epoch would take on this machine at the measured step
+    time (the first step, with its warm-up, is left out)."""
+    from transformers import TrainerCallback  # lazy: transformers loads torch
+
+    class EpochTime(TrainerCallback):
+        started: Optional[float] = None
+        first: int = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            if self.started is None:
+                self.started, self.first = time.monotonic(), state.global_step
+                return
+            measured = state.global_step - self.first
+            if measured == after or (0 < measured < after and state.global_step == steps):
+                per_step = (time.monotonic() - self.started) / measured
+                log.info("one epoch (%d steps) would take about %s on this machine (%.2f s per step with its "
+                         "evaluations and checkpoints, "
+                         "measured over %d steps); this run: %d steps", steps_per_epoch,
+                         progress.duration(per_step * steps_per_epoch), per_step, measured, steps)
+
+    return EpochTime()
+
+
 def progress_callback() -> Any:
     """Training progress as log lines (steps done of all, ETA) where no bar can show: SLURM
     logs, CI, pipes. On a terminal the Trainer's own bar shows instead."""

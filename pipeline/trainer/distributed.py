@@ -289,8 +289,6 @@ def check(cfg: DistributedConfig, adapter: Optional[AdapterSettings], trainer_pr
         deepspeed_installed: whether ``import deepspeed`` would work.
     """
     problems = []
-    if cfg.nproc_per_node < 1:
-        problems.append(f"distributed.nproc_per_node={cfg.nproc_per_node} must be >= 1")
     if cfg.strategy == "single" and cfg.nproc_per_node > 1:
         problems.append(f"distributed.nproc_per_node={cfg.nproc_per_node} needs several processes; "
                         "choose distributed=ddp or a DeepSpeed option (zero1, zero2, zero3, ...)")

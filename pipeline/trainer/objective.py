@@ -4,7 +4,7 @@ best-checkpoint metric when evaluations during training measure it."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from pipeline.config.schema import TrainConfig
 
@@ -27,6 +27,30 @@ def metric_names(cfg: TrainConfig) -> List[str]:
     names = [f"{side}/{s}/{m}" for side in ("base", "tuned", "delta") for s in sets + list(ev.extra_datasets)
              for m in ["loss", "perplexity"] + (generated if s in ev.splits or s in ev.extra_datasets else [])]
     return sorted(set(names)) + TRAINING_METRICS
+
+
+def result_line(metrics: Dict[str, Any], objective: str, direction: str, primary: Optional[str]) -> str:
+    """A run's result in one line: the objective's value, then base -> tuned on the objective's
+    metric and on ``primary`` (``test/bleu``: the first generation metric on its first set)."""
+    parts = [f"result: {objective} = {_value(metrics.get(objective))} ({direction})"]
+    shown = []
+    for name in (objective.partition("/")[2] if objective.startswith(("base/", "tuned/", "delta/")) else None,
+                 primary):
+        if name and name not in shown and f"tuned/{name}" in metrics:
+            shown.append(name)
+            parts.append(f"{name} base {_value(metrics.get(f'base/{name}'))} -> tuned {_value(metrics[f'tuned/{name}'])}")
+    return "; ".join(parts)
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else "n/a"
+
+
+def primary_metric(cfg: TrainConfig) -> Optional[str]:
+    """``<set>/<metric>`` of the first generation metric on the first evaluated set, or None."""
+    if not cfg.evaluation.metrics or not cfg.evaluation.splits:
+        return None
+    return f"{cfg.evaluation.splits[0]}/{cfg.evaluation.metrics[0]}"
 
 
 def reports_any(cfg: TrainConfig, name: str) -> bool:

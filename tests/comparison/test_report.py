@@ -7,6 +7,7 @@ import base64
 import csv
 import json
 import math
+import shutil
 import statistics
 from html.parser import HTMLParser
 
@@ -151,15 +152,50 @@ def test_compare_methods_multirun_and_report_on_tiny_model(tmp_path):
     assert result["keys"] == ["adapter.method"] and "trainer.learning_rate" in result["table"]["full"]["config"]
     assert list(result["differences"]) == ["full", "lora", "qlora"]  # from the real predictions
     predictions = paired.read_predictions(sweep / runs[0].name / "eval" / "predictions.jsonl")
-    test_rows = [row for row in predictions if row["set"] == "test"]
+    test_rows = [row for row in predictions if row["set"] == "test" and row["tuned"] is not None]  # generated
     assert result["differences"]["lora"].examples == len(test_rows) > 0  # the same prompts in every run
     # The overlay also measures chatterbot_qa, which the runs do not train on: one retention row
     # per method for its loss and one for BLEU, the figures of the runs' metrics.json.
-    assert {row["set"] for row in predictions} == {"test", "chatterbot_qa"}
+    assert {row["set"] for row in predictions} == {"test", "chatterbot_qa", "eval"}
     for method, items in result["retention"].items():
         assert [(r.split, r.name, r.runs) for r in items] == [("chatterbot_qa", "loss", 2), ("chatterbot_qa", "bleu", 2)]
         changes = [r.metrics["delta/chatterbot_qa/loss"] for r in runs if r.method == method]
         assert items[0].change[0] == pytest.approx(statistics.fmean(changes))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """``-m trainer.learning_rate=1e-4,1e-2 model=tiny_llama debug=fast``: two real runs of the
+    tiny model (random weights: its outputs share no word with a reference, BLEU 0 throughout)."""
+    from tests.conftest import run_train
+
+    root = tmp_path_factory.mktemp("tiny") / "multirun" / "2026-12-02" / "09-00-00"
+    for job, rate in enumerate(("1e-4", "1e-2")):
+        run_train(["model=tiny_llama", "debug=fast", "logger=none", f"trainer.learning_rate={rate}"],
+                  root / f"{job}_lora")
+    return root
+
+
+def test_report_on_tiny_runs_pairs_the_losses_and_calls_bleu_constant(tiny_runs, tmp_path):
+    runs = collect.runs_from_folder(tiny_runs)
+    result = writer.write_report(runs, tmp_path / "default", replicates=200)
+    assert result["metric"] == "tuned/test/bleu"
+    assert all(r.metrics["tuned/test/bleu"] == r.metrics["base/test/bleu"] == 0 for r in runs)
+    section = _paired_section(tmp_path / "default")
+    assert ("Not compared: `tuned/test/bleu` is constant: every run scores 0 on every example; no difference "
+            "to test.") in section and "[+0, +0]" not in section
+    for metric in ("tuned/eval/loss", "tuned/test/loss"):
+        result = writer.write_report(runs, tmp_path / metric.replace("/", "_"), metric=metric, replicates=200)
+        table, (label, difference), = result["table"], *result["differences"].items()
+        assert label == "trainer.learning_rate=0.01" and difference.examples == 8 and not difference.identical
+        # The same token-weighted losses, summed per example in float64 rather than per batch in
+        # float32: the same to 1e-7 of a loss near 10.8.
+        assert difference.difference == pytest.approx(table[label][metric][0]
+                                                      - table["trainer.learning_rate=0.0001"][metric][0], abs=1e-5)
+        assert difference.low < difference.difference < difference.high
+        assert f"| {label} | {difference.difference:+.4g}" in _paired_section(tmp_path / metric.replace("/", "_"))
+    result = writer.write_report(runs, tmp_path / "base", metric="base/eval/loss", replicates=200)
+    assert result["differences"]["trainer.learning_rate=0.01"].identical  # one base model in both runs
 
 
 def test_runs_from_wandb_reads_group_through_the_api(monkeypatch):
@@ -239,6 +275,110 @@ def test_paired_difference_to_the_first_configuration_is_significant(rank_multir
     md = (root / "report" / "report.md").read_text()
     interval = f"[{difference.low:+.4g}, {difference.high:+.4g}]"
     assert f"| adapter.r=8 | {difference.difference:+.4g}* | {interval} | yes |" in md
+
+
+def _paired_section(folder):
+    md = (folder / "report.md").read_text()
+    return md.split("## Paired differences to", 1)[1].split("\n## ", 1)[0]
+
+
+def _token_weighted_interval(root, metric, replicates):
+    """The paired bootstrap of a loss written out: per resample, each run's loss is its examples'
+    mean token losses weighted by their token counts; each configuration the mean over its seeds."""
+    split, side = metric.split("/")[1], metric.split("/")[0]
+    runs = {}
+    for run in sorted(p for p in root.iterdir() if (p / "metrics.json").exists()):
+        label = f"adapter.r={yaml.safe_load((run / 'config.yaml').read_text())['adapter']['r']}"
+        rows = [r for r in paired.read_predictions(run / "eval" / "predictions.jsonl") if r["set"] == split]
+        runs.setdefault(label, []).append(rows)
+    n = len(runs["adapter.r=4"][0])
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, n, size=(replicates, n))
+
+    def loss(rows, idx):
+        scores = [rows[i][f"{side}_scores"] for i in idx]
+        return sum(s["loss"] * s["loss_tokens"] for s in scores) / sum(s["loss_tokens"] for s in scores)
+
+    def config(label, idx):
+        return statistics.fmean(loss(rows, idx) for rows in runs[label])
+
+    differences = [config("adapter.r=8", idx) - config("adapter.r=4", idx) for idx in indices]
+    return tuple(np.percentile(differences, [2.5, 97.5]))
+
+
+@pytest.mark.parametrize("metric", ["tuned/test/loss", "tuned/eval/loss", "tuned/eval/perplexity", "delta/test/loss"])
+def test_paired_difference_in_a_loss_weighs_each_example_by_its_tokens(rank_multirun, tmp_path, metric):
+    """A loss is paired from each example's loss, on the test set and on the validation set
+    (which generates nothing): the point difference is that of the runs' token-weighted losses
+    in the configurations table, each resample's loss token-weighted the same way."""
+    root, _ = rank_multirun
+    result = writer.write_report(collect.runs_from_folder(root), tmp_path, metric=metric, replicates=200)
+    difference = result["differences"]["adapter.r=8"]
+    table = result["table"]
+    assert difference.difference == pytest.approx(table["adapter.r=8"][metric][0] - table["adapter.r=4"][metric][0])
+    assert difference.examples == (12 if "/test/" in metric else 6)
+    assert difference.high < 0 and difference.significant and not difference.identical  # more right, lower loss
+    if metric.endswith("/loss") and metric.startswith("tuned/"):
+        assert (difference.low, difference.high) == pytest.approx(_token_weighted_interval(root, metric, 200))
+    interval = f"[{difference.low:+.4g}, {difference.high:+.4g}]"
+    assert f"| adapter.r=8 | {difference.difference:+.4g}* | {interval} | yes |" in _paired_section(tmp_path)
+
+
+def test_a_metric_constant_in_every_run_is_reported_as_such(tmp_path):
+    """Exact match 0 on every example of every run: no difference of +0 in [+0, +0], but a remark
+    that the metric is constant, in the Markdown, the HTML page and the W&B table."""
+    from tests.report_runs import write_run
+
+    root = tmp_path / "multirun"
+    for job, (r, seed) in enumerate([(4, 1), (4, 2), (8, 1), (8, 2)]):
+        write_run(root / f"{job}_lora", [f"adapter.r={r}", f"seed={seed}"], 0, {"params/trainable": 1000.0 * r})
+    result = writer.write_report(collect.runs_from_folder(root), root / "report", metric="tuned/test/exact_match",
+                                 replicates=100)
+    difference = result["differences"]["adapter.r=8"]
+    assert difference.identical and difference.constant == 0.0
+    remark = "constant: every run scores 0 on every example; no difference to test"
+    section = _paired_section(root / "report")
+    assert f"Not compared: `tuned/test/exact_match` is {remark}." in section
+    assert "12 shared examples" in section and "|" not in section and "+0" not in section
+    html = (root / "report" / "report.html").read_text()
+    paired_html = html.split("Paired differences to", 1)[1].split("<h2>", 1)[0]
+    assert remark in paired_html and "<table>" not in paired_html
+    columns, rows = page.wandb_tables(result)["report/paired_differences"]
+    assert dict(zip(columns, rows[0]))["remark"] == remark
+
+
+def test_runs_that_score_each_example_the_same_are_not_compared(rank_multirun, tmp_path):
+    """The base model is the same in every run: its loss varies over the examples, not over the
+    runs, and the report says so rather than showing a tie."""
+    root, _ = rank_multirun
+    result = writer.write_report(collect.runs_from_folder(root), tmp_path, metric="base/test/loss", replicates=100)
+    difference = result["differences"]["adapter.r=8"]
+    assert difference.identical and difference.constant is None
+    assert ("Not compared: `base/test/loss` is identical: every run scores each example the same; "
+            "no difference to test.") in _paired_section(tmp_path)
+    assert not result["differences"]["adapter.r=8"].significant
+
+
+def test_predictions_without_per_example_losses_say_so(rank_multirun, tmp_path):
+    """A run measured before per-example losses were recorded: the report names the run's
+    configuration, the score missing and what its rows hold, instead of a difference."""
+    root, _ = rank_multirun
+    old = tmp_path / "old"
+    shutil.copytree(root, old, ignore=shutil.ignore_patterns("report"))
+    for run in old.iterdir():
+        path = run / "eval" / "predictions.jsonl"
+        rows = [r for r in paired.read_predictions(path) if r["set"] == "test"]
+        for row in rows:
+            for side in ("base", "tuned"):
+                row[f"{side}_scores"] = {k: v for k, v in row[f"{side}_scores"].items() if not k.startswith("loss")}
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    writer.write_report(collect.runs_from_folder(old), old / "report", metric="tuned/test/loss", replicates=100)
+    assert ("Not computed: eval/predictions.jsonl of a run of 'adapter.r=4' has no per-example 'loss' score of "
+            "the tuned model on set 'test' (it was measured before per-example losses were recorded); it has: "
+            "bleu, exact_match.") in _paired_section(old / "report")
+    writer.write_report(collect.runs_from_folder(old), old / "report", metric="tuned/eval/loss", replicates=100)
+    assert ("Not computed: eval/predictions.jsonl of a run of 'adapter.r=4' has no row of set 'eval'."
+            in _paired_section(old / "report"))
 
 
 def test_pareto_front_in_the_report(rank_multirun):

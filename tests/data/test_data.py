@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +15,7 @@ from pipeline.data import cache
 from pipeline.data.packing import IGNORE_INDEX
 from pipeline.data.records import DataError
 from pipeline.data.splits import Example, _keys, build_datasets, split_examples
-from tests.conftest import write_jsonl
+from tests.conftest import ROOT, write_jsonl
 
 
 def data_cfg(path, **kw) -> DataConfig:
@@ -143,13 +145,44 @@ def test_malformed_jsonl_line_names_file_and_line(tokenizer, tmp_path):
         build_datasets(data_cfg(path), tokenizer)
 
 
+def test_malformed_json_is_one_message_with_its_line_and_no_library_lines(tokenizer, tmp_path, capfd, caplog):
+    lines = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)]
+    lines[6] = '{"prompt": "x", "completion": }'
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    capfd.readouterr()
+    with pytest.raises(DataError) as err:
+        build_datasets(data_cfg(path), tokenizer)
+    assert str(err.value) == (f"{path}:7: not valid JSON (Expecting value at column 31); "
+                              "each line must be one JSON object")
+    # datasets logged pyarrow's error (row 6, counted from 0) and drew a progress bar: pytest
+    # keeps the one in caplog and the other in capfd.
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("datasets")] == []
+    # As a user sees it: the one line, whatever pytest's capture hides in-process.
+    done = subprocess.run([sys.executable, "-m", "pipeline.data", "model=tiny_llama", "data=my_jsonl",
+                           f"data.path={path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr == f"error: {err.value}\n"
+
+
+def test_a_json_file_of_json_lines_names_its_bad_line(tokenizer, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: not valid JSON"):
+        build_datasets(data_cfg(path), tokenizer)
+    path.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "c", "completion": }]\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: not valid JSON \(Expecting value"):
+        build_datasets(data_cfg(path), tokenizer)
+
+
 def test_wrong_field_names_name_file_line_and_fields(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"},
                                               {"prompt": "c", "answer": "d"}])
     with pytest.raises(DataError) as err:
         build_datasets(data_cfg(path, format="prompt_completion"), tokenizer)
-    assert f"{path}:2: field 'completion' must be a string, but it is missing" in str(err.value)
-    assert "['answer', 'completion', 'prompt']" in str(err.value)  # datasets fills missing columns
+    # datasets gives every record the file's columns (None where absent): those are not listed.
+    assert str(err.value) == (f"{path}:2: field 'completion' must be a string, but it is missing; "
+                              "fields present: ['answer', 'prompt']")
 
 
 def test_undetectable_format_lists_columns(tokenizer, tmp_path):
@@ -314,8 +347,10 @@ def test_a_mix_adds_a_seeded_share_of_another_sources_training_split(tokenizer, 
     cfg = data_cfg(task, validation_size=4, test_size=4, mix=[MixSource(**other, fraction=0.25)])
     splits = build_datasets(cfg, tokenizer)
     # 25% of the 32 task training examples, drawn from the chat source's 40 training examples.
-    assert splits.stats["sources"] == {"main": {"test": 4, "validation": 4, "train": 32},
-                                       "0:my_jsonl": {"train": 8}}
+    assert splits.stats["sources"] == {
+        "main": {"test": 4, "validation": 4, "train": 32, "carved": ["validation", "test"], "unread": [],
+                 "files": {"train": [str(task)], "validation": [str(task)], "test": [str(task)]}},
+        "0:my_jsonl": {"train": 8, "files": {"train": [str(chat)]}}}
     mixed = [r for r in splits.train["reference"] if r.startswith("c")]
     assert len(splits.train) == 40 and len(mixed) == 8
     assert all(r.startswith("t") for ds in (splits.validation, splits.test) for r in ds["reference"])
@@ -328,7 +363,7 @@ def test_a_mix_adds_a_seeded_share_of_another_sources_training_split(tokenizer, 
     assert build_datasets(cfg, tokenizer).train["reference"] == splits.train["reference"]
     counted = build_datasets(data_cfg(task, validation_size=4, test_size=4,
                                       mix=[MixSource(**other, examples=500)]), tokenizer)
-    assert counted.stats["sources"]["0:my_jsonl"] == {"train": 40}
+    assert counted.stats["sources"]["0:my_jsonl"] == {"train": 40, "files": {"train": [str(chat)]}}
 
 
 def test_mix_settings_are_checked(tmp_path):
@@ -381,7 +416,7 @@ def test_a_folder_of_named_split_files_keeps_its_splits(tokenizer, tmp_path):
                                      splits={"train": "train", "validation": "validation", "test": "test"}), tokenizer)
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (20, 3, 4)
     assert splits.test["reference"] == [f"test {i}" for i in range(4)]
-    with pytest.raises(DataError, match=r"no split 'dev' in the folder"):
+    with pytest.raises(DataError, match=r"data.splits.test='dev': no file in data.path=.* is named for that split"):
         build_datasets(data_cfg(folder, splits={"train": "train", "test": "dev"}), tokenizer)
     # As a user writes it on the command line (a typed dict would refuse the new keys).
     import subprocess

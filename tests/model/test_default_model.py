@@ -31,3 +31,17 @@ def test_default_model_qlora_trains(tmp_path):
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["params/trainable"] == 921_600 and metrics["train/steps"] == 2
     assert metrics["base/eval/loss"] < 10  # a real pretrained model, not random weights
+
+
+def test_the_estimate_reads_a_gguf_config_without_converting_its_weights(tmp_path):
+    """``pipeline.estimate`` needs the architecture only: from a fresh cache it reads the GGUF
+    file's metadata (seconds) instead of converting the weights (half a minute), and counts the
+    same parameters as from the converted folder."""
+    from pipeline.commands.compose import compose_train
+    from pipeline.trainer import memory
+
+    fresh = compose_train([f"paths.cache_dir={tmp_path}"])
+    counts = memory.count_for_config(fresh)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing converted
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [p.name for p in (tmp_path / "models").glob("*-config")]
+    assert counts.trainable == 921_600 and counts.total == memory.count_for_config(compose_train([])).total

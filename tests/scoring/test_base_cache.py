@@ -34,6 +34,10 @@ def _key(tmp_path: Path, overrides, folder: str = None, quantization=None) -> st
     return base_cache.fingerprint(folder, plain(cfg.model), quantization, evaluator)
 
 
+def _predictions(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def copied_model(tiny_folder, tmp_path_factory) -> Path:
     """A copy of the tiny model's folder whose files a test may change."""
@@ -92,9 +96,15 @@ def test_two_seeds_measure_the_base_once_and_agree(tmp_path) -> None:
     first_row = json.loads((tmp_path / "s2" / "history.jsonl").read_text().splitlines()[0])
     assert first_row["step"] == 0  # the cached base still starts the loss curve
     assert first_row["eval/loss"] == m2["base/eval/loss"]
-    predictions = [json.loads(line) for line in (tmp_path / "s2" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    measured, cached = (_predictions(tmp_path / f"s{s}") for s in (1, 2))
     base_cached = read_json(tmp_path / "s2" / "eval" / "base.json")
-    assert [p["base"] for p in predictions] == base_cached["outputs"]["test"]
+    assert [p["base"] for p in cached if p["set"] == "test"] == base_cached["outputs"]["test"]
+    # Each example's base loss is kept and restored: the same in the run that measured the base
+    # and in the run that found it in the cache, on the validation set as on the test set.
+    assert [(p["set"], p["base_scores"]["loss"]) for p in cached] == \
+        [(p["set"], p["base_scores"]["loss"]) for p in measured]
+    assert {p["set"] for p in cached} == {"eval", "test"}
+    assert len(base_cached["losses"]["eval"]) == len(base_cached["losses"]["test"]) == 8
 
 
 def test_opt_out_and_a_bad_entry_measure_again(tmp_path, caplog) -> None:
@@ -109,7 +119,9 @@ def test_opt_out_and_a_bad_entry_measure_again(tmp_path, caplog) -> None:
     good = entry.read_text()
     for broken in (good[: len(good) // 2],  # a partial write
                    json.dumps({**json.loads(good), "fingerprint": "0" * 64}),  # another entry's
-                   json.dumps({**json.loads(good), "outputs": {"test": ["x"]}})):  # too few outputs
+                   json.dumps({**json.loads(good), "outputs": {"test": ["x"]}}),  # too few outputs
+                   # an entry without each example's loss (as written before they were kept)
+                   json.dumps({k: v for k, v in json.loads(good).items() if k != "losses"})):
         entry.write_text(broken)
         caplog.clear()
         run_train([*FAST, *shared], tmp_path / "c")

@@ -15,7 +15,7 @@ from pipeline.config.schema import DecodingConfig
 from pipeline.data.packing import collator
 from pipeline.data.splits import build_datasets
 from pipeline.scoring.generation import cut_at_stop, generate
-from pipeline.scoring import losses
+from pipeline.scoring import losses, prefix
 from pipeline.scoring.losses import evaluate_loss
 from pipeline.scoring.measurement import Measurement, _without_training_autocast, before_after_table
 from tests.data.test_data import data_cfg
@@ -78,10 +78,15 @@ def test_stop_strings_cut_outputs():
 
 
 def test_measurement_round_trip(tmp_path):
-    m = Measurement({"test/bleu": 1.5}, {"test": ["a"]}, {"test": [{"bleu": 1.5}]})
+    m = Measurement({"test/bleu": 1.5, "eval/loss": 2.0}, {"test": ["a"]}, {"test": [{"bleu": 1.5}]},
+                    {"eval": [{"loss": 2.0, "loss_tokens": 3}]})
     m.save(tmp_path / "base.json")
     assert Measurement.load(tmp_path / "base.json") == m
     assert Measurement.load(tmp_path / "missing.json") is None
+    # One saved before per-example losses were kept reads back without them.
+    (tmp_path / "old.json").write_text(json.dumps({"metrics": m.metrics, "outputs": m.outputs,
+                                                   "per_example": m.per_example}))
+    assert Measurement.load(tmp_path / "old.json") == Measurement(m.metrics, m.outputs, m.per_example, {})
 
 
 def test_comparison_table_lists_base_tuned_delta():
@@ -92,15 +97,31 @@ def test_comparison_table_lists_base_tuned_delta():
     assert lines[1].split() == ["test/bleu", "2", "12.5", "+10.5"]
 
 
-def test_run_writes_predictions_and_base_tuned_delta_metrics(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """A finished ``debug=fast`` run on the tiny model: 8 validation and 8 test examples."""
+    run_dir = tmp_path_factory.mktemp("fast") / "run"
     run_train(FAST, run_dir)
-    metrics = read_json(run_dir / "metrics.json")
+    return run_dir
+
+
+def _predictions(run_dir):
+    return [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+
+
+def _token_weighted(rows, side):
+    """The set's loss from its rows: each example's mean token loss weighted by its tokens."""
+    scores = [r[f"{side}_scores"] for r in rows]
+    return sum(s["loss"] * s["loss_tokens"] for s in scores) / sum(s["loss_tokens"] for s in scores)
+
+
+def test_run_writes_predictions_and_base_tuned_delta_metrics(fast_run):
+    metrics = read_json(fast_run / "metrics.json")
     for name in ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "loss", "perplexity"):
         assert metrics[f"delta/test/{name}"] == pytest.approx(
             metrics[f"tuned/test/{name}"] - metrics[f"base/test/{name}"])
-    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and {r["set"] for r in rows} == {"test"}
+    rows = [r for r in _predictions(fast_run) if r["set"] == "test"]
+    assert len(rows) == 8 and _predictions(fast_run)[:8] == rows  # the test rows come first, as before
     assert set(rows[0]) == {"set", "index", "prompt", "reference", "base", "tuned", "base_scores",
                             "tuned_scores"}
     assert rows[0]["prompt"].endswith("<|im_start|>assistant\n") and rows[0]["reference"]
@@ -108,6 +129,24 @@ def test_run_writes_predictions_and_base_tuned_delta_metrics(tmp_path):
     # Corpus ROUGE-L is the mean of the per-example scores.
     mean = sum(r["tuned_scores"]["rougeL"] for r in rows) / len(rows)
     assert metrics["tuned/test/rougeL"] == pytest.approx(mean)
+
+
+def test_predictions_hold_each_examples_loss_on_the_validation_and_test_sets(fast_run):
+    """Every loss example has a row with its base and tuned loss, the validation set's too,
+    though it generates nothing; weighted by their tokens they give the set's loss back."""
+    metrics = read_json(fast_run / "metrics.json")
+    rows = _predictions(fast_run)
+    by_set = {name: [r for r in rows if r["set"] == name] for name in ("eval", "test")}
+    assert len(rows) == 16 and [len(r) for r in by_set.values()] == [8, 8]
+    validation = by_set["eval"]
+    assert [r["index"] for r in validation] == list(range(8)) and all(r["prompt"] and r["reference"] for r in validation)
+    assert all(r["base"] is None and r["tuned"] is None for r in validation)  # the validation set generates nothing
+    assert all(set(r["base_scores"]) == set(r["tuned_scores"]) == {"loss", "loss_tokens"} for r in validation)
+    assert all({"loss", "loss_tokens", "bleu"} <= set(r["tuned_scores"]) for r in by_set["test"])
+    for name, side in [(n, s) for n in ("eval", "test") for s in ("base", "tuned")]:
+        assert _token_weighted(by_set[name], side) == pytest.approx(metrics[f"{side}/{name}/loss"], rel=1e-6)
+    assert [r["tuned_scores"]["loss"] for r in validation] != [r["base_scores"]["loss"] for r in validation]
+    assert metrics["data/eval_loss_examples"] == metrics["data/test_loss_examples"] == 8
 
 
 def test_unknown_objective_lists_available_names(tmp_path):
@@ -127,6 +166,8 @@ def test_unknown_metric_and_missing_labels_are_reported(tmp_path):
 
 
 def test_extra_dataset_and_generation_metrics_during_training(tmp_path):
+    """An extra set is measured like the test set; an example beyond ``evaluation.max_examples``
+    generates nothing and still has its row with its loss."""
     run_dir = tmp_path / "run"
     run_train([*FAST, "evaluation.extra_datasets=[chatterbot_qa]", "evaluation.max_examples=4",
                "evaluation.during_training=true", "evaluation.during_training_examples=4",
@@ -136,8 +177,14 @@ def test_extra_dataset_and_generation_metrics_during_training(tmp_path):
         assert f"{side}/chatterbot_qa/bleu" in metrics and f"{side}/chatterbot_qa/loss" in metrics
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert any("eval/bleu" in row and row["step"] == 2 for row in history)
-    sets = {json.loads(line)["set"] for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()}
-    assert sets == {"test", "chatterbot_qa"}
+    rows = _predictions(run_dir)
+    assert list(dict.fromkeys(r["set"] for r in rows)) == ["test", "chatterbot_qa", "eval"]
+    extra = [r for r in rows if r["set"] == "chatterbot_qa"]
+    assert len(extra) == metrics["data/chatterbot_qa_loss_examples"] > 4
+    assert all(r["tuned"] is not None for r in extra[:4]) and all(r["tuned"] is None for r in extra[4:])
+    assert all("rougeL" in r["tuned_scores"] for r in extra[:4]) and all("rougeL" not in r["tuned_scores"] for r in extra[4:])
+    for side in ("base", "tuned"):
+        assert _token_weighted(extra, side) == pytest.approx(metrics[f"{side}/chatterbot_qa/loss"], rel=1e-6)
 
 
 def test_classification_by_generation(tmp_path):
@@ -152,9 +199,8 @@ def test_classification_by_generation(tmp_path):
         assert 0 <= metrics[f"tuned/test/{key}"] <= 100
 
 
-def test_evaluate_reproduces_the_runs_tuned_metrics(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(FAST, run_dir)
+def test_evaluate_reproduces_the_runs_tuned_metrics(fast_run, tmp_path):
+    run_dir = fast_run
     out = subprocess.run([sys.executable, "-m", "pipeline.evaluate", f"run={run_dir}",
                           "evaluation.max_examples=8", "evaluation.batch_size=4",
                           "evaluation.decoding.max_new_tokens=16", f"hydra.run.dir={tmp_path / 'ev'}"],
@@ -167,6 +213,12 @@ def test_evaluate_reproduces_the_runs_tuned_metrics(tmp_path):
     assert again["tuned/test/loss"] == pytest.approx(trained["tuned/test/loss"], rel=1e-4)
     # The base (adapter disabled, same weights) matches the base measured before training.
     assert again["base/test/loss"] == pytest.approx(trained["base/test/loss"], rel=1e-4)
+    # Each example's loss too, on the validation set as on the test set.
+    evaluated, measured = _predictions(tmp_path / "ev"), _predictions(run_dir)
+    assert [(r["set"], r["index"]) for r in evaluated] == [(r["set"], r["index"]) for r in measured]
+    for side in ("base", "tuned"):
+        assert [r[f"{side}_scores"]["loss"] for r in evaluated] == pytest.approx(
+            [r[f"{side}_scores"]["loss"] for r in measured], rel=1e-4)
     assert read_json(tmp_path / "ev" / "run.json")["status"] == "success"
 
 
@@ -211,6 +263,30 @@ def test_loss_is_token_weighted_and_independent_of_batch_size(tiny_model, tokeni
     for other in losses[1:]:
         assert other["test/loss"] == pytest.approx(losses[0]["test/loss"], rel=1e-5)
     assert losses[0]["test/perplexity"] == pytest.approx(2.718281828 ** losses[0]["test/loss"])
+
+
+@pytest.mark.parametrize("packing, behind_prefix, keeps_logits", [
+    (False, True, True), (True, False, True), (False, False, False), (True, False, False)])
+def test_each_examples_loss_is_its_mean_token_loss_and_weighs_back_to_the_set_loss(
+        tiny_model, tokenizer, tmp_path, monkeypatch, packing, behind_prefix, keeps_logits):
+    """Per example, the mean cross-entropy over its own completion tokens, whatever the batch
+    layout (behind the shared prefix, padded or packed rows, with or without logits_to_keep);
+    weighted by their token counts the examples give back the set's token-weighted loss."""
+    records = [{"prompt": "p" * n, "completion": "word " * (3 * n + 1)} for n in (1, 4, 9, 2, 7)]
+    rows = build_datasets(data_cfg(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer).train
+    alone = [evaluate_loss(tiny_model, rows.select([i]), collator(tokenizer, False), 1, "test")["test/loss"]
+             for i in range(len(rows))]
+    if not behind_prefix:
+        monkeypatch.setattr(prefix.SharedPrefix, "build", classmethod(lambda cls, *args, **kwargs: None))
+    monkeypatch.setattr(losses, "_keeps_logits", lambda model: keeps_logits)
+    measured = evaluate_loss(tiny_model, rows, collator(tokenizer, packing), 3, "test")
+    examples = measured.examples
+    assert [e["loss_tokens"] for e in examples] == [sum(t != -100 for t in r[1:]) for r in rows["labels"]]
+    assert [e["loss"] for e in examples] == pytest.approx(alone, rel=1e-5)
+    assert len(set(alone)) == len(alone)  # distinct: an example's loss put on another would show
+    weighted = sum(e["loss"] * e["loss_tokens"] for e in examples) / sum(e["loss_tokens"] for e in examples)
+    assert measured["test/loss"] == pytest.approx(weighted, rel=1e-6)
+    assert measured["test/loss"] != pytest.approx(sum(alone) / len(alone), rel=1e-3)  # not the plain mean
 
 
 def test_loss_under_bf16_autocast_is_close_to_fp32(tiny_model, tokenizer, tmp_path, monkeypatch):

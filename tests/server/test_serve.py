@@ -355,7 +355,7 @@ def test_serve_settings_are_checked_before_loading(tmp_path, adapters):
     cfg = compose_serve(["model=tiny_llama", "server.port=0", "server.max_batch_size=0",
                          f"run={adapters['run']}", f"adapters={{tuned: {adapters['a']}}}"], tmp_path)
     with pytest.raises(ConfigError) as err:
-        plan.check(typed_config(cfg))
+        typed_config(cfg, plan.problems)  # what pipeline.serve does first
     for fragment in ("server.port=0", "server.max_batch_size=0", "run_name='tuned' is also in adapters"):
         assert fragment in str(err.value)
     assert len(err.value.problems) == 3

@@ -17,9 +17,9 @@ import optuna
 import pytest
 
 from pipeline import export, serve
-from pipeline.commands import validation
 from pipeline.commands.compose import checked_train, typed_config
 from pipeline.config.errors import ConfigError
+from pipeline.config.ranges import range_problems
 from pipeline.config.schema import SweepParam, TrainConfig, TrainerConfig
 from pipeline.runs.runfolder import write_json
 from pipeline.server import plan
@@ -137,14 +137,15 @@ def test_search_space_is_conditional(tmp_path):
 
 
 def test_up_front_checks_name_key_and_fix(tmp_path):
+    with pytest.raises(ConfigError, match="sweep.n_trials=0 must be > 0"):  # a value's own range: the config's check
+        compose_sweep("lora_rank_alpha_lr", tmp_path, "sweep.n_trials=0")
     cfg = compose_sweep("lora_rank_alpha_lr", tmp_path, "objective.metric=tuned/test/loss",
-                        "trainer.eval_steps=null", "sweep.n_trials=0")
+                        "trainer.eval_steps=null")
     cfg.sweep.params["trainer.learning_rat"] = SweepParam(type="float", low=1e-4, high=1e-3)
     cfg.sweep.params["adapter.r"] = SweepParam(type="categorical", choices=[])
     cfg.sweep.params["trainer.sampling"] = SweepParam(type="categorical", choices=["random", "bogus"])
     cfg.sweep.params["trainer.max_steps"] = SweepParam(type="categorical", choices=[10, "ten"])
     problems = "\n".join(definition.check(cfg))
-    assert "sweep.n_trials=0 must be > 0" in problems
     assert "sweep.params.trainer.learning_rat: trainer.learning_rat is not a key" in problems
     assert "sweep.params.adapter.r is categorical: give it choices" in problems
     assert ("sweep.params.trainer.sampling has choice 'bogus' that trainer.sampling does not take: "
@@ -260,6 +261,8 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
     assert report["importances"] == {} and "importances need at least" in report["importances_why"]
     assert (folder / "history.png").stat().st_size > 1000 and not (folder / "importances.png").exists()
     assert "Best trial" in (folder / "report.md").read_text() and "sweep report" in output + ""
+    # Hydra's record of the command, as sweeps/README.md lists it in the sweep folder
+    assert f"name: {name}" in (folder / "multirun.yaml").read_text()
 
 
 def test_a_trial_whose_config_does_not_compose_fails_alone(tmp_path):
@@ -391,11 +394,11 @@ def test_pruner_presets_and_their_first_rung(tmp_path):
     assert sweep_trial.pruner_rungs(halving) is None  # min_resource: auto, known only later
     halving.sweep.pruner["min_resource"] = 2
     assert sweep_trial.pruner_rungs(halving) == (2, 4)  # Optuna's default reduction factor
-    bad = compose_sweep("lora_rank_alpha_lr", tmp_path, "sweep.pruner=halving", "sweep.timeout_min=0",
-                        "sweep.max_memory_gb=-1")
-    problems = "\n".join(definition.check(bad))
-    assert "sweep.pruner='halving' is not one of asha, hyperband, median" in problems
-    assert "sweep.timeout_min=0.0 must be > 0 or null" in problems and "sweep.max_memory_gb=-1.0" in problems
+    bad = compose_sweep("lora_rank_alpha_lr", tmp_path, "sweep.pruner=halving")
+    assert "sweep.pruner='halving' is not one of asha, hyperband, median" in "\n".join(definition.check(bad))
+    with pytest.raises(ConfigError) as err:
+        compose_sweep("lora_rank_alpha_lr", tmp_path, "sweep.timeout_min=0", "sweep.max_memory_gb=-1")
+    assert err.value.problems == ["sweep.timeout_min=0.0 must be > 0 or null", "sweep.max_memory_gb=-1.0 must be > 0 or null"]
 
 
 def test_budget_counts_wall_time_once_across_workers_and_sessions(monkeypatch):
@@ -537,4 +540,4 @@ def test_evaluations_during_training_score_a_fixed_slice():
     assert evaluation_slice(rows, TrainerConfig(eval_examples=None)) is rows
     assert evaluation_slice(rows, TrainerConfig(eval_examples=64)) is rows
     assert evaluation_slice(None, TrainerConfig(eval_examples=4)) is None
-    assert "trainer.eval_examples=0 must be > 0 or null" in validation._check_trainer(TrainerConfig(eval_examples=0))
+    assert range_problems(TrainerConfig(eval_examples=0), "trainer.") == ["trainer.eval_examples=0 must be > 0 or null"]

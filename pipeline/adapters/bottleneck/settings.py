@@ -10,6 +10,7 @@ from typing import Any, List, Optional
 from pipeline.adapters.bottleneck.layout import BOTTLENECK_TARGETS, NON_LINEARITIES, PLACEMENTS
 from pipeline.adapters.registry import AdapterSettings, check_targets, register_adapter
 from pipeline.config.choices import make_choice
+from pipeline.config.ranges import bounded, unbounded
 from pipeline.config.schema import ArchitectureInfo
 
 Placement = make_choice("Placement", *PLACEMENTS)
@@ -27,20 +28,15 @@ class BottleneckSettings(AdapterSettings):
     """
 
     method: str = "bottleneck"
-    r: int = 64  # bottleneck dimension
+    r: int = bounded(64, gt=0)  # bottleneck dimension
     placement: Placement = Placement.houlsby
     non_linearity: NonLinearity = NonLinearity.relu
-    dropout: float = 0.0
-    scaling: float = 1.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
+    scaling: float = unbounded(1.0, why="a factor on the adapter's output; a negative one is a choice, not an error")
     target_modules: Optional[List[str]] = None  # null: derived from placement and model_type
 
     def check(self, architecture: Optional[ArchitectureInfo]) -> List[str]:
-        problems = []
-        if self.r <= 0:
-            problems.append(f"adapter.r={self.r} must be > 0 (the bottleneck dimension)")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"adapter.dropout={self.dropout} must be in [0, 1)")
-        problems += check_targets("adapter.target_modules", self.target_modules, architecture)
+        problems = check_targets("adapter.target_modules", self.target_modules, architecture)
         if (self.target_modules is None and architecture is not None
                 and architecture.model_type not in BOTTLENECK_TARGETS):
             problems.append(f"adapter.target_modules: no bottleneck placement known for model_type="
