@@ -207,7 +207,8 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
 
     first = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
-    while not mid_trial(folder, 4) and first.poll() is None and time.time() < deadline:
+    # the injected trial fails before launch (no run folder): three finished and one training
+    while not mid_trial(folder, 3) and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)  # no clean-up at all: the harshest stop
     first.wait()
@@ -241,10 +242,11 @@ def test_sweep_prunes_survives_a_failing_trial_and_resumes_after_kill(tmp_path):
     # Trials evaluate only where successive halving decides (eval_steps=2: rungs 2, 6, ...), so
     # not at step 4, where an evaluation every eval_steps would cost as much and decide nothing.
     assert all(set(t.intermediate_values) == {2} for t in trials if t.state.name in ("COMPLETE", "PRUNED"))
-    # The injected trial failed alone, with its error; the rest went on.
+    # The injected trial failed alone, with its error, when its config was checked before launch
+    # (no job, no run folder); the rest went on.
     injected = trials[0]
     assert injected.state.name == "FAIL" and "adapter.lora_dropout=1.5 must be in [0, 1)" in injected.user_attrs["error"]
-    assert read_json(folder / "trial_0" / "run.json")["status"] == "failed"
+    assert not (folder / "trial_0").exists()
     completed = [t for t in trials if t.state.name == "COMPLETE"]
     for t in completed:
         assert read_json(folder / f"trial_{t.number}" / "run.json")["status"] == "success"
@@ -287,13 +289,19 @@ def test_a_trial_whose_config_does_not_compose_fails_alone(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_stops_at_max_failures(tmp_path):
+    # A value outside its range is refused before any trial starts ...
     cmd = sweep_command("lora_rank_alpha_lr", tmp_path, "sweep.max_failures=2", "trainer.warmup_ratio=2")
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "trainer.warmup_ratio=2.0 must be in [0, 1)" in done.stderr
+    assert not (tmp_path / "sweeps" / "lora_rank_alpha_lr" / "study.db").exists()
+    # ... one only TrainingArguments refuses fails each trial, until max_failures stops the sweep.
+    cmd = sweep_command("lora_rank_alpha_lr", tmp_path, "sweep.max_failures=2", "+trainer.extra.warmup_steps=-3")
     done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "2 failed trials reached sweep.max_failures=2" in done.stderr
     trials = load(tmp_path / "sweeps" / "lora_rank_alpha_lr", "lora_rank_alpha_lr").trials
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
-    assert all("trainer.warmup_ratio=2" in t.user_attrs["error"] for t in trials)
+    assert all("warmup_steps = -3" in t.user_attrs["error"] for t in trials)
 
 
 def postgres_url() -> str:
