@@ -44,6 +44,11 @@ WARNED_NOTICES: Tuple[Tuple[Type[Warning], str, str], ...] = (
     # PEFT's PeftModel reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps
     # a model (every adapter trained, evaluated or served); nothing in the run's config calls it.
     (FutureWarning, "`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+    # PEFT advises converting a PiSSA/OLoRA adapter for the original base when the adapter as
+    # initialised is saved; that save is the first step of exactly this conversion
+    # (pipeline.adapters.lora.save_converted), which every such run does.
+    (UserWarning, "PiSSA changes the base weights", r"peft\.peft_model"),
+    (UserWarning, "OLoRA changes the base weights", r"peft\.peft_model"),
 )
 
 # datasets' own switch for its progress bars ("Generating train split", "Map"), read when it is

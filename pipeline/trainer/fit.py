@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from pipeline.adapters import lora
 from pipeline.config.schema import TrainerConfig
 from pipeline.runs.atomic import commit_folder
 from pipeline.runs.runfolder import folder_size_mb
@@ -59,7 +60,11 @@ def save_artifact(trainer: Any, run_dir: Path, is_peft: bool) -> Path:
         # The Trainer also pickles its arguments; the run folder keeps config.yaml instead, and
         # a folder that serving loads should hold no pickles.
         (tmp / "training_args.bin").unlink(missing_ok=True)
+        initial = run_dir / lora.INITIAL_ADAPTER
+        if is_peft and initial.exists():  # PiSSA/OLoRA: an adapter for the original base, not the residual
+            lora.save_converted(trainer.accelerator.unwrap_model(trainer.model), tmp, initial)
         commit_folder(tmp, target)
+        shutil.rmtree(initial, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return target
 
@@ -148,6 +153,8 @@ def fit(trainer: Any, cfg: TrainerConfig, run_dir: Path, *, trains: bool, resume
     metrics: Dict[str, Any] = {}
     tuned = base
     if trains:
+        if trainer.is_world_process_zero() and lora.moves_base(trainer.model):
+            lora.save_initial(trainer.model, run_dir / lora.INITIAL_ADAPTER)  # before any step
         enter("training")
         metrics.update(_train(trainer, cfg, resume_from))
         enter("final evaluation")
