@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
 from pipeline import export as export_entry
+from pipeline import merge as merge_entry
 from pipeline.commands import store
 from pipeline.commands.compose import checked_train, typed_config
 from pipeline.config.errors import ConfigError, PipelineError
@@ -29,7 +30,7 @@ from tests.conftest import CONF, ROOT, python_path
 
 DOCS = ["README.md", "sweeps/README.md", "benchmarks/README.md"]
 HYDRA_APPS = {"pipeline.train": "train", "pipeline.evaluate": "evaluate", "pipeline.serve": "serve",
-              "pipeline.export": "export"}
+              "pipeline.export": "export", "pipeline.merge": "merge"}
 TRAIN_OVERRIDES = {"pipeline.estimate", "pipeline.data"}  # tools taking train's overrides
 # Fenced lines that run someone else's program: installing, building, the test runner itself.
 NOT_OURS = re.compile(r"^(python3 -m venv|pip install|docker (build|run)|python -m pytest)\b")
@@ -93,7 +94,7 @@ def _overrides(args: List[str]) -> List[str]:
 def _placeholders(overrides: List[str]) -> List[str]:
     """The values a reader substitutes: paths, hub ids, placeholders (a problem naming one is
     about the reader's own files, not about the command)."""
-    values = [o.partition("=")[2] for o in overrides]
+    values = [v.strip(" '\"") for o in overrides for v in o.partition("=")[2].strip("[]").split(",")]
     return [v for v in values if PLACEHOLDER in v or "/" in v or Path(v).suffix in (".jsonl", ".json", ".csv")]
 
 
@@ -115,7 +116,8 @@ def _check(module: str, overrides: List[str]) -> List[str]:
         if entry == "train":
             checked_train(cfg)
         else:
-            typed_config(cfg, {"serve": plan.problems, "export": export_entry.problems}.get(entry, lambda t: []))
+            typed_config(cfg, {"serve": plan.problems, "export": export_entry.problems,
+                               "merge": merge_entry.problems}.get(entry, lambda t: []))
     except ConfigError as err:
         return err.problems
     except PipelineError as err:

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Set, Tuple
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "pipeline"
-ENTRY_POINTS = {"train", "evaluate", "serve", "export", "report", "estimate", "vllm_engine"}
+ENTRY_POINTS = {"train", "evaluate", "serve", "export", "merge", "report", "estimate", "vllm_engine"}
 # The packages that may handle Hydra's own objects besides the entry points and the sweeper plugin:
 # what the entry points share (composing, converting, validating, running a command).
 HYDRA_SIDE = ("pipeline.commands",)

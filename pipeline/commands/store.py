@@ -21,7 +21,7 @@ except ImportError:
 
 from pipeline.adapters.registry import ADAPTERS
 from pipeline.commands.keys import guard_overrides
-from pipeline.config.app_schema import EvaluateConfig, ExportConfig, ServeConfig
+from pipeline.config.app_schema import EvaluateConfig, ExportConfig, MergeConfig, ServeConfig
 from pipeline.config.errors import ConfigError
 from pipeline.config.options import PACKAGE_DIR, SWEEPS_DIR
 from pipeline.config.schema import SCHEMAS, TrainConfig
@@ -34,6 +34,7 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="serve_schema", node=ServeConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="merge_schema", node=MergeConfig)
     for group, schema in SCHEMAS.items():
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, settings in ADAPTERS.items():

@@ -8,8 +8,8 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from pipeline.config.choices import ServerEngine, WeightsDtype
-from pipeline.config.ranges import SEED, bounded
+from pipeline.config.choices import MergeMethod, ServerEngine, WeightsDtype
+from pipeline.config.ranges import SEED, bounded, unbounded
 from pipeline.config.schema import DataConfig, EvaluationConfig, LoggerConfig, ModelConfig, PathsConfig
 
 
@@ -100,3 +100,29 @@ class ExportConfig:
     adapter_method: str = "lora"  # the registered method adapter_path was trained with
     seed: int = bounded(42, **SEED)
     task_name: str = "export"
+
+
+@dataclass
+class MergeSettings:
+    """How the source adapters combine: PEFT's ``add_weighted_adapter``."""
+
+    method: MergeMethod = MergeMethod.linear
+    # One weight per source run; null: 1/n each for the averaging methods, 1.0 each for the TIES
+    # family (whose sign election already averages the agreeing weights).
+    weights: Optional[List[float]] = unbounded(None, why="a negative weight subtracts a task (task arithmetic)")
+    # ties, dare_* and magnitude_prune*: the fraction of each adapter's weights kept.
+    density: Optional[float] = bounded(None, gt=0, le=1)
+    seed: int = bounded(42, **SEED)  # DARE's random pruning
+
+
+@dataclass
+class MergeConfig:
+    """The composed ``merge`` config: the source runs, how they merge, how each is measured."""
+
+    evaluation: EvaluationConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    runs: List[str] = MISSING  # run folders of LoRA adapters trained on the same base
+    seed: int = bounded(42, **SEED)
+    task_name: str = "merge"

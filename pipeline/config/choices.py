@@ -57,3 +57,6 @@ WandbMode = make_choice("WandbMode", "offline", "online", "disabled")
 ParamType = make_choice("ParamType", "float", "int", "categorical")  # a sweep parameter's
 WeightsDtype = make_choice("WeightsDtype", "float32", "bfloat16", "float16")  # an export's
 ServerEngine = make_choice("ServerEngine", "builtin", "vllm")
+# PEFT's add_weighted_adapter combination types (pipeline.merge).
+MergeMethod = make_choice("MergeMethod", "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties",
+                          "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")

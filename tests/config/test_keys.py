@@ -59,6 +59,8 @@ def test_unknown_keys_and_other_problems_are_reported_together():
     ("serve", ["run=x", "+server.prot=9000"], "server.prot=9000 is not a setting: did you mean server.port?"),
     ("export", ["run=x", "+export.merg=true"], "export.merg=True is not a setting: did you mean export.merge?"),
     ("serve", ["run=x", "server.port=0"], "server.port=0 must be in 1..65535"),
+    ("merge", ["runs=[a,b]", "+merge.densty=0.5"], "merge.densty=0.5 is not a setting: did you mean merge.density?"),
+    ("merge", ["runs=[a,b]", "merge.density=1.5"], "merge.density=1.5 must be in (0, 1] or null"),
 ])
 def test_every_entry_point_refuses_unknown_keys_and_out_of_range_values(name, overrides, message):
     if name != "evaluate":

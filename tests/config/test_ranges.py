@@ -10,12 +10,12 @@ import pytest
 
 from pipeline.adapters.registry import ADAPTERS
 from pipeline.commands.compose import compose_train
-from pipeline.config.app_schema import EvaluateConfig, ExportConfig, ServeConfig
+from pipeline.config.app_schema import EvaluateConfig, ExportConfig, MergeConfig, ServeConfig
 from pipeline.config.errors import ConfigError
 from pipeline.config.ranges import Range, bounded, field_range, range_problems
 from pipeline.config.schema import SweepConfig, TrainConfig
 
-ROOTS = [TrainConfig, EvaluateConfig, ServeConfig, ExportConfig, SweepConfig, *ADAPTERS.values()]
+ROOTS = [TrainConfig, EvaluateConfig, ServeConfig, ExportConfig, MergeConfig, SweepConfig, *ADAPTERS.values()]
 
 
 def _numeric(hint) -> bool:

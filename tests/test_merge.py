@@ -1,0 +1,105 @@
+"""``python -m pipeline.merge``: LoRA adapters of finished runs merged by PEFT's methods, measured on
+each source run's own sets next to that run's adapter and the base; PEFT's limits refused before
+any weights load, naming the keys."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from starlette.testclient import TestClient
+
+from pipeline import serve
+from pipeline.adapters.merging import merge_weights
+from pipeline.commands.compose import typed_config
+from pipeline.config.app_schema import MergeSettings
+from pipeline.config.errors import ConfigError
+from pipeline.merge import problems, source_names
+from tests.conftest import CONF, ROOT, python_path, read_json, run_train
+
+FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Tiny runs on one base: two tasks at r=16, one at r=8, one DoRA."""
+    d = tmp_path_factory.mktemp("sources")
+    made = {"fr": ["data=django_en_fr"], "qa": ["data=chatterbot_qa"], "r8": ["adapter.r=8"], "dora": ["adapter=dora"]}
+    for name, overrides in made.items():
+        run_train([*FAST, *overrides], d / name)
+    return {name: d / name for name in made}
+
+
+def _checked(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("merge", overrides=["paths.run_dir=.", *overrides])
+    return typed_config(cfg, problems)
+
+
+def test_a_ties_merge_is_measured_on_each_sources_own_sets(runs, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline.merge", f"runs=[{runs['fr']},{runs['qa']}]",
+                           "merge.method=ties", "merge.density=0.5", "evaluation=perplexity",
+                           f"hydra.run.dir={tmp_path / 'merged'}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": python_path()}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == f"results: {(tmp_path / 'merged').resolve()}"
+    metrics = read_json(tmp_path / "merged" / "metrics.json")
+    for source in ("fr", "qa"):
+        for side in ("base", "source", "merged"):
+            assert isinstance(metrics[f"{side}/{source}/test/loss"], float)
+        # each source's own adapter was measured on its own test set: it learnt something there
+        assert metrics[f"source/{source}/test/loss"] < metrics[f"base/{source}/test/loss"]
+        kept = metrics[f"kept/{source}/test/loss"]
+        gain = metrics[f"source/{source}/test/loss"] - metrics[f"base/{source}/test/loss"]
+        assert kept == pytest.approx((metrics[f"merged/{source}/test/loss"] - metrics[f"base/{source}/test/loss"]) / gain)
+    shares = [metrics["kept/fr/test/loss"], metrics["kept/qa/test/loss"]]
+    assert metrics["kept/mean/test/loss"] == pytest.approx(sum(shares) / 2) and metrics["kept/min/test/loss"] == min(shares)
+    # the two sources were measured on different data
+    assert metrics["base/fr/test/loss"] != metrics["base/qa/test/loss"]
+    adapter = tmp_path / "merged" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert read_json(tmp_path / "merged" / "run.json")["status"] == "success"
+    # ... and it serves, by the name given, on the sources' base
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("serve", overrides=[f"paths.run_dir={tmp_path / 'serve'}", "model=tiny_llama",
+                                          f"adapters={{merged: {adapter}}}"])
+    with TestClient(serve.build_app(cfg)) as client:
+        answer = client.post("/v1/completions", json={"model": "merged", "prompt": "Hello", "max_tokens": 4,
+                                                      "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "merged" and answer.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("sources, overrides, message", [
+    (["fr", "r8"], ["merge.method=linear"], "merge.method=linear needs runs with equal adapter.r, but they have "
+                                             "[16, 8]; use merge.method=cat or linear_svd (or svd)"),
+    (["fr", "qa"], ["merge.method=ties"], "merge.method=ties needs merge.density"),
+    (["fr", "qa"], ["merge.density=0.5"], "merge.density applies to the pruning methods"),
+    (["fr", "qa"], ["merge.weights=[1.0]"], "merge.weights has 1 values for 2 runs"),
+    (["fr", "dora"], [], "runs: only LoRA adapters merge"),
+    (["fr"], [], "runs has 1 run folder(s); a merge needs two or more"),
+])
+def test_what_peft_refuses_is_refused_before_any_weights_load(runs, sources, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _checked(f"runs=[{','.join(str(runs[s]) for s in sources)}]", *overrides)
+    assert message in str(err.value)
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path, runs):
+    with pytest.raises(ConfigError) as err:
+        _checked(f"runs=[{runs['fr']},{tmp_path}]")
+    assert f"runs[1]: run='{tmp_path}' is not a run folder (no config.yaml)" in str(err.value)
+
+
+def test_sources_get_unique_names_and_methods_their_default_weights():
+    assert source_names(["a/x.y", "b/x.y", "c"]) == ["x_y", "x_y_1", "c"]
+    assert merge_weights(MergeSettings(method="linear"), 4) == [0.25] * 4
+    assert merge_weights(MergeSettings(method="ties"), 2) == [1.0, 1.0]
+    assert merge_weights(MergeSettings(weights=[2.0, -1.0]), 2) == [2.0, -1.0]
