@@ -29,7 +29,7 @@ def main(argv: List[str]) -> int:
     """Composes the ``train`` config from ``argv`` overrides and prints the estimate."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.estimate", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="train config overrides, e.g. adapter=qlora distributed=zero3")
-    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own notices and progress bars")
+    quiet.add_verbose_switch(parser)
     args = parser.parse_args(argv)
     quiet.install(args.verbose)
 

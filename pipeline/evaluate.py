@@ -21,8 +21,6 @@ from pipeline.commands.validation import validate_evaluate
 from pipeline.config.app_schema import EvaluateConfig
 from pipeline.config.errors import ConfigError
 from pipeline.config.options import CONF_DIR
-from pipeline.data.packing import collator
-from pipeline.data.splits import build_datasets
 from pipeline.model import loading
 from pipeline.runs.runfolder import RunFolder
 from pipeline.scoring.measurement import Evaluator, before_after, before_after_table, write_predictions
@@ -55,10 +53,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, float]:
         validate_evaluate(config, source.data)  # before any model loads
         folder = loading.resolve_folder(source.model, config.paths.cache_dir, source.data.seed)
         tokenizer = loading.load_tokenizer(folder, source.model)
-        splits = build_datasets(source.data, tokenizer)
-        evaluator = Evaluator.build(config.evaluation, splits, tokenizer, seed=source.data.seed,
-                                    plain_template=source.data.template == "plain",
-                                    collate=collator(tokenizer, False), loss_batch_size=config.evaluation.batch_size)
+        evaluator = Evaluator.for_data(config.evaluation, source.data, tokenizer)
         tuned_model, base_model = _models(folder, source)
         # An adapter's base and tuned generations come from one vLLM engine (evaluation.engine=vllm).
         generated = evaluator.predict_base_and_tuned(tuned_model) if base_model is None else {}

@@ -86,13 +86,11 @@ def problems(cfg: ExportConfig) -> List[str]:
 
 
 def read_source(cfg: ExportConfig) -> ExportSource:
+    """What to export: the run's (``run``, also as a sweep chose it), else ``adapter_path`` on
+    ``model``; :func:`problems` has checked that one of them is given and is what it should be."""
     if cfg.run:
         saved = read_run(cfg.run)
         return ExportSource(saved.model, saved.artifact, saved.settings.quantization(), Path(cfg.run), saved.data.seed)
-    if not cfg.adapter_path:
-        raise ConfigError(["give run=<run folder>, or adapter_path=<adapter folder> with model=..."])
-    if not is_adapter(Path(cfg.adapter_path)):
-        raise ConfigError([f"adapter_path={cfg.adapter_path!r} has no adapter_config.json"])
     settings = settings_for(cfg.adapter_method)
     return ExportSource(cfg.model, Path(cfg.adapter_path), settings.quantization(), None, cfg.seed)
 

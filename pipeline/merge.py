@@ -27,8 +27,6 @@ from pipeline.commands.compose import record, typed_config
 from pipeline.config.app_schema import MergeConfig
 from pipeline.config.errors import ConfigError
 from pipeline.config.options import CONF_DIR
-from pipeline.data.packing import collator
-from pipeline.data.splits import build_datasets
 from pipeline.model import loading
 from pipeline.runs.atomic import commit_folder
 from pipeline.runs.runfolder import RunFolder
@@ -146,10 +144,7 @@ def merge(cfg: DictConfig) -> Dict[str, Any]:
         combine(model, names, config.merge, MERGED)
         metrics: Dict[str, Any] = {}
         for name, source in zip(names, sources):
-            evaluator = Evaluator.build(config.evaluation, build_datasets(source.data, tokenizer), tokenizer,
-                                        seed=source.data.seed, plain_template=source.data.template == "plain",
-                                        collate=collator(tokenizer, False),
-                                        loss_batch_size=config.evaluation.batch_size)
+            evaluator = Evaluator.for_data(config.evaluation, source.data, tokenizer)
             metrics.update(merge_metrics(name, _measured(model, evaluator, name)))
         metrics.update(kept_overall(names, metrics))
         _save_merged(model, run.path)

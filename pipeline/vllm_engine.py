@@ -16,7 +16,7 @@ from pipeline.scoring import vllm_client
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.vllm_engine",
                                      description="Install or locate vLLM's own environment.")
-    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own notices")
+    quiet.add_verbose_switch(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("install", help="create the vLLM environment")
     setup.add_argument("--target", type=Path, default=vllm_client.default_environment())

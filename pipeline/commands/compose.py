@@ -18,10 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.adapters.registry import ADAPTERS, settings_fields
 from pipeline.commands import store  # noqa: F401  (registers the schemas the configs compose against)
 from pipeline.commands import validation
-from pipeline.commands.keys import unknown_keys
+from pipeline.commands.keys import unknown_adapter_keys, unknown_keys
 from pipeline.config.errors import ConfigError, missing_values
 from pipeline.config.options import CONF_DIR, plain
 from pipeline.config.ranges import range_problems
@@ -53,23 +52,6 @@ def missing_keys(node: DictConfig, prefix: str = "") -> List[str]:
         if isinstance(child, DictConfig) and not OmegaConf.is_interpolation(node, key):
             missing += missing_keys(child, f"{prefix}{key}.")
     return missing
-
-
-def unknown_adapter_keys(cfg: DictConfig) -> List[str]:
-    """Keys added with ``+adapter.x=`` (or by an overlay) that the chosen method does not have
-    (converting would drop them silently)."""
-    method = cfg.adapter.method
-    if method not in ADAPTERS:
-        return [f"adapter.method={method!r} is unknown; choose one of: {', '.join(sorted(ADAPTERS))}"]
-    known = settings_fields(method)
-    problems = []
-    for key in cfg.adapter.keys():
-        if key not in known:
-            owners = sorted(n for n in ADAPTERS if key in settings_fields(n))
-            hint = f"; it belongs to adapter={'/'.join(owners)}" if owners else ""
-            problems.append(f"adapter.{key}={cfg.adapter[key]!r} is not a setting of "
-                            f"adapter={method}: remove it{hint}")
-    return problems
 
 
 def typed_config(cfg: Union[DictConfig, EntryConfig],

@@ -45,6 +45,28 @@ def unknown_keys(cfg: DictConfig, skip: Tuple[str, ...] = ("adapter",)) -> List[
     return problems
 
 
+def unknown_adapter_keys(cfg: DictConfig) -> List[str]:
+    """Keys added with ``+adapter.x=`` (or by an overlay) that the chosen method does not have
+    (converting would drop them silently)."""
+    method = cfg.adapter.method
+    if method not in ADAPTERS:
+        return [f"adapter.method={method!r} is unknown; choose one of: {', '.join(sorted(ADAPTERS))}"]
+    known = settings_fields(method)
+    problems = []
+    for key in cfg.adapter.keys():
+        if key not in known:
+            owners = adapter_owners(key)
+            hint = f"; it belongs to adapter={'/'.join(owners)}" if owners else ""
+            problems.append(f"adapter.{key}={cfg.adapter[key]!r} is not a setting of "
+                            f"adapter={method}: remove it{hint}")
+    return problems
+
+
+def adapter_owners(key: str) -> List[str]:
+    """The registered adapter methods that have the setting ``key``."""
+    return sorted(n for n in ADAPTERS if key in settings_fields(n))
+
+
 def _walk_unknown(node: Any, prefix: str, found: List[Tuple[str, Any]], skip: Tuple[str, ...]) -> None:
     if isinstance(node, ListConfig):
         for i in range(len(node)):
@@ -158,7 +180,7 @@ def _misspelt(cfg: DictConfig, key: str) -> Optional[str]:
     node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
     if not isinstance(node, DictConfig) or leaf in node.keys() or not dataclasses.is_dataclass(OmegaConf.get_type(node)):
         return None
-    owners = sorted(n for n in ADAPTERS if leaf in settings_fields(n)) if parent == "adapter" else []
+    owners = adapter_owners(leaf) if parent == "adapter" else []
     guess = _closest(key, _known_keys(cfg, ""))
     if owners:
         hint = f"it is a setting of adapter={'/'.join(owners)}, not of adapter={node.method}"

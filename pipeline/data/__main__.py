@@ -24,7 +24,7 @@ def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=3, help="rendered training examples to show")
     parser.add_argument("overrides", nargs="*", help="train config overrides, e.g. data=my_jsonl data.path=x")
-    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own notices and progress bars")
+    quiet.add_verbose_switch(parser)
     args = parser.parse_args(argv)
     quiet.install(args.verbose)
 

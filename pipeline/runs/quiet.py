@@ -11,6 +11,7 @@ about the run's own settings or data still shows. ``hydra.verbose=true`` (the Hy
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import warnings
@@ -97,6 +98,13 @@ def install(verbose: bool = False, logs_to_wandb: bool = False) -> None:
             logging.getLogger(name).addFilter(_FILTER)  # on the logger: DeepSpeed's has its own handler
     for handler in logging.getLogger().handlers:
         handler.addFilter(_FILTER)
+
+
+def add_verbose_switch(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` for the commands that take plain arguments (Hydra's own switch is
+    ``hydra.verbose=true``): pass ``args.verbose`` to :func:`install`."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' own notices and progress bars")
 
 
 def showing_everything() -> bool:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from pipeline.config.options import load_option
-from pipeline.config.schema import EvaluationConfig
+from pipeline.config.schema import DataConfig, EvaluationConfig
+from pipeline.data.packing import collator
 from pipeline.data.splits import Splits, build_datasets
 from pipeline.model import precision
 from pipeline.runs.atomic import open_atomic
@@ -220,6 +221,14 @@ class Evaluator:
         self.loss_precision = precision.resolve_loss(cfg.loss_precision)
         self.slice_for_training = slice_for_training
         self.recorded_sets = recorded_sets(loss_sets, sets)
+
+    @classmethod
+    def for_data(cls, cfg: EvaluationConfig, data: DataConfig, tokenizer: Any) -> "Evaluator":
+        """The sets of a finished run's data (``pipeline.evaluate``, ``pipeline.merge``): its
+        splits rebuilt as it split them, batched unpacked, ``cfg.batch_size`` examples a batch."""
+        return cls.build(cfg, build_datasets(data, tokenizer), tokenizer, seed=data.seed,
+                         plain_template=data.template == "plain", collate=collator(tokenizer, False),
+                         loss_batch_size=cfg.batch_size)
 
     @classmethod
     def build(cls, cfg: EvaluationConfig, splits: Splits, tokenizer: Any, *, seed: int,
