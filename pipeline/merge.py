@@ -6,13 +6,17 @@ next to that run's adapter and the base, so that the table reads "the merge keep
 source's gain". Results and the merged adapter (``adapter/``) go to a new folder; the sources are
 untouched. ``metrics.json``: ``base/<source>/<split>/<metric>``, ``source/<source>/...``,
 ``merged/<source>/...`` and ``kept/<source>/...`` ((merged - base) / (source - base)), and
-``kept/mean/...`` / ``kept/min/...`` over the sources.
+``kept/mean/...`` / ``kept/min/...`` over the sources. The folder reads as a run (its
+``merged_from.yaml``): ``pipeline.serve run=<folder>``, ``pipeline.export run=<folder>``.
+
+``python -m pipeline.merge -m merge_sweep=<name> 'runs=[...]'`` searches ``merge.weights`` and
+``merge.density`` with the Optuna sweeper of training sweeps (``sweeps/merge/``); each trial is
+one merge, which records its metrics on its trial.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List
@@ -20,8 +24,8 @@ from typing import Any, Dict, List
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.adapters.merging import combine, merge_problems
-from pipeline.adapters.saved import SavedRun, is_adapter, load_adapter, read_run
+from pipeline.adapters.merging import combine, merge_problems, source_names
+from pipeline.adapters.saved import SavedRun, is_adapter, load_adapter, read_run, write_merged_from
 from pipeline.commands import runner
 from pipeline.commands.compose import record, typed_config
 from pipeline.config.app_schema import MergeConfig
@@ -31,6 +35,7 @@ from pipeline.model import loading
 from pipeline.runs.atomic import commit_folder
 from pipeline.runs.runfolder import RunFolder
 from pipeline.scoring.measurement import Evaluator
+from pipeline.study import trial as sweep_trial
 
 MERGED = "merged"  # the merged adapter's name in the PEFT model
 
@@ -65,16 +70,6 @@ def problems(cfg: MergeConfig) -> List[str]:
     if not found:
         found += merge_problems(cfg.merge, adapters)
     return found
-
-
-def source_names(runs: List[str]) -> List[str]:
-    """A short, unique name per source run (its folder's name), usable as a PEFT adapter name
-    and in metric names."""
-    names: List[str] = []
-    for i, run in enumerate(runs):
-        name = re.sub(r"[^\w-]", "_", Path(run).resolve().name) or f"run_{i}"
-        names.append(name if name not in names else f"{name}_{i}")
-    return names
 
 
 def _measured(model: Any, evaluator: Evaluator, name: str) -> Dict[str, Dict[str, float]]:
@@ -132,6 +127,7 @@ def merge(cfg: DictConfig) -> Dict[str, Any]:
     run = RunFolder(Path(cfg.paths.run_dir))
     with runner.recording(run, record(cfg), runner.task_overrides()):
         config: MergeConfig = typed_config(cfg, problems)  # every problem before any weights load
+        trial = sweep_trial.start_trial(config, run)  # a merge sweep's trial (None otherwise)
         sources = [read_run(r) for r in config.runs]
         names = source_names(config.runs)
         first = sources[0]
@@ -148,7 +144,9 @@ def merge(cfg: DictConfig) -> Dict[str, Any]:
             metrics.update(merge_metrics(name, _measured(model, evaluator, name)))
         metrics.update(kept_overall(names, metrics))
         _save_merged(model, run.path)
+        write_merged_from(run.path, config.runs[0])  # serve, export and evaluate read it as a run
         run.write_metrics(metrics)
+        sweep_trial.record_metrics(trial, metrics)
         print("base | source | merged, on each source's sets:\n" + table(names, metrics))
         run.finish("success", sources=[str(Path(r).resolve()) for r in config.runs])
     return metrics

@@ -79,7 +79,8 @@ def _fit(cfg: TrainConfig, run: RunFolder, checkpoint: Optional[str], trial: Any
     model = cfg.adapter.apply(loading.load_model(folder, cfg.model, cfg.adapter.quantization()), architecture)
     summary = startup.summary(cfg, model, splits)
     log.info(memory.describe(cfg, memory.count_parameters(model)))
-    batches = collator(tokenizer, cfg.data.packing, cfg.data.pack_length)
+    packing = build.packing_for(cfg.data.packing, model)  # off where the attention would cross examples
+    batches = collator(tokenizer, packing, cfg.data.pack_length)
     evaluator = Evaluator.build(cfg.evaluation, splits, tokenizer, seed=cfg.data.seed,
                                 plain_template=cfg.data.template == "plain", collate=batches,
                                 loss_batch_size=cfg.trainer.per_device_eval_batch_size)
@@ -94,7 +95,7 @@ def _fit(cfg: TrainConfig, run: RunFolder, checkpoint: Optional[str], trial: Any
         if distributed.is_main_process() else None
     sweep_trial.record_wandb(trial, wandb_run)
     trainer = build.prepare(
-        cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, packing=cfg.data.packing,
+        cfg.trainer, model, tokenizer, splits, run.path, seed=cfg.seed, packing=packing,
         pack_length=cfg.data.pack_length, report_to=["wandb"] if wandb_run else [], run_name=run.path.name,
         resume_from=checkpoint, evaluator=evaluator,
         callbacks=callbacks.run_callbacks(cfg.preemption, run) + sweep_trial.callbacks(cfg, trial)
@@ -116,6 +117,10 @@ def _fit(cfg: TrainConfig, run: RunFolder, checkpoint: Optional[str], trial: Any
                                          objective.primary_metric(cfg)))
     tracking.finish_wandb(wandb_run, metrics, predictions)
     sweep_trial.record_metrics(trial, metrics)
+    if distributed.is_main_process() and cfg.sweep is not None and cfg.sweep.constraints:
+        constraints = sweep_trial.constraint_results(cfg, predictions)  # a sweep's floors
+        sweep_trial.record_constraints(trial, constraints)
+        run.update(constraints=constraints)
     value = objective_value(metrics, cfg.objective.metric)
     run.finish("success", objective={cfg.objective.metric: value}, phase="done")
     return value

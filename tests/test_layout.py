@@ -20,7 +20,7 @@ HYDRA_SIDE = ("pipeline.commands",)
 # Third-party packages heavy enough that start-up must not pay for them: the only imports that
 # may sit inside functions, each with its reason in a comment.
 HEAVY = {"torch", "transformers", "peft", "datasets", "bitsandbytes", "deepspeed", "optuna", "sqlalchemy",
-         "matplotlib", "vllm", "wandb", "evaluate", "rouge_score", "accelerate", "tqdm"}
+         "matplotlib", "vllm", "wandb", "evaluate", "rouge_score", "accelerate", "tqdm", "lm_eval"}
 
 
 def modules() -> Dict[str, Path]:

@@ -15,11 +15,11 @@ from hydra.core.global_hydra import GlobalHydra
 from starlette.testclient import TestClient
 
 from pipeline import serve
-from pipeline.adapters.merging import merge_weights
+from pipeline.adapters.merging import merge_weights, source_names
 from pipeline.commands.compose import typed_config
 from pipeline.config.app_schema import MergeSettings
 from pipeline.config.errors import ConfigError
-from pipeline.merge import problems, source_names
+from pipeline.merge import problems
 from tests.conftest import CONF, ROOT, python_path, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity"]

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.commands.compose import typed_config
 from pipeline.config.errors import ConfigError, PipelineError
-from pipeline.config.schema import TrainConfig
 from pipeline.runs import atomic
 from pipeline.study import driver
+from pipeline.study.definition import SweptConfig
 
 
 @dataclass
@@ -67,8 +67,8 @@ class PipelineOptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     @staticmethod
-    def _typed(cfg: DictConfig) -> TrainConfig:
-        """A composed train config without Hydra's node, as its typed object; ``paths.run_dir``
+    def _typed(cfg: DictConfig) -> SweptConfig:
+        """A composed train (or merge) config without Hydra's node, as its typed object; ``paths.run_dir``
         (a job's folder, known only once it is launched) set to a placeholder."""
         cfg = cfg.copy()
         with open_dict(cfg):
@@ -76,7 +76,7 @@ class PipelineOptunaSweeper(Sweeper):
         cfg.paths.run_dir = "."
         return typed_config(cfg)
 
-    def _compose(self, overrides: List[str]) -> TrainConfig:
+    def _compose(self, overrides: List[str]) -> SweptConfig:
         """A job's config, composed as the launcher will compose it."""
         return self._typed(self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides)))
 

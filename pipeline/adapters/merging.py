@@ -7,6 +7,7 @@ into one adapter (``pipeline.merge``): :func:`combine`, with PEFT's rules checke
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -107,6 +108,16 @@ def merge_problems(settings: MergeSettings, adapters: List[Dict[str, Any]]) -> L
         found.append(f"runs: the adapters target different modules ({targets}); merge adapters trained with "
                      "the same adapter.target_modules")
     return found
+
+
+def source_names(runs: List[str]) -> List[str]:
+    """A short, unique name per source run (its folder's name), usable as a PEFT adapter name
+    and in metric names."""
+    names: List[str] = []
+    for i, run in enumerate(runs):
+        name = re.sub(r"[^\w-]", "_", Path(run).resolve().name) or f"run_{i}"
+        names.append(name if name not in names else f"{name}_{i}")
+    return names
 
 
 def combine(model: Any, sources: List[str], settings: MergeSettings, name: str) -> None:

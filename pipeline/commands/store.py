@@ -1,6 +1,6 @@
 """The configs registered with Hydra: every schema (the stages', the entry points', each adapter
 method's settings) in Hydra's ConfigStore, so that the YAML options extending them are checked
-while composing; the sweeps of ``sweeps/`` as the ``sweep`` group; our sweeper plugin made
+while composing; the sweeps of ``sweeps/`` as the ``sweep`` group (``sweeps/merge/``: ``merge_sweep``); our sweeper plugin made
 findable. (The resolvers the configs use are :mod:`pipeline.config.options`'.)
 
 Importing this module registers everything (idempotent): every entry point imports it before
@@ -60,17 +60,22 @@ def expose_sweeper_plugin() -> None:
 
 
 def register_sweeps(cs: ConfigStore) -> None:
-    """Makes each ``sweeps/<name>.yaml`` the option ``sweep=<name>`` (package ``_global_``).
+    """Makes each ``sweeps/<name>.yaml`` the option ``sweep=<name>`` of ``train``, and each
+    ``sweeps/merge/<name>.yaml`` the option ``merge_sweep=<name>`` of ``merge`` (package
+    ``_global_``).
 
     The files live beside ``conf/`` rather than in it so that a sweep reads as a project asset
-    of its own; storing them here finds them from any working directory.
+    of its own; storing them here finds them from any working directory. Merge sweeps are a
+    group of their own: they set merge keys, which a train config does not have, and serve and
+    export drop the ``sweep`` group (:func:`forget_sweeps`), not this one.
     """
-    for path in sorted(SWEEPS_DIR.glob("*.yaml")):
-        try:
-            node = OmegaConf.load(path)
-        except Exception as err:  # a YAML error would otherwise surface without the file name
-            raise ConfigError([f"{path}: {err}"]) from err
-        cs.store(group="sweep", name=path.stem, node=node, package="_global_", provider="sweeps")
+    for group, folder in (("sweep", SWEEPS_DIR), ("merge_sweep", SWEEPS_DIR / "merge")):
+        for path in sorted(folder.glob("*.yaml")):
+            try:
+                node = OmegaConf.load(path)
+            except Exception as err:  # a YAML error would otherwise surface without the file name
+                raise ConfigError([f"{path}: {err}"]) from err
+            cs.store(group=group, name=path.stem, node=node, package="_global_", provider="sweeps")
 
 
 def forget_sweeps() -> None:

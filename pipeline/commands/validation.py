@@ -22,6 +22,7 @@ from pipeline.config.options import group_options
 from pipeline.config.schema import (DataConfig, EvaluationConfig, ModelConfig, PreemptionConfig, TrainConfig,
                                     TrainerConfig)
 from pipeline.data.records import LOADERS
+from pipeline.scoring import benchmarks
 from pipeline.scoring.metrics import METRICS
 from pipeline.trainer import distributed
 from pipeline.trainer.build import unknown_extra_keys
@@ -39,7 +40,8 @@ def _check_data(data: DataConfig) -> List[str]:
                         "training examples; make them smaller")
     if data.packing and data.pack_length < data.max_length:
         problems.append(f"data.pack_length={data.pack_length} must be >= data.max_length="
-                        f"{data.max_length} (every example must fit in a packed row); raise it")
+                        f"{data.max_length} (every example must fit in a packed row); raise it, or "
+                        "set data.packing=false")
     if data.template == "plain" and data.format == "messages":
         problems.append("data.format=messages needs data.template=chat (a chat template renders "
                         "the turns); use data.template=chat")
@@ -84,6 +86,9 @@ def _check_trainer(trainer: TrainerConfig) -> List[str]:
     problems = []
     if trainer.extra:
         problems += unknown_extra_keys(trainer.extra)
+    if "torch_compile" in trainer.extra:
+        problems.append("trainer.extra.torch_compile is set by trainer.compile; use trainer.compile=on "
+                        "(or off, or auto) instead")
     return problems
 
 
@@ -119,7 +124,7 @@ def _check_evaluation_sets(ev: EvaluationConfig, data: DataConfig) -> List[str]:
     if ev.engine == "vllm" and ev.decoding.strategy == "beam" and ev.metrics:
         problems.append("evaluation.engine=vllm: evaluation.decoding.strategy=beam is not "
                         "supported; use greedy or sample, or evaluation.engine=transformers")
-    return problems
+    return problems + benchmarks.problems(ev.benchmarks)
 
 
 def _check_evaluation(cfg: TrainConfig) -> List[str]:

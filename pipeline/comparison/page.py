@@ -189,6 +189,38 @@ def retention_lines(retention: Dict[str, List[paired.Retention]]) -> List[str]:
     return lines
 
 
+BENCHMARK_HOWTO = (
+    "No run measured a standard benchmark. To see what tuning costs in general ability, add "
+    "`evaluation.benchmarks.tasks=[arc_easy]` (any lm-eval task or group, or your own task YAMLs with "
+    "`evaluation.benchmarks.include_path=<folder>`) to the training command; the base and the tuned model "
+    "are both measured, and the base once per sweep.")
+
+
+def benchmark_lines(changes: Dict[str, List[paired.BenchmarkChange]]) -> List[str]:
+    """The section on standard benchmarks before and after tuning (or how to measure them)."""
+    lines = ["", "## Benchmarks before and after (lm-evaluation-harness)", ""]
+    items = [item for rows in changes.values() for item in rows]
+    if not items:
+        return lines + [BENCHMARK_HOWTO]
+    lines += ["Base and tuned scores: mean ± standard deviation over the n runs (seeds). Change: tuned minus "
+              "base with its paired bootstrap 95% interval over the task's examples (the same examples for "
+              "both models, the runs' mean on each resample); worse = yes: the whole interval lies on the bad "
+              "side of no change. At a few hundred examples an interval spans several points: read it, not "
+              "the point change.", "",
+              "| configuration | task | metric | n | base | tuned | change [95% interval] | examples | worse |",
+              "|---|---|---|---:|---:|---:|---|---:|---|"]
+    for label, rows in changes.items():
+        for c in rows:
+            if c.interval is None:
+                change, examples = f"n/a ({c.why})", ""
+            else:
+                change = f"{c.interval.change:+.4g} [{c.interval.low:+.4g}, {c.interval.high:+.4g}]"
+                examples = str(c.interval.examples)
+            lines.append(f"| {_cell(label)} | {c.task} | {c.name} | {c.runs} | {_cell(c.base)} | {_cell(c.tuned)} "
+                         f"| {change} | {examples} | {'yes' if c.worse else 'no'} |")
+    return lines
+
+
 STYLE = """
 body{margin:0;background:#f6f7f9;color:#1f2328;font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
 main{max-width:72rem;margin:0 auto;padding:1.5rem 2rem 3rem;background:#fff;min-height:100vh}
@@ -254,6 +286,14 @@ def wandb_tables(result: Dict[str, Any]) -> Dict[str, WandbRows]:
         tables["report/pareto_front"] = (["configuration", metric, *costs, "non_dominated"], [
             [label, row.get(metric, (math.nan, 0))[0], *[row[k][0] for k in costs], label in result["pareto"]]
             for label, row in result["table"].items()])
+    changes = [(label, c) for label, rows in result.get("benchmarks", {}).items() for c in rows]
+    if changes:
+        tables["report/benchmarks"] = (
+            ["configuration", "task", "metric", "runs", "base mean", "base std", "tuned mean", "tuned std",
+             "change", "low", "high", "examples", "worse"],
+            [[label, c.task, c.name, c.runs, *c.base, *c.tuned,
+              *((c.interval.change, c.interval.low, c.interval.high, c.interval.examples) if c.interval
+                else (math.nan, math.nan, math.nan, 0)), c.worse] for label, c in changes])
     retention = [(label, r) for label, rows in result["retention"].items() for r in rows]
     if retention:
         tables["report/retention"] = (

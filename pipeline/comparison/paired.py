@@ -26,55 +26,25 @@ report to say so instead.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
-from sacrebleu.metrics import BLEU, CHRF
 
 from pipeline.comparison.grouping import Configured, mean_std
 from pipeline.runs.progress import Progress
-from pipeline.scoring.losses import MAX_LOG_PERPLEXITY
-from pipeline.scoring.metrics import reference_streams
+from pipeline.scoring.resampling import (  # noqa: F401  (the report's names for them)
+    CORPUS_METRICS, LOSS_METRICS, SIDES, Interval, MetricRef, Rows, align, change_interval, config_scores,
+    higher_is_better, metric_suffix, read_predictions, run_scores)
 
-# The same settings as pipeline.scoring.metrics.corpus_bleu / corpus_chrf (sacrebleu's defaults).
-CORPUS_METRICS = {"bleu": BLEU, "chrf": CHRF}
-# Token-weighted over a resample, from each example's ``loss`` and ``loss_tokens``.
-LOSS_METRICS = ("loss", "perplexity")
-SIDES = ("base", "tuned", "delta")
 RUN_SPLITS = ("eval", "test")  # a run's own splits; any other evaluation set is an extra dataset
-LOWER_IS_BETTER = ("loss", "perplexity", "unparsable_rate")
-Rows = List[Dict[str, Any]]  # one run's rows of eval/predictions.jsonl
+BENCHMARK_SETS = "benchmark/"  # lm-eval tasks: pipeline.scoring.benchmarks
 
 
 class Measured(Configured, Protocol):
     """A run with its final metrics (``metrics.json``)."""
 
     metrics: Dict[str, float]
-
-
-@dataclass(frozen=True)
-class MetricRef:
-    """A metric name such as ``tuned/test/bleu`` split into side, evaluation set and metric."""
-
-    side: str
-    split: str
-    name: str
-
-    @classmethod
-    def parse(cls, metric: str) -> Optional["MetricRef"]:
-        """The parts of ``<base|tuned|delta>/<set>/<metric>``, or None for any other name."""
-        parts = metric.split("/", 2)
-        if len(parts) != 3 or parts[0] not in SIDES:
-            return None
-        return cls(*parts)
-
-
-def metric_suffix(metric: str) -> str:
-    """``test/bleu`` of ``tuned/test/bleu`` (of any side); other names unchanged."""
-    return metric.split("/", 1)[1] if MetricRef.parse(metric) else metric
 
 
 @dataclass(frozen=True)
@@ -106,133 +76,6 @@ class Difference:
     def significant(self) -> bool:
         """Whether the 95% interval excludes 0."""
         return self.low > 0 or self.high < 0
-
-
-def read_predictions(path: Path) -> Rows:
-    """The rows of one run's ``eval/predictions.jsonl`` (see ``scoring.write_predictions``)."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _example_key(row: Dict[str, Any]) -> Tuple[int, str]:
-    # Index and prompt together: a different data split would reuse the indices for other prompts.
-    return row["index"], row["prompt"]
-
-
-def _sides(metric: MetricRef) -> Tuple[str, ...]:
-    return ("base", "tuned") if metric.side == "delta" else (metric.side,)
-
-
-def _needs(metric: MetricRef) -> Tuple[str, ...]:
-    """The per-example scores a row must hold for ``metric`` (none for a corpus metric: it is
-    recomputed from the outputs)."""
-    if metric.name in CORPUS_METRICS:
-        return ()
-    return ("loss", "loss_tokens") if metric.name in LOSS_METRICS else (metric.name,)
-
-
-def can_score(row: Dict[str, Any], metric: MetricRef) -> bool:
-    """Whether a prediction row can score ``metric``: a corpus metric needs the row's outputs
-    (an example measured only by its loss has none), any other metric its per-example score."""
-    if metric.name in CORPUS_METRICS:
-        return all(row[side] is not None for side in _sides(metric))
-    return all(name in row[f"{side}_scores"] for side in _sides(metric) for name in _needs(metric))
-
-
-def _unscored(label: str, rows: Rows, metric: MetricRef) -> str:
-    """Why the rows of one run of ``label`` cannot score ``metric`` on its set."""
-    where = f"eval/predictions.jsonl of a run of {label!r}"
-    if not rows:
-        return f"{where} has no row of set {metric.split!r}"
-    if metric.name in CORPUS_METRICS:
-        return f"{where} has no output on set {metric.split!r} to score {metric.name!r} on"
-    side, name = next((side, name) for side in _sides(metric) for name in _needs(metric)
-                      if name not in rows[0][f"{side}_scores"])
-    had = sorted(rows[0][f"{side}_scores"])
-    why = " (it was measured before per-example losses were recorded)" if metric.name in LOSS_METRICS else ""
-    return (f"{where} has no per-example {name!r} score of the {side} model on set "
-            f"{metric.split!r}{why}; it has: {', '.join(had) or 'none'}")
-
-
-def align(configs: Mapping[str, Sequence[Rows]], metric: MetricRef) -> Dict[str, List[Rows]]:
-    """Every run's rows of ``metric``'s evaluation set that can score it (:func:`can_score`),
-    restricted to the examples all runs share and put in one order, so that index ``i`` is the
-    same prompt in every run.
-
-    Args:
-        configs: Per configuration label, the prediction rows of each of its runs (seeds).
-        metric: The metric compared; its set is ``test``, ``eval`` or an extra dataset's name.
-
-    Returns:
-        The same structure with aligned rows.
-
-    Raises:
-        ValueError: When a run has no row that scores the metric (naming what its rows hold
-            instead), or no example is shared by every run.
-    """
-    by_key = []
-    for label, runs in configs.items():
-        keyed = []
-        for rows in runs:
-            in_set = [r for r in rows if r["set"] == metric.split]
-            scored = {_example_key(r): r for r in in_set if can_score(r, metric)}
-            if not scored:
-                raise ValueError(_unscored(label, in_set, metric))
-            keyed.append(scored)
-        by_key.append(keyed)
-    shared = set.intersection(*(set(run) for runs in by_key for run in runs))
-    if not shared:
-        raise ValueError(f"no example of set {metric.split!r} is in the predictions of every run")
-    order = sorted(shared)
-    return {label: [[run[k] for k in order] for run in runs] for label, runs in zip(configs, by_key)}
-
-
-def _sentence_scores(rows: Rows, side: str, name: str, indices: np.ndarray) -> np.ndarray:
-    values = np.array([float(r[f"{side}_scores"][name]) for r in rows])
-    return values[indices].mean(axis=1)
-
-
-def _corpus_scores(rows: Rows, side: str, name: str, indices: np.ndarray) -> np.ndarray:
-    metric = CORPUS_METRICS[name]()
-    references = [r["reference"] if isinstance(r["reference"], list) else [r["reference"]] for r in rows]
-    # Private sacrebleu API, used the way sacrebleu.significance uses it (see the module docstring).
-    stats = np.asarray(metric._extract_corpus_statistics([r[side] for r in rows],
-                                                         reference_streams(references)), dtype=float)
-    sums = stats[indices].sum(axis=1)
-    return np.array([metric._compute_score_from_stats(s.tolist()).score for s in sums])
-
-
-def _loss_scores(rows: Rows, side: str, name: str, indices: np.ndarray) -> np.ndarray:
-    scored = [r[f"{side}_scores"] for r in rows]
-    tokens = np.array([float(s["loss_tokens"]) for s in scored])
-    nll = np.array([float(s["loss"]) for s in scored]) * tokens
-    loss = nll[indices].sum(axis=1) / np.maximum(tokens[indices].sum(axis=1), 1.0)
-    return loss if name == "loss" else np.exp(np.minimum(loss, MAX_LOG_PERPLEXITY))
-
-
-def run_scores(rows: Rows, metric: MetricRef, indices: np.ndarray) -> np.ndarray:
-    """One run's ``metric`` on each resample.
-
-    Args:
-        rows: The run's aligned prediction rows (each can score the metric: :func:`align`).
-        metric: What to score; ``delta`` is tuned minus base on the same resample.
-        indices: One row of example indices per resample.
-
-    Returns:
-        One score per row of ``indices``.
-    """
-    if metric.side == "delta":
-        return (run_scores(rows, MetricRef("tuned", metric.split, metric.name), indices)
-                - run_scores(rows, MetricRef("base", metric.split, metric.name), indices))
-    if metric.name in CORPUS_METRICS:
-        return _corpus_scores(rows, metric.side, metric.name, indices)
-    if metric.name in LOSS_METRICS:
-        return _loss_scores(rows, metric.side, metric.name, indices)
-    return _sentence_scores(rows, metric.side, metric.name, indices)
-
-
-def config_scores(runs: Sequence[Rows], metric: MetricRef, indices: np.ndarray) -> np.ndarray:
-    """A configuration's score on each resample: the mean over its runs (seeds)."""
-    return np.mean([run_scores(rows, metric, indices) for rows in runs], axis=0)
 
 
 def shared_scores(aligned: Mapping[str, Sequence[Rows]], metric: MetricRef) -> Optional[np.ndarray]:
@@ -298,9 +141,11 @@ def paired_bootstrap(configs: Mapping[str, Sequence[Rows]], baseline: str, metri
 
 def extra_sets(keys: Iterable[str]) -> List[str]:
     """The evaluation sets among metric names that are not the run's own splits: those of
-    ``evaluation.extra_datasets``, which the runs do not train on."""
+    ``evaluation.extra_datasets``, which the runs do not train on (benchmarks have their own
+    section: :func:`benchmark_changes`)."""
     refs = (MetricRef.parse(k) for k in keys)
-    return sorted({r.split for r in refs if r is not None and r.split not in RUN_SPLITS})
+    return sorted({r.split for r in refs if r is not None and r.split not in RUN_SPLITS
+                   and not r.split.startswith(BENCHMARK_SETS)})
 
 
 @dataclass(frozen=True)
@@ -334,6 +179,70 @@ def _retention(runs: Sequence[Measured], split: str, name: str) -> Optional[Rete
                      mean_std([t for _, t in pairs]), mean_std([t - b for b, t in pairs]))
 
 
+@dataclass(frozen=True)
+class BenchmarkChange:
+    """One benchmark metric of a configuration before and after tuning.
+
+    ``base`` and ``tuned`` are mean and standard deviation over the configuration's runs (from
+    ``metrics.json``); ``interval`` is the paired bootstrap of tuned minus base over the task's
+    examples (lm-eval's per-example results), the runs' mean on each resample; None with
+    ``why`` when the runs' examples are not available (a report read from W&B).
+    """
+
+    split: str  # benchmark/<task>
+    name: str
+    runs: int
+    base: Tuple[float, float]
+    tuned: Tuple[float, float]
+    interval: Optional[Interval]
+    why: Optional[str] = None
+
+    @property
+    def task(self) -> str:
+        return self.split[len(BENCHMARK_SETS):]
+
+    @property
+    def worse(self) -> bool:
+        """Whether the interval lies wholly on the bad side of no change."""
+        if self.interval is None:
+            return False
+        return self.interval.high < 0 if higher_is_better(self.name) else self.interval.low > 0
+
+
+def benchmark_changes(groups: Mapping[str, Sequence[Measured]], rows: Mapping[str, Optional[Sequence[Rows]]],
+                      replicates: int = 1000) -> Dict[str, List[BenchmarkChange]]:
+    """Per configuration, every benchmark metric its runs report, with the paired interval.
+
+    Args:
+        groups: Per configuration label, its runs.
+        rows: Per label, each run's prediction rows, or None when they cannot be read.
+        replicates: Bootstrap resamples.
+    """
+    changes: Dict[str, List[BenchmarkChange]] = {}
+    for label, runs in groups.items():
+        names = sorted({k[len("tuned/"):] for r in runs for k in r.metrics
+                        if k.startswith("tuned/" + BENCHMARK_SETS) and not k.endswith("_stderr")})
+        items = []
+        for full in names:
+            ref = MetricRef.parse(f"tuned/{full}")
+            pairs = [(float(r.metrics[f"base/{full}"]), float(r.metrics[f"tuned/{full}"])) for r in runs
+                     if f"base/{full}" in r.metrics and f"tuned/{full}" in r.metrics]
+            if ref is None or not pairs:
+                continue
+            interval, why = None, None
+            if rows.get(label) is None:
+                why = "the runs' eval/predictions.jsonl are not available"
+            else:
+                try:
+                    interval = change_interval(rows[label], ref, replicates)
+                except ValueError as err:
+                    why = str(err)
+            items.append(BenchmarkChange(ref.split, ref.name, len(pairs), mean_std([b for b, _ in pairs]),
+                                         mean_std([t for _, t in pairs]), interval, why))
+        changes[label] = items
+    return changes
+
+
 def retention(groups: Mapping[str, Sequence[Measured]], names: Sequence[str]) -> Dict[str, List[Retention]]:
     """Per configuration, ``names`` (``loss``, ``bleu`` ...) on every extra set of its runs.
 
@@ -350,6 +259,3 @@ def retention(groups: Mapping[str, Sequence[Measured]], names: Sequence[str]) ->
             for label, runs in groups.items()}
 
 
-def higher_is_better(metric: str) -> bool:
-    """False for losses, perplexities and the unparsable rate; True for quality scores."""
-    return not metric.rsplit("/", 1)[-1].startswith(LOWER_IS_BETTER)

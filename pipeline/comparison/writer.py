@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pipeline.comparison import grouping, paired, pareto, plots
 from pipeline.comparison.collect import Run
-from pipeline.comparison.page import (QUALITY_PREFIXES, configuration_lines, not_compared_lines, paired_lines,
-                                     pareto_lines, precision_lines, retention_lines, retention_names, write_csv,
-                                     write_html)
+from pipeline.comparison.page import (QUALITY_PREFIXES, benchmark_lines, configuration_lines, not_compared_lines,
+                                     paired_lines, pareto_lines, precision_lines, retention_lines, retention_names,
+                                     write_csv, write_html)
 from pipeline.runs import atomic
 
 COST_KEYS = ("params/trainable", "params/trainable_pct", "params/total", "perf/peak_rss_mb",
@@ -91,6 +91,16 @@ def paired_differences(configurations: grouping.Configurations, metric: str, bas
         return {}, str(err)
 
 
+def _rows(configurations: grouping.Configurations) -> Dict[str, Optional[List[paired.Rows]]]:
+    """Per configuration, each run's prediction rows; None where a run has none to read."""
+    rows: Dict[str, Optional[List[paired.Rows]]] = {}
+    for label, group in configurations.groups.items():
+        paths = [r.path / PREDICTIONS if r.path is not None else None for r in group]
+        rows[label] = None if any(p is None or not p.exists() for p in paths) \
+            else [paired.read_predictions(p) for p in paths]
+    return rows
+
+
 def _choose(runs: List[Run], table: Dict[str, Dict[str, Any]], metric: Optional[str],
             baseline: Optional[str]) -> Tuple[str, str]:
     """The primary metric and the baseline configuration, defaulted and checked.
@@ -130,6 +140,7 @@ def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignor
     differences, why_not = paired_differences(configurations, metric, baseline, replicates)
     costs, front = pareto.pareto(table, metric)
     retention = paired.retention(configurations.groups, retention_names(metric))
+    benchmarks = paired.benchmark_changes(configurations.groups, _rows(configurations), replicates)
     notes = grouping.overlaps(table, metric)
     varied = ", ".join(f"`{k}`" for k in configurations.keys) or "nothing (one configuration)"
     lines = [f"# Comparison of {len(table)} configurations ({len(runs)} runs)", "",
@@ -140,6 +151,7 @@ def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignor
     lines += paired_lines(differences, why_not, metric, baseline)
     lines += pareto_lines(table, metric, costs, front)
     lines += retention_lines(retention)
+    lines += benchmark_lines(benchmarks)
     if notes:
         lines += ["", "## Differences within the spread", ""] + [f"- {n}" for n in notes]
     lines += precision_lines(runs)
@@ -153,5 +165,5 @@ def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignor
     write_html(out, text, f"Comparison of {len(table)} configurations")
     return {"table": table, "metric": metric, "notes": notes, "images": list(images.values()),
             "keys": configurations.keys, "baseline": baseline, "differences": differences,
-            "pareto": front, "pareto_costs": costs, "retention": retention,
+            "pareto": front, "pareto_costs": costs, "retention": retention, "benchmarks": benchmarks,
             "not_compared": [r.name for r in runs if r.status != "success"]}

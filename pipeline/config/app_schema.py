@@ -1,4 +1,4 @@
-"""The schemas of the entry points other than training: ``evaluate``, ``serve`` and ``export``
+"""The schemas of the entry points other than training: ``evaluate``, ``serve``, ``export`` and ``merge``
 (their ``conf/<entry>.yaml``). The stages they share with training are in :mod:`pipeline.config.schema`."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from pipeline.config.choices import MergeMethod, ServerEngine, WeightsDtype
+from pipeline.config.choices import Direction, MergeMethod, ServerEngine, WeightsDtype
 from pipeline.config.ranges import SEED, bounded, unbounded
-from pipeline.config.schema import DataConfig, EvaluationConfig, LoggerConfig, ModelConfig, PathsConfig
+from pipeline.config.schema import (DataConfig, EvaluationConfig, LoggerConfig, ModelConfig, ObjectiveConfig,
+                                    PathsConfig, SweepConfig)
 
 
 @dataclass
@@ -124,5 +125,10 @@ class MergeConfig:
     paths: PathsConfig = MISSING
     merge: MergeSettings = field(default_factory=MergeSettings)
     runs: List[str] = MISSING  # run folders of LoRA adapters trained on the same base
+    # What a merge sweep optimises (sweep.objectives overrides it): the share of the sources'
+    # validation gain the merge keeps, averaged over them. kept/*/eval/<metric>: one per source.
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig("kept/mean/eval/loss",
+                                                                               Direction.maximize))
     seed: int = bounded(42, **SEED)
     task_name: str = "merge"
+    sweep: Optional[SweepConfig] = None  # set by `merge_sweep=<name>` (sweeps/merge/)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import II, MISSING, SI
 
-from pipeline.config.choices import (DataFormat, DecodingStrategy, Direction, EvaluationEngine, LossPrecision,
+from pipeline.config.choices import (Compile, DataFormat, DecodingStrategy, Direction, EvaluationEngine, LossPrecision,
                               ModelDtype, ModelSource, NanPolicy, ParamType, Precision, Sampling, Strategy,
                               Template, TinyArchitecture, TinyDtype, TrainOn, Truncation, WandbMode)
 from pipeline.config.ranges import SEED, bounded, unbounded
@@ -94,7 +94,10 @@ class DataConfig:
     max_validation_examples: Optional[int] = bounded(200, gt=0)
     max_test_examples: Optional[int] = bounded(300, gt=0)
     max_examples: Optional[int] = bounded(None, gt=0)  # cap before splitting (debug, quick experiments)
-    packing: bool = False  # padding-free batches (position ids restart per example)
+    # Padding-free batches (position ids restart per example): the same loss as padded batches,
+    # without computing padding. Off by itself where the model's attention would let packed
+    # examples see each other (a six-token forward checks it at start-up; the log says why).
+    packing: bool = True
     pack_length: int = bounded(512, ge=8)  # packing: the token budget of one packed row (>= max_length)
     # Other sources mixed into train (never into validation/test), e.g. some general chat data
     # against forgetting: [{data: chatterbot_qa, fraction: 0.2}]. Each source's own training
@@ -207,6 +210,18 @@ class TrainerConfig:
     sampling: Sampling = Sampling.random  # group_by_length: less padding
     dataloader_num_workers: int = bounded(0, ge=0)
     nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does
+    # The training loss takes the output layer (vocabulary-sized) and the cross-entropy only at
+    # positions whose next token carries a label: the same loss and gradients, without the
+    # logits of every prompt and padding position (pipeline/trainer/loss.py).
+    labelled_logits: bool = True
+    # Under bf16 autocast, the frozen base's matmul weights held in bf16 while training instead of
+    # cast in every step (trainable weights and optimizer states stay fp32; the weights as loaded
+    # are back for measuring and saving). No effect in fp32, under DeepSpeed or on a 4-bit base.
+    base_in_compute_dtype: bool = True
+    # torch.compile of the model (TrainingArguments' torch_compile): off | on | auto, which turns
+    # it on only where it was measured to repay its compile time (pipeline/trainer/build.py:
+    # compile_decision; the log states the decision). Quote off/on in YAML files.
+    compile: Compile = Compile.auto
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -224,6 +239,31 @@ class DecodingConfig:
     num_beams: int = bounded(4, gt=0)  # beam only
     stop_strings: List[str] = field(default_factory=list)
     seed: int = bounded(II("seed"), **SEED)  # the run's seed
+
+
+@dataclass
+class BenchmarksConfig:
+    """Standard benchmarks through lm-evaluation-harness (the ``bench`` extra), run on the base
+    and the tuned model in memory (:mod:`pipeline.scoring.benchmarks`).
+
+    ``tasks``: lm-eval task or group names (``arc_easy``, ``mmlu``, ``gsm8k``), or those of the
+    task YAMLs in ``include_path`` (lm-eval's own format). A standard task downloads its dataset
+    from the Hugging Face Hub on first use (then cached; ``HF_DATASETS_OFFLINE=1`` reads the
+    cache). Results are ``base|tuned|delta/benchmark/<task>/<metric>``; a group reports its
+    totals only unless ``subtasks`` is true.
+    """
+
+    tasks: List[str] = field(default_factory=list)
+    include_path: Optional[str] = None  # a folder of task YAMLs (searched recursively)
+    # Examples per task (null: every example); a group's subtasks each take this many (MMLU:
+    # 57 x limit). 100 keeps a multiple-choice task to seconds on a CPU; its standard error is
+    # then several points (shown next to each score).
+    limit: Optional[int] = bounded(100, gt=0)
+    num_fewshot: Optional[int] = bounded(None, ge=0, meaning="null: each task's own default")
+    batch_size: int = bounded(8, gt=0)
+    subtasks: bool = False  # also each subtask of a group (MMLU has 57)
+    chat_template: bool = False  # render prompts with the tokenizer's chat template (lm-eval's apply_chat_template)
+    seed: int = bounded(1234, **SEED)  # few-shot sampling and lm-eval's own seeds
 
 
 @dataclass
@@ -261,6 +301,8 @@ class EvaluationConfig:
     # in its own environment (pipeline/scoring/vllm_client.py). Greedy answers are the same but where
     # kernels break a near-tie differently; losses are always computed by transformers.
     engine: EvaluationEngine = EvaluationEngine.transformers
+    # lm-evaluation-harness tasks on both models (none by default): BenchmarksConfig.
+    benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
 
 
 # --------------------------------------------------------------------------- logger / paths
@@ -351,6 +393,23 @@ class ObjectiveConfig:
 
 
 @dataclass
+class ConstraintConfig:
+    """A floor a sweep's trials must keep (infeasible in Optuna's sense otherwise).
+
+    ``metric``: ``<set>/<metric>`` with per-example scores in ``eval/predictions.jsonl``
+    (``benchmark/arc_easy/acc``, ``test/accuracy``, ``test/loss``). The trial is feasible when
+    the paired 95% bootstrap interval of tuned minus base on that metric, over the examples,
+    stays within ``max_drop`` of no change: its lower bound >= -max_drop for a score, its upper
+    bound <= max_drop for a loss. A small benchmark's standard error is several points: the
+    interval, not the point difference, decides.
+    """
+
+    metric: str = MISSING
+    max_drop: float = bounded(0.0, ge=0, meaning="how far the interval may reach the bad way")
+
+
+
+@dataclass
 class SweepParam:
     """One dimension of a sweep's search space (see sweeps/README.md).
 
@@ -382,6 +441,7 @@ class SweepConfig:
     name: str = MISSING  # the study name and the sweep folder's name
     params: Dict[str, SweepParam] = field(default_factory=dict)
     objectives: List[ObjectiveConfig] = field(default_factory=list)
+    constraints: List[ConstraintConfig] = field(default_factory=list)
     sampler: Optional[Dict[str, Any]] = None
     pruner: Any = None  # a preset name, {_target_: ..., ...} or null
     n_trials: int = bounded(20, gt=0)  # trials the study should hold (earlier sessions and other workers count)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from pipeline.config.choices import LossPrecision, Precision
 
@@ -131,3 +131,113 @@ def announce(requested: str) -> PrecisionChoice:
     choice = resolve(requested)
     log.info("precision: %s (%s)", choice.precision, choice.reason)
     return choice
+
+
+# --------------------------------------------------------------------------- a frozen base in the compute dtype
+
+
+def _matmul_modules() -> tuple:
+    """The module types whose weights autocast casts to the compute dtype in every call."""
+    import torch  # lazy: start-up must not pay for torch
+    from transformers.pytorch_utils import Conv1D
+
+    return torch.nn.Linear, Conv1D
+
+
+class FrozenBase:
+    """The frozen weights of a model's matmul layers held in the compute dtype while it trains.
+
+    Under bf16 autocast every forward casts each fp32 weight of a linear layer to bf16 (and keeps
+    the copy for the backward); a weight that never changes can be cast once instead, as QLoRA and
+    torchtune hold their bases. Only frozen weights of linear layers are cast (trainable weights,
+    ``modules_to_save`` copies, norms, and so the optimizer states, stay fp32), and autocast would
+    have rounded exactly those to bf16 anyway: each matmul computes what it computed before. An
+    input embedding that shares its weight with the output layer (tied) then yields bf16 vectors,
+    which a hook turns back to the embedding's former dtype, so the residual stream stays fp32;
+    only those input vectors are rounded, by bf16's 2^-9.
+
+    Outside autocast (generation during training), hooks run each such layer in its weights' dtype
+    and hand back the caller's dtype. :meth:`restore` puts the original weights back, read from
+    ``scratch`` (a file written at :meth:`cast`, so that the originals do not stay in memory): measuring, saving and serving see the base as loaded.
+    """
+
+    def __init__(self, model: Any, dtype: Any, scratch: Any):
+        self.model, self.dtype, self.scratch = model, dtype, scratch
+        self.hooks: list = []
+        self.names: list = []  # the cast weights, to restore
+
+    def matmul_parameters(self) -> Iterator[Tuple[str, Any]]:
+        """``(name, parameter)`` of every weight and bias of the matmul layers (a tied one once)."""
+        seen = set()
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, _matmul_modules()):
+                for name, param in module.named_parameters(recurse=False):
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        yield f"{prefix}.{name}", param
+
+    def frozen_weights(self) -> Dict[str, Any]:
+        """``{name: parameter}`` of the frozen floating weights and biases of matmul layers that
+        are not already in the compute dtype."""
+        return {name: p for name, p in self.matmul_parameters()
+                if not p.requires_grad and p.is_floating_point() and p.dtype != self.dtype}
+
+    def cast(self) -> int:
+        """Casts the frozen weights, keeping the originals in ``scratch``; returns how many values."""
+        import torch  # lazy: start-up must not pay for torch
+
+        weights = self.frozen_weights()
+        if not weights:
+            return 0
+        self.scratch.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({name: p.detach() for name, p in weights.items()}, self.scratch)
+        self.names = list(weights)
+        embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        tied = embedding is not None and any(embedding.weight is p for p in weights.values())
+        former = next(iter(weights.values())).dtype
+        for param in weights.values():
+            param.data = param.data.to(self.dtype)
+        if tied:
+            self.hooks.append(embedding.register_forward_hook(
+                lambda module, args, output: output.to(former)))
+        device_type = next(iter(weights.values())).device.type
+        for module in self.model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, _matmul_modules()) and weight is not None and weight.dtype == self.dtype:
+                self.hooks.append(module.register_forward_pre_hook(self._input_hook(device_type)))
+                self.hooks.append(module.register_forward_hook(self._output_hook))
+        return sum(p.numel() for p in weights.values())
+
+    def _input_hook(self, device_type: str) -> Any:
+        import torch  # lazy: start-up must not pay for torch
+
+        def hook(module: Any, args: Any) -> Any:
+            if torch.is_autocast_enabled(device_type) or args[0].dtype == self.dtype:
+                return None
+            module._caller_dtype = args[0].dtype
+            return (args[0].to(self.dtype), *args[1:])
+
+        return hook
+
+    @staticmethod
+    def _output_hook(module: Any, args: Any, output: Any) -> Any:
+        caller = module.__dict__.pop("_caller_dtype", None)  # set by the input hook, outside autocast
+        return output.to(caller) if caller is not None else None
+
+    def restore(self) -> None:
+        """The original weights back (from ``scratch``, then deleted), the hooks removed."""
+        import torch  # lazy: start-up must not pay for torch
+
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+        if not self.names:
+            return
+        # Read into memory once (a mapped file's pages would count twice with the copies made of them);
+        # each bf16 weight is freed as its original takes its place.
+        originals = torch.load(self.scratch, weights_only=True)
+        weights = dict(self.matmul_parameters())
+        for name in self.names:
+            weights[name].data = originals.pop(name).to(weights[name].device)
+        self.names = []
+        self.scratch.unlink(missing_ok=True)

@@ -15,10 +15,11 @@ import argparse
 import logging
 import os
 import warnings
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
-# Notices logged through Python's logging: the library's logger -> how the message begins.
-LOGGED_NOTICES: Dict[str, str] = {
+# Notices logged through Python's logging: the library's logger -> how the message begins (or
+# a tuple of beginnings).
+LOGGED_NOTICES: Dict[str, Union[str, Tuple[str, ...]]] = {
     # peft imports bitsandbytes whenever it is installed, so every run and every server does,
     # and on a CPU with AVX512-bf16 bitsandbytes then asks the Hub's kernels-community for a
     # faster 4-bit matmul. It logs the refusal (an unverified publisher, or no network) with
@@ -34,6 +35,11 @@ LOGGED_NOTICES: Dict[str, str] = {
     "transformers.trainer_utils": "mtime may not be reliable",
     # rouge_score logs at INFO, through absl, that it uses its default tokenizer, once per scorer.
     "absl": "Using default tokenizer",
+    # lm-eval warns, twice per model benchmarked, that it was handed a model object rather than a
+    # hub name (its own loading options then do not apply) in one process: exactly how
+    # pipeline.scoring.benchmarks measures the model in memory.
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                   "Passed an already-initialized model through `pretrained`"),
 }
 # absl gives its logger a class of its own when it creates it; asking for that logger before
 # absl is imported would create a plain one in its place. Its records reach the root logger's

@@ -13,7 +13,10 @@ under the model cache, keyed by a fingerprint of everything it depends on:
   set's prompts and references;
 - decoding (its seed only when it samples), metric settings, the evaluation batch size
   (batched generation pads) and the precision of the losses (``evaluation.loss_precision``);
-- the versions of torch, transformers, peft and bitsandbytes.
+- the versions of torch, transformers, peft and bitsandbytes;
+- with ``evaluation.benchmarks.tasks``: the tasks and their settings (limit, few-shot, seed,
+  batch size), lm-eval's version and the files of ``include_path`` (task YAMLs by content, their
+  data files by size and modification time).
 
 A run that finds its fingerprint reuses the measurement; ``evaluation.cache_base=false`` opts
 out. An entry that cannot be read back whole is ignored with a warning and measured again.
@@ -31,6 +34,7 @@ from typing import Any, Dict, Optional
 from pipeline.config.options import plain
 from pipeline.config.schema import ModelConfig, QuantizationSettings
 from pipeline.runs.runfolder import RunFolder, package_versions, write_json
+from pipeline.scoring import benchmarks
 from pipeline.scoring.measurement import Evaluator, Measurement
 
 log = logging.getLogger(__name__)
@@ -78,9 +82,15 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
     decoding = plain(evaluation.decoding)
     if decoding.get("strategy") != "sample":
         decoding.pop("seed", None)  # greedy and beam search do not draw: a multirun's seeds share it
+    # The dtype the base's weights are measured in (model.dtype; auto: the checkpoint's own), so
+    # that a measurement of an fp32 base never stands for a bf16 one.
+    weight_dtype = settings.get("dtype")
+    if weight_dtype == "auto" and (Path(folder) / "config.json").is_file():
+        checkpoint = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        weight_dtype = checkpoint.get("dtype") or checkpoint.get("torch_dtype") or "float32"
     return _digest({
         "format": FORMAT,
-        "weights": _weights(folder, settings), "model": settings,
+        "weights": _weights(folder, settings), "model": settings, "weight_dtype": weight_dtype,
         "quantization": quantization.as_dict() if quantization else None,
         "examples": _examples(evaluator),
         "decoding": decoding, "metrics": list(evaluation.metrics),
@@ -89,6 +99,8 @@ def fingerprint(folder: str, model_settings: Dict[str, Any], quantization: Optio
         "packages": package_versions(PACKAGES),
         # vLLM's kernels may break a near-tie otherwise (the default is left out: older keys hold)
         **({"engine": evaluation.engine} if evaluation.engine != "transformers" else {}),
+        # (absent without tasks, so that the keys of runs without benchmarks hold)
+        **({"benchmarks": bench} if (bench := benchmarks.fingerprint_payload(evaluation.benchmarks)) else {}),
     })
 
 
@@ -106,8 +118,7 @@ def load(cache_dir: str, key: str, evaluator: Evaluator) -> Optional[Measurement
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
         # An entry without per-example losses (written before they were kept) is incomplete.
-        losses = payload["losses"] if "losses" in payload else {}
-        measurement = Measurement(dict(payload["metrics"]), payload["outputs"], payload["per_example"], losses)
+        measurement = Measurement.from_dict(payload)
         problem = _incomplete(payload, key, measurement, evaluator)
     except (OSError, ValueError, KeyError, TypeError) as err:
         problem = f"unreadable ({type(err).__name__}: {err})"
@@ -132,15 +143,17 @@ def _incomplete(payload: Dict[str, Any], key: str, measurement: Measurement, eva
             scores = measurement.per_example.get(s.name) or []
             if not len(outputs) == len(scores) == len(s.prompts):
                 return f"set {s.name!r} is missing or has the wrong number of examples"
+    for task in evaluator.cfg.benchmarks.tasks:
+        name = benchmarks.set_name(task)
+        if not measurement.benchmarks.get(name) or not any(k.startswith(f"{name}/") for k in measurement.metrics):
+            return f"benchmark {task!r} lacks its results or its examples"
     return ""
 
 
 def store(cache_dir: str, key: str, measurement: Measurement) -> Path:
     """Writes the entry atomically (a reader sees the whole file or none)."""
     path = entry_path(cache_dir, key)
-    write_json(path, {"fingerprint": key, "format": FORMAT, "metrics": measurement.metrics,
-                      "outputs": measurement.outputs, "per_example": measurement.per_example,
-                      "losses": measurement.losses})
+    write_json(path, {"fingerprint": key, "format": FORMAT, **measurement.as_dict()})
     return path
 
 

@@ -25,7 +25,7 @@ from pipeline.data.splits import Splits, build_datasets
 from pipeline.model import precision
 from pipeline.runs.atomic import open_atomic
 from pipeline.runs.runfolder import write_json
-from pipeline.scoring import metrics as scores, vllm_client
+from pipeline.scoring import benchmarks, metrics as scores, vllm_client
 from pipeline.scoring.generation import cut_at_stop, generate
 from pipeline.scoring.losses import evaluate_loss
 
@@ -119,16 +119,30 @@ class Measurement:
             token loss and how many completion tokens it has; see
             :class:`pipeline.scoring.losses.SetLoss`). A generation set's examples are the first
             ones of the loss set of the same name.
+        benchmarks: per benchmark set (``benchmark/<task>``), one row per example scored
+            (:class:`pipeline.scoring.benchmarks.BenchmarkResult`); empty when none ran.
     """
 
     metrics: Dict[str, float]
     outputs: Dict[str, List[str]] = field(default_factory=dict)
     per_example: Dict[str, List[Dict[str, float]]] = field(default_factory=dict)
     losses: Dict[str, List[Dict[str, float]]] = field(default_factory=dict)
+    benchmarks: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"metrics": self.metrics, "outputs": self.outputs, "per_example": self.per_example,
+                "losses": self.losses, "benchmarks": self.benchmarks}
+
+    @classmethod
+    def from_dict(cls, payload: Dict[str, Any]) -> "Measurement":
+        """A saved measurement; one saved before per-example losses (or benchmarks) were kept
+        reads back without them."""
+        return cls(dict(payload["metrics"]), payload["outputs"], payload["per_example"],
+                   payload["losses"] if "losses" in payload else {},
+                   payload["benchmarks"] if "benchmarks" in payload else {})
 
     def save(self, path: Path) -> None:
-        write_json(path, {"metrics": self.metrics, "outputs": self.outputs,
-                          "per_example": self.per_example, "losses": self.losses})
+        write_json(path, self.as_dict())
 
     @classmethod
     def load(cls, path: Path) -> Optional["Measurement"]:
@@ -140,9 +154,7 @@ class Measurement:
         """
         if not path.exists():
             return None
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        losses = payload["losses"] if "losses" in payload else {}
-        return cls(payload["metrics"], payload["outputs"], payload["per_example"], losses)
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _scores(measured: Measurement, name: str, i: int, generated: bool) -> Dict[str, float]:
@@ -190,7 +202,24 @@ def write_predictions(path: Path, sets: List[EvalSet], base: Measurement, tuned:
                        "tuned_scores": _scores(tuned, s.name, i, generated)}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 rows += 1
+        for row in benchmark_rows(base, tuned):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            rows += 1
     return rows
+
+
+def benchmark_rows(base: Measurement, tuned: Measurement) -> Iterator[Dict[str, Any]]:
+    """The predictions rows of the benchmarks both models ran: one per example, set
+    ``benchmark/<task>``, index lm-eval's document id, each model's output and scores."""
+    for name, examples in tuned.benchmarks.items():
+        before = {(e["index"], e["prompt"]): e for e in base.benchmarks.get(name, [])}
+        for example in examples:
+            other = before.get((example["index"], example["prompt"]))
+            yield {"set": name, "index": example["index"], "prompt": example["prompt"],
+                   "reference": example["reference"],
+                   "base": other["output"] if other else None, "tuned": example["output"],
+                   "base_scores": dict(other["scores"]) if other else {},
+                   "tuned_scores": dict(example["scores"])}
 
 
 @contextlib.contextmanager
@@ -289,9 +318,12 @@ class Evaluator:
                 losses[name] = measured.examples
             if predictions is None:
                 predictions = predict(model, self.tokenizer, self.sets, self.cfg, label)
+            # in the model's own dtype too, as the base was measured before training
+            measured = benchmarks.run(model, self.tokenizer, self.cfg.benchmarks, label)
         corpus, per_example = score(self.sets, predictions, self.cfg)
         metrics.update(corpus)
-        return Measurement(metrics, predictions.outputs, per_example, losses)
+        metrics.update(measured.metrics)
+        return Measurement(metrics, predictions.outputs, per_example, losses, measured.examples)
 
     def predict_base_and_tuned(self, model: Any) -> Dict[str, Predictions]:
         """``{"base": ..., "tuned": ...}`` generations of a model under a LoRA adapter, from one
@@ -314,6 +346,10 @@ class Evaluator:
                  self.loss_precision.precision, self.loss_precision.reason,
                  ", ".join(f"{s.name} {len(s.prompts)}" for s in self.sets) if self.cfg.metrics else "nothing",
                  self.cfg.max_examples)
+        bench = self.cfg.benchmarks
+        if bench.tasks:
+            log.info("benchmarks per model (lm-eval): %s, %s examples per task", ", ".join(bench.tasks),
+                     bench.limit if bench.limit is not None else "all")
         return counts
 
     def during_training(self, model: Any) -> Dict[str, float]:
@@ -347,10 +383,11 @@ def recorded_sets(loss_sets: Dict[str, Any], sets: List[EvalSet]) -> List[EvalSe
 
 
 def before_after(base: Dict[str, float], tuned: Dict[str, float]) -> Dict[str, float]:
-    """``base/*``, ``tuned/*`` and ``delta/*`` (tuned - base) keys for the same metric names."""
+    """``base/*``, ``tuned/*`` and ``delta/*`` (tuned - base) keys for the same metric names
+    (no delta of a standard error: it is not a score)."""
     out = {f"base/{k}": v for k, v in base.items()}
     out.update({f"tuned/{k}": v for k, v in tuned.items()})
-    out.update({f"delta/{k}": tuned[k] - base[k] for k in base if k in tuned})
+    out.update({f"delta/{k}": tuned[k] - base[k] for k in base if k in tuned and not k.endswith("_stderr")})
     return out
 
 
@@ -362,7 +399,7 @@ def loss_logs(metrics: Dict[str, float]) -> Dict[str, float]:
 
 def before_after_table(metrics: Dict[str, float]) -> str:
     """A before/after table of every metric that has ``base/``, ``tuned/`` and ``delta/`` keys."""
-    names = sorted(k[len("tuned/"):] for k in metrics if k.startswith("tuned/")
+    names = sorted(k[len("tuned/"):] for k in metrics if k.startswith("tuned/") and not k.endswith("_stderr")
                    and f"base/{k[len('tuned/'):]}" in metrics)
     width = max([len(n) for n in names] + [6])
     lines = [f"{'metric':<{width}}  {'base':>10}  {'tuned':>10}  {'delta':>10}"]

@@ -2,12 +2,13 @@
 its search space sampled into a trial's overrides, and the Optuna objects it names (storage,
 sampler, pruner).
 
-``python -m pipeline.train -m sweep=<name>``: the sweeper (``hydra_plugins/pipeline_sweeper``)
-asks Optuna for trials, turns their parameters into overrides and launches them through Hydra's
-configured launcher (in process, or SLURM via submitit), then tells Optuna the outcome
-(:mod:`pipeline.study.driver`). Each job's overrides carry the study name, storage and trial
-number (``sweep.trial``), so the training process rebuilds its trial from the storage to report
-intermediate values and ask whether to stop (:mod:`pipeline.study.trial`): that works in another
+``python -m pipeline.train -m sweep=<name>`` (and ``python -m pipeline.merge -m
+merge_sweep=<name>``, whose trials are merges: :data:`MERGING`): the sweeper
+(``hydra_plugins/pipeline_sweeper``) asks Optuna for trials, turns their parameters into
+overrides and launches them through Hydra's configured launcher (in process, or SLURM via
+submitit), then tells Optuna the outcome (:mod:`pipeline.study.driver`). Each job's overrides
+carry the study name, storage and trial number (``sweep.trial``), so the job rebuilds its trial
+from the storage to record its metrics, report intermediate values and ask whether to stop (:mod:`pipeline.study.trial`): that works in another
 process or on another machine. Workers share a study only through its storage (SQLite on one
 machine, PostgreSQL on a cluster); re-running the same command continues the study.
 
@@ -23,16 +24,18 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from pipeline.adapters.registry import ADAPTERS
+from pipeline.config.app_schema import MergeConfig
 from pipeline.config.options import CONF_DIR, group_options, plain
 from pipeline.config.schema import ObjectiveConfig, SweepConfig, SweepParam, TrainConfig
 from pipeline.runs.runfolder import RunFolder
+from pipeline.study import merge_sweep
 from pipeline.trainer.objective import metric_names, reports_any
 
 log = logging.getLogger("pipeline.sweep")
@@ -53,12 +56,48 @@ PRUNERS = {
 COUNTED = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 
 
+# --------------------------------------------------------------------------- what the trials run
+
+# The typed config of a command whose trials a sweep runs.
+SweptConfig = Union[TrainConfig, MergeConfig]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What differs between the commands a sweep's trials run; the rest of a sweep (space,
+    storage, budget, failures, report) is the same for all."""
+
+    command: str  # the entry point: ``python -m pipeline.<command>`` reproduces a trial
+    metric_names: Callable[[Any], List[str]]  # what a trial of this config reports (listed in errors)
+    reports: Callable[[Any, str], bool]  # whether a trial of this config reports a metric
+    problems: Callable[[Any, List[ObjectiveConfig]], List[str]]  # this command's own rules
+    objectives: Callable[[Any, ObjectiveConfig], List[ObjectiveConfig]] = lambda cfg, objective: [objective]
+    per_element: Callable[[Any], Dict[str, int]] = lambda cfg: {}  # list keys sampled one value per element
+
+
+def _training_problems(cfg: TrainConfig, declared: List[ObjectiveConfig]) -> List[str]:
+    """Constraints, and pruning where a pruner is set (any objective a run reports is allowed)."""
+    return _check_constraints(cfg) + (_check_pruning(cfg) if cfg.sweep.pruner is not None else [])
+
+
+def target_of(cfg: SweptConfig) -> Target:
+    """Training's rules, or merging's for a ``MergeConfig``."""
+    return MERGING if isinstance(cfg, MergeConfig) else TRAINING
+
+
 # --------------------------------------------------------------------------- the sweep definition
 
 
-def objectives(cfg: TrainConfig) -> List[ObjectiveConfig]:
-    """The sweep's objectives: ``sweep.objectives``, or the run's single ``objective``."""
+def declared_objectives(cfg: SweptConfig) -> List[ObjectiveConfig]:
+    """``sweep.objectives``, or the run's single ``objective``, as the sweep file writes them."""
     return list(cfg.sweep.objectives) or [cfg.objective]
+
+
+def objectives(cfg: SweptConfig) -> List[ObjectiveConfig]:
+    """The sweep's objectives: ``sweep.objectives``, or the run's single ``objective`` (a merge
+    sweep's ``kept/*/...`` expanded to one per source)."""
+    expand = target_of(cfg).objectives
+    return [each for objective in declared_objectives(cfg) for each in expand(cfg, objective)]
 
 
 def optuna_name(key: str, spec: SweepParam) -> str:
@@ -95,9 +134,12 @@ def _has_setting(option: str, key: str) -> bool:
     return settings is None or key in {f.name for f in dataclasses.fields(settings)}
 
 
-def _check_param(cfg: TrainConfig, key: str, spec: SweepParam, earlier: List[str]) -> List[str]:
+def _check_param(cfg: SweptConfig, key: str, spec: SweepParam, earlier: List[str]) -> List[str]:
     where = f"sweep.params.{key}"
     problems = []
+    if key in target_of(cfg).per_element(cfg) and spec.type == "categorical":
+        problems.append(f"{where} takes one value per element, each sampled alike: give type float or int "
+                        "with low and high")
     if spec.type == "categorical":
         if not spec.choices:
             problems.append(f"{where} is categorical: give it choices, e.g. choices: [8, 16]")
@@ -117,14 +159,14 @@ def _check_param(cfg: TrainConfig, key: str, spec: SweepParam, earlier: List[str
         if not any(_has_setting(o, key[len("adapter."):]) for o in cfg.sweep.params["adapter"].choices or []):
             problems.append(f"{where}: none of the sampled adapters has this setting")
     elif not _has_key(cfg, key):
-        problems.append(f"{where}: {key} is not a key of the train config")
+        problems.append(f"{where}: {key} is not a key of the {target_of(cfg).command} config")
     elif spec.type == "categorical":
         problems += [f"{where} has choice {value!r} that {key} does not take: {why}"
                      for value, why in _refused_values(cfg, key, spec.choices or [])]
     return problems
 
 
-def _parent(cfg: TrainConfig, key: str) -> Tuple[Any, str]:
+def _parent(cfg: SweptConfig, key: str) -> Tuple[Any, str]:
     """The schema object holding dotted ``key`` and the key's last part (None when absent)."""
     *path, leaf = key.split(".")
     node: Any = cfg
@@ -135,14 +177,14 @@ def _parent(cfg: TrainConfig, key: str) -> Tuple[Any, str]:
     return node, leaf
 
 
-def _has_key(cfg: TrainConfig, key: str) -> bool:
+def _has_key(cfg: SweptConfig, key: str) -> bool:
     node, leaf = _parent(cfg, key)
     if isinstance(node, dict):
         return leaf in node
     return dataclasses.is_dataclass(node) and leaf in {f.name for f in dataclasses.fields(node)}
 
 
-def _refused_values(cfg: TrainConfig, key: str, values: List[Any]) -> List[Tuple[Any, str]]:
+def _refused_values(cfg: SweptConfig, key: str, values: List[Any]) -> List[Tuple[Any, str]]:
     """(value, why) for each value the schema refuses at ``key``: a choice outside its Enum, a
     text for a number. Every trial would otherwise fail while its config is composed."""
     node, leaf = _parent(cfg, key)
@@ -157,7 +199,7 @@ def _refused_values(cfg: TrainConfig, key: str, values: List[Any]) -> List[Tuple
     return refused
 
 
-def check(cfg: TrainConfig) -> List[str]:
+def check(cfg: SweptConfig) -> List[str]:
     """Every problem with the sweep definition across its fields, before any trial runs (key,
     value and fix); each value's own range is checked with the config's
     (:mod:`pipeline.config.ranges`)."""
@@ -173,12 +215,14 @@ def check(cfg: TrainConfig) -> List[str]:
     for key, spec in sweep.params.items():
         problems += _check_param(cfg, key, spec, earlier)
         earlier.append(key)
+    target = target_of(cfg)
     for i, objective in enumerate(objectives(cfg)):
         if objective.direction not in ("minimize", "maximize"):
             problems.append(f"objective #{i} direction={objective.direction!r} must be minimize or maximize")
-        if not reports_any(cfg, objective.metric):
+        if not target.reports(cfg, objective.metric):
             problems.append(f"objective metric {objective.metric!r} is not a metric a run reports; "
-                            f"available: {', '.join(metric_names(cfg))}")
+                            f"available: {', '.join(target.metric_names(cfg))}")
+    problems += target.problems(cfg, declared_objectives(cfg))
     if sweep.sampler is not None and "_target_" not in sweep.sampler:
         problems.append("sweep.sampler needs _target_ (an Optuna class, e.g. optuna.samplers.TPESampler)")
     if isinstance(sweep.pruner, str) and sweep.pruner not in PRUNERS:
@@ -188,8 +232,23 @@ def check(cfg: TrainConfig) -> List[str]:
             (not isinstance(sweep.pruner, dict) or "_target_" not in sweep.pruner):
         problems.append(f"sweep.pruner needs _target_ (an Optuna class, e.g. optuna.pruners.MedianPruner) "
                         f"or a preset name ({', '.join(PRUNERS)})")
-    if sweep.pruner is not None:
-        problems += _check_pruning(cfg)
+    return problems
+
+
+def _check_constraints(cfg: TrainConfig) -> List[str]:
+    """Each constraint names a ``<set>/<metric>`` a run reports for both models."""
+    problems = []
+    for i, constraint in enumerate(cfg.sweep.constraints):
+        metric = constraint.metric
+        if metric.split("/", 1)[0] in ("base", "tuned", "delta"):
+            problems.append(f"sweep.constraints #{i} metric={metric!r}: name the metric without its side "
+                            f"({metric.split('/', 1)[1]}): a constraint compares the tuned model with the base")
+        elif not reports_any(cfg, f"tuned/{metric}"):
+            names = sorted({m.split("/", 1)[1] for m in metric_names(cfg) if m.startswith("tuned/")})
+            problems.append(f"sweep.constraints #{i} metric={metric!r} is not a metric a run reports for both "
+                            f"models; available: {', '.join(names)}"
+                            + (", benchmark/<task>/<metric> for a task of evaluation.benchmarks.tasks"
+                               if cfg.evaluation.benchmarks.tasks else ""))
     return problems
 
 
@@ -210,6 +269,11 @@ def _check_pruning(cfg: TrainConfig) -> List[str]:
     if not cfg.data.validation_size > 0:
         problems.append("sweep.pruner needs a validation split: data.validation_size > 0")
     return problems
+
+
+TRAINING = Target("train", metric_names, reports_any, _training_problems)
+MERGING = Target("merge", merge_sweep.metric_names, merge_sweep.reports, merge_sweep.problems,
+                 merge_sweep.objectives, merge_sweep.per_source)
 
 
 # --------------------------------------------------------------------------- Optuna objects
@@ -262,13 +326,13 @@ def instantiated(spec: Optional[Dict[str, Any]]) -> Any:
     return None if spec is None else instantiate(plain(spec))
 
 
-def pruner_spec(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+def pruner_spec(cfg: SweptConfig) -> Optional[Dict[str, Any]]:
     """``sweep.pruner`` as ``{_target_: ..., ...}`` (a preset filled in), or None."""
     spec = cfg.sweep.pruner
     return PRUNERS[spec](cfg) if isinstance(spec, str) else spec
 
 
-def make_pruner(cfg: TrainConfig) -> Any:
+def make_pruner(cfg: SweptConfig) -> Any:
     """The Optuna pruner of ``sweep.pruner`` (a preset name or ``{_target_: ...}``), or None."""
     return instantiated(pruner_spec(cfg))
 
@@ -286,27 +350,35 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def suggest(trial: Any, cfg: TrainConfig) -> Dict[str, Any]:
+def suggest(trial: Any, cfg: SweptConfig) -> Dict[str, Any]:
     """Samples the search space: ``{key: value}`` for this trial.
 
     Conditional: ``adapter.<setting>`` is sampled only when the trial's adapter has that setting
-    (e.g. dropout for LoRA, not IA3); a ``times`` value is a multiple of an earlier value.
+    (e.g. dropout for LoRA, not IA3); a ``times`` value is a multiple of an earlier value. A list
+    key that takes one value per element (``merge.weights``: one per source run) samples each
+    element as its own parameter (``merge.weights.0``, ``merge.weights.1``, ...).
     """
     values: Dict[str, Any] = {}
+    lengths = target_of(cfg).per_element(cfg)
     for key, spec in cfg.sweep.params.items():
-        adapter = values.get("adapter", cfg.adapter.method)
-        if key.startswith("adapter.") and not _has_setting(adapter, key[len("adapter."):]):
+        if key.startswith("adapter.") and \
+                not _has_setting(values.get("adapter", cfg.adapter.method), key[len("adapter."):]):
             continue
         name = optuna_name(key, spec)
-        if spec.type == "categorical":
-            value = trial.suggest_categorical(name, list(spec.choices))
-        elif spec.type == "int":
-            value = trial.suggest_int(name, int(spec.low), int(spec.high), step=int(spec.step or 1),
-                                      log=spec.log)
-        else:
-            value = trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+        if key in lengths:
+            values[key] = [_sampled(trial, f"{name}.{i}", spec) for i in range(lengths[key])]
+            continue
+        value = _sampled(trial, name, spec)
         values[key] = value * values[spec.times] if spec.times else value
     return values
+
+
+def _sampled(trial: Any, name: str, spec: SweepParam) -> Any:
+    if spec.type == "categorical":
+        return trial.suggest_categorical(name, list(spec.choices))
+    if spec.type == "int":
+        return trial.suggest_int(name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+    return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
 
 
 def overrides(values: Dict[str, Any]) -> List[str]:

@@ -20,8 +20,8 @@ from pipeline.config.errors import ConfigError, PipelineError
 from pipeline.config.schema import TrainConfig
 from pipeline.runs.runfolder import objective_value
 from pipeline.study import summary
-from pipeline.study.definition import (COUNTED, check, format_value, instantiated, make_pruner, make_storage,
-                                       objectives, overrides, storage_url, suggest)
+from pipeline.study.definition import (COUNTED, SweptConfig, check, format_value, instantiated, make_pruner,
+                                       make_storage, objectives, overrides, storage_url, suggest)
 from pipeline.study.trial import is_pruned
 from pipeline.trainer import memory
 
@@ -29,7 +29,7 @@ from pipeline.trainer import memory
 # exception it failed with, or None when it finished.
 Launch = Callable[[List[List[str]], int], List[Optional[BaseException]]]
 # A job's overrides -> its composed, typed config (raises when it does not compose).
-Compose = Callable[[List[str]], TrainConfig]
+Compose = Callable[[List[str]], SweptConfig]
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -66,7 +66,7 @@ class Heartbeat:
         self._stop.set()
 
 
-def open_study(cfg: TrainConfig, folder: Path) -> Tuple[Any, str]:
+def open_study(cfg: SweptConfig, folder: Path) -> Tuple[Any, str]:
     """Creates the study or loads it from storage (the same command continues it)."""
     import optuna  # lazy: optuna takes a second to import; only sweeps need it
 
@@ -155,7 +155,7 @@ def _tell(study: Any, trial: Any, error: Optional[BaseException], metric_names: 
     return "FAIL"
 
 
-def _composition_error(compose: Optional[Compose], job: List[str]) -> Tuple[Optional[TrainConfig], Optional[str]]:
+def _composition_error(compose: Optional[Compose], job: List[str]) -> Tuple[Optional[SweptConfig], Optional[str]]:
     """(the job's composed config, None), or (None, why it does not compose): such a trial fails
     alone instead of stopping the launch of the whole sweep."""
     if compose is None:
@@ -167,7 +167,7 @@ def _composition_error(compose: Optional[Compose], job: List[str]) -> Tuple[Opti
         return None, f"{type(err).__name__}: {err}{cause}"
 
 
-def _rejection(composed: Optional[TrainConfig], trial: Any, max_gb: Optional[float]) -> Optional[str]:
+def _rejection(composed: Optional[SweptConfig], trial: Any, max_gb: Optional[float]) -> Optional[str]:
     """With ``sweep.max_memory_gb``: why the trial's composed config would not fit, or None."""
     if max_gb is None or composed is None:
         return None
@@ -179,11 +179,12 @@ def _rejection(composed: Optional[TrainConfig], trial: Any, max_gb: Optional[flo
         return None
 
 
-def _open(cfg: TrainConfig, folder: Path) -> Tuple[Any, str]:
+def _open(cfg: SweptConfig, folder: Path) -> Tuple[Any, str]:
     """Checks the sweep definition and opens its study: (study, storage url)."""
     if cfg.sweep is None:
         raise ConfigError(["hydra/sweeper=pipeline_optuna needs a sweep definition: add "
-                           "sweep=<name> (a file in sweeps/)"])
+                           "sweep=<name> (a file in sweeps/), or merge_sweep=<name> for pipeline.merge "
+                           "(a file in sweeps/merge/)"])
     problems = check(cfg)
     if problems:
         raise ConfigError(problems)
@@ -193,7 +194,7 @@ def _open(cfg: TrainConfig, folder: Path) -> Tuple[Any, str]:
     return study, url
 
 
-def _trials_left(study: Any, config: TrainConfig, folder: Path, budget: Budget, report: Callable[[], Any]) -> int:
+def _trials_left(study: Any, config: SweptConfig, folder: Path, budget: Budget, report: Callable[[], Any]) -> int:
     """How many trials to ask for now (0: the sweep is done).
 
     Raises:
@@ -219,7 +220,7 @@ def _trials_left(study: Any, config: TrainConfig, folder: Path, budget: Budget, 
     return max(remaining, 0)
 
 
-def _ask(study: Any, config: TrainConfig, count: int, passed: List[str], identity: List[str],
+def _ask(study: Any, config: SweptConfig, count: int, passed: List[str], identity: List[str],
          compose: Optional[Compose]) -> Tuple[List[Any], List[List[str]]]:
     """Asks Optuna for ``count`` trials: (the trials to launch, their jobs' overrides: ``passed``,
     the trial's values, then ``identity``, the study's name and storage, and the trial). A trial
@@ -275,7 +276,7 @@ def _launch(launch: Launch, batch: List[Any], jobs: List[List[str]], first_index
     return returns
 
 
-def _tell_all(study: Any, config: TrainConfig, batch: List[Any], errors: List[Optional[BaseException]],
+def _tell_all(study: Any, config: SweptConfig, batch: List[Any], errors: List[Optional[BaseException]],
               budget: Budget, metric_names: List[str]) -> None:
     """Tells Optuna each job's outcome and logs a progress line per trial."""
     import optuna  # lazy: optuna takes a second to import
@@ -292,13 +293,14 @@ def _tell_all(study: Any, config: TrainConfig, batch: List[Any], errors: List[Op
                  progress_line(study, config.sweep.n_trials, metric_names), spent)
 
 
-def run(cfg: TrainConfig, folder: Path, launch: Launch, passed: List[str],
+def run(cfg: SweptConfig, folder: Path, launch: Launch, passed: List[str],
         compose: Optional[Compose] = None) -> Dict[str, Any]:
     """The sweep: ask, launch, tell until the study holds ``sweep.n_trials`` trials or its
     wall-clock budget (``sweep.timeout_min``) is spent; returns its report.
 
     Args:
-        cfg: the sweep's composed train config (``sweep`` set), typed.
+        cfg: the sweep's composed config (``sweep`` set), typed: a ``TrainConfig`` (the trials
+            train), or a ``MergeConfig`` (the trials merge; :data:`pipeline.study.definition.MERGING`).
         folder: the sweep folder (``hydra.sweep.dir``): study storage, report, trial folders.
         launch: runs a batch of jobs (Hydra's configured launcher).
         passed: the command line's overrides, which every trial gets.
@@ -343,5 +345,9 @@ def progress_line(study: Any, n_trials: int, metric_names: List[str]) -> str:
         return line
     if len(metric_names) > 1:
         return f"{line}, Pareto front of {len(study.best_trials)} trial(s)"
-    best = study.best_trial
-    return f"{line}, best {metric_names[0]} {best.value:.6g} (trial {best.number})"
+    infeasible = sum(t.state.name == "COMPLETE" and any(v > 0 for v in t.constraints.values()) for t in trials)
+    line += f", {infeasible} infeasible" if infeasible else ""
+    best = summary.best_trials(study, multi_objective=False)
+    if not best:
+        return f"{line}, no feasible trial yet"
+    return f"{line}, best {metric_names[0]} {best[0].value:.6g} (trial {best[0].number})"

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pipeline.config.errors import ConfigError
-from pipeline.config.schema import TrainConfig
 from pipeline.runs import atomic
 from pipeline.runs.runfolder import write_json
-from pipeline.study.definition import objectives
+from pipeline.study.definition import SweptConfig, objectives, target_of
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -28,14 +27,14 @@ log = logging.getLogger("pipeline.sweep")
 MIN_TRIALS_FOR_IMPORTANCE = 10
 
 
-def best_command(config: TrainConfig, passed: Sequence[str], trial: Any) -> str:
-    """The plain training command that reproduces a trial (its sweep file's base settings,
-    the other command-line overrides, the trial's values)."""
+def best_command(config: SweptConfig, passed: Sequence[str], trial: Any) -> str:
+    """The plain command (training, or merging) that reproduces a trial (its sweep file's base
+    settings, the other command-line overrides, the trial's values)."""
     base = [o for o in passed if not o.startswith("sweep.")]
-    return " ".join(["python -m pipeline.train", *base, *trial.user_attrs.get("overrides", [])])
+    return " ".join([f"python -m pipeline.{target_of(config).command}", *base, *trial.user_attrs.get("overrides", [])])
 
 
-def entry_commands(config: TrainConfig, passed: Sequence[str], folder: Path) -> Dict[str, str]:
+def entry_commands(config: SweptConfig, passed: Sequence[str], folder: Path) -> Dict[str, str]:
     """``python -m pipeline.serve sweep=<name>`` and ``python -m pipeline.export sweep=<name>``
     (with the folder instead of the name when the sweep folder is not the default one)."""
     output_dir = [o for o in passed if o.startswith("paths.output_dir=")]
@@ -104,7 +103,27 @@ def _plots(study: Any, folder: Path, names: List[str], ranked: Dict[str, float])
     return written
 
 
-def report(study: Any, folder: Path, config: TrainConfig, passed: Sequence[str],
+def best_trials(study: Any, multi_objective: bool) -> List[Any]:
+    """The best trial, or the Pareto front; with constraints, among feasible trials only
+    (Optuna's own rule): none when no completed trial meets them."""
+    if multi_objective:
+        return study.best_trials
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return []
+    try:
+        return [study.best_trial]
+    except ValueError:  # "No feasible trials are completed yet."
+        return []
+
+
+def _broken(trial: Any) -> str:
+    """The constraints a trial breaks, with their intervals."""
+    results = trial.user_attrs.get("constraints", {})
+    return "; ".join(f"{m}: change {r['change']:+.4g} [{r['low']:+.4g}, {r['high']:+.4g}], max_drop {r['max_drop']:g}"
+                     for m, r in results.items() if r["violation"] > 0) or "constraint values above 0"
+
+
+def report(study: Any, folder: Path, config: SweptConfig, passed: Sequence[str],
            budget: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Writes ``report.json``, ``report.md`` and the plots in the sweep folder; logs the summary.
 
@@ -114,8 +133,7 @@ def report(study: Any, folder: Path, config: TrainConfig, passed: Sequence[str],
     names = [o.metric for o in objectives(config)]
     trials = study.get_trials(deepcopy=False)
     counts = dict(collections.Counter(t.state.name for t in trials))
-    best = study.best_trials if len(names) > 1 else (
-        [study.best_trial] if any(t.state.name == "COMPLETE" for t in trials) else [])
+    best = best_trials(study, len(names) > 1)
     rows = [{"number": t.number, "values": dict(zip(names, t.values)), "params": t.params,
              "run_dir": t.user_attrs.get("run_dir"), "wandb_run_id": t.user_attrs.get("wandb_run_id"),
              "command": best_command(config, passed, t)} for t in best]
@@ -126,6 +144,9 @@ def report(study: Any, folder: Path, config: TrainConfig, passed: Sequence[str],
                "plots": _plots(study, folder, names, ranked["values"]), "budget": budget,
                "commands": entry_commands(config, passed, folder) if rows else {},
                "rejected": {t.number: t.user_attrs["rejected"] for t in trials if "rejected" in t.user_attrs},
+               "constraints": [c.metric for c in config.sweep.constraints],
+               "infeasible": {t.number: _broken(t) for t in trials
+                              if t.state.name == "COMPLETE" and any(v > 0 for v in t.constraints.values())},
                "failed": {t.number: t.user_attrs.get("error", "no error recorded: its worker stopped")
                           for t in trials if t.state.name == "FAIL"}}
     write_json(folder / "report.json", summary)
@@ -154,6 +175,11 @@ def report_markdown(summary: Dict[str, Any]) -> str:
         spent = "; budget spent, no further trials started" if budget["spent"] else ""
         lines += ["", f"Wall-clock: {budget['used_min']:.1f} min used{limit}{spent}"]
     lines += ["", f"## {title}", ""]
+    if summary.get("constraints"):
+        lines += [f"Among trials that meet every constraint ({', '.join(summary['constraints'])}: the paired 95% "
+                  "interval of tuned minus base within sweep.constraints' max_drop).", ""]
+        if not summary["best"] and summary["infeasible"]:
+            lines += ["No completed trial meets the constraints; see Infeasible trials below.", ""]
     header = ["trial", *summary["objectives"], "params"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary["best"]:
@@ -177,6 +203,9 @@ def report_markdown(summary: Dict[str, Any]) -> str:
     if summary["rejected"]:
         lines += ["", "## Rejected before launch", ""]
         lines += [f"- trial {n}: {why}" for n, why in summary["rejected"].items()]
+    if summary.get("infeasible"):
+        lines += ["", "## Infeasible trials (never best, never served)", ""]
+        lines += [f"- trial {n}: {why}" for n, why in summary["infeasible"].items()]
     if summary["failed"]:
         lines += ["", "## Failed trials", ""]
         lines += [f"- trial {n}: {e}" for n, e in summary["failed"].items()]

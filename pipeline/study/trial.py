@@ -14,13 +14,15 @@ from pipeline.config.errors import PipelineError
 from pipeline.config.options import plain
 from pipeline.config.schema import TrainConfig
 from pipeline.runs.runfolder import RunFolder
-from pipeline.study.definition import intermediate_metric, make_pruner, make_storage, pruner_spec
+from pipeline.scoring.resampling import MetricRef, change_interval, higher_is_better, read_predictions
+from pipeline.study.definition import SweptConfig, intermediate_metric, make_pruner, make_storage, pruner_spec
 
 log = logging.getLogger("pipeline.sweep")
 
 
-def job_trial(cfg: TrainConfig) -> Optional[Any]:
-    """The Optuna trial this training job runs (None outside a sweep), rebuilt from storage."""
+def job_trial(cfg: SweptConfig) -> Optional[Any]:
+    """The Optuna trial this job (training, or a merge) runs (None outside a sweep), rebuilt from
+    storage."""
     if cfg.sweep is None or cfg.sweep.trial is None:
         return None
     import optuna  # lazy: optuna takes a second to import; only sweeps need it
@@ -33,7 +35,7 @@ def job_trial(cfg: TrainConfig) -> Optional[Any]:
     return optuna.trial.Trial(study, trial_id)
 
 
-def start_trial(cfg: TrainConfig, run: RunFolder) -> Optional[Any]:
+def start_trial(cfg: SweptConfig, run: RunFolder) -> Optional[Any]:
     """Stores the job's resolved config and run folder on its trial; returns the trial."""
     trial = job_trial(cfg)
     if trial is not None:
@@ -62,6 +64,47 @@ def record_metrics(trial: Optional[Any], metrics: Dict[str, Any]) -> None:
     if trial is not None:
         trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()
                                         if isinstance(v, (int, float))})
+
+
+def constraint_results(cfg: TrainConfig, predictions: Path) -> Dict[str, Dict[str, float]]:
+    """Each of ``sweep.constraints`` on this run: the change (tuned minus base) with its paired
+    95% interval over the examples, and ``violation``, which Optuna reads (feasible when <= 0):
+    how far the interval's bad end goes beyond ``max_drop`` (``-max_drop - low`` for a score,
+    ``high - max_drop`` for a loss).
+
+    Raises:
+        PipelineError: when the run's predictions cannot score a constraint's metric.
+    """
+    if cfg.sweep is None or not cfg.sweep.constraints:
+        return {}
+    rows = read_predictions(predictions)
+    results = {}
+    for constraint in cfg.sweep.constraints:
+        ref = MetricRef.parse(f"delta/{constraint.metric}")
+        try:
+            interval = change_interval([rows], ref)
+        except ValueError as err:
+            raise PipelineError(f"sweep constraint on {constraint.metric}: {err}") from err
+        violation = (-constraint.max_drop - interval.low if higher_is_better(ref.name)
+                     else interval.high - constraint.max_drop)
+        results[constraint.metric] = {"change": interval.change, "low": interval.low, "high": interval.high,
+                                      "examples": interval.examples, "max_drop": constraint.max_drop,
+                                      "violation": violation}
+    return results
+
+
+def record_constraints(trial: Optional[Any], results: Dict[str, Dict[str, float]]) -> None:
+    """Puts the constraint results on the trial (Optuna's ``set_constraint``: samplers then
+    prefer feasible regions, and ``best_trial``/``best_trials`` exclude infeasible trials) and
+    logs each."""
+    for metric, r in results.items():
+        log.info("constraint %s: change %+.4g [%+.4g, %+.4g] over %d examples, max_drop %g: %s", metric,
+                 r["change"], r["low"], r["high"], r["examples"], r["max_drop"],
+                 "met" if r["violation"] <= 0 else "broken (the trial is infeasible)")
+    if trial is not None and results:
+        trial.set_user_attr("constraints", results)
+        for metric, r in results.items():
+            trial.set_constraint(metric, r["violation"])
 
 
 def pruner_rungs(cfg: TrainConfig) -> Optional[Tuple[int, int]]:

@@ -4,7 +4,11 @@ guards, and the batches it trains and evaluates on.
 The Trainer owns the loop, gradient accumulation, mixed precision, checkpointing, resume and
 the W&B integration. What we add: ``use_cpu`` whenever CUDA is absent (without it, multi-process
 CPU runs silently train every rank on the same data), a non-finite loss guard, evaluations that
-leave the RNG alone, and the run folder's metric history (:mod:`pipeline.trainer.callbacks`).
+leave the RNG alone, and the run folder's metric history (:mod:`pipeline.trainer.callbacks`);
+and for speed, with the same loss and gradients: the output layer only where a label is
+(:mod:`pipeline.trainer.loss`), the frozen base held in bf16 while training under bf16 autocast
+(:class:`pipeline.model.precision.FrozenBase`), packed batches where the model's attention
+honours them (:func:`packing_for`), and ``trainer.compile`` (:func:`compile_decision`).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pipeline.config.errors import ConfigError, PipelineError
 from pipeline.config.schema import TrainerConfig
-from pipeline.data.packing import collator, real_tokens
+from pipeline.data.packing import boundary_problem, collator, real_tokens
 from pipeline.data.splits import Splits
 from pipeline.model import precision
 from pipeline.runs import progress
 from pipeline.runs.checkpoints import rewind_history
 from pipeline.scoring.measurement import Evaluator
 from pipeline.trainer.callbacks import progress_callback, recording_callback
+from pipeline.trainer.loss import labelled_loss, output_layer, unsupported
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_e
         save_total_limit=cfg.save_total_limit, train_sampling_strategy=cfg.sampling,
         dataloader_num_workers=cfg.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding", report_to=report_to,
+        torch_compile=compile_decision(cfg.compile),
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress.interactive(),  # a bar on a terminal; else progress_callback
     )
@@ -98,21 +104,65 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, seed: int, *, has_e
     return TrainingArguments(**kwargs)
 
 
+def compile_decision(requested: str) -> bool:
+    """Whether ``trainer.compile`` compiles the model (``TrainingArguments.torch_compile``), logged
+    with the reason.
+
+    ``auto`` compiles only where compiling was measured to repay its compile time, and so far it
+    was nowhere: on a 2-core AVX512-bf16 CPU, 12 steps of the embedded default took 375 s compiled
+    against 16 s (the batches' changing shapes recompile, and the compiled step was still slower,
+    2.4 s against 1.4 s: ``benchmarks/training_speed.py --pipeline-overrides trainer.compile=on``).
+    GPUs are not measured yet, so ``auto`` stays off there too; ``trainer.compile=on`` compiles.
+    """
+    if requested != "auto":
+        log.info("torch.compile: %s (trainer.compile=%s)", requested, requested)
+        return requested == "on"
+    log.info("torch.compile: off (trainer.compile=auto: compiling has not been measured to repay its "
+             "compile time on this kind of machine; trainer.compile=on compiles)")
+    return False
+
+
 def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
                   eval_dataset: Optional[Any], data_collator: Any, nan_policy: str,
                   history_path: Path, callbacks: Optional[List[Any]] = None,
-                  extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None) -> Any:
+                  extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None,
+                  labelled_logits: bool = False, base_in_compute_dtype: bool = False) -> Any:
     """transformers' Trainer with a non-finite-loss guard and run-folder metric history.
 
     ``extra_eval(model)`` adds metrics (e.g. BLEU on a validation slice) to every evaluation
     during training, logged as ``eval/<name>`` and seen by callbacks (pruning) like the loss.
+    ``labelled_logits``: the training loss takes the output layer only at labelled positions
+    (:mod:`pipeline.trainer.loss`), where the model allows it. ``base_in_compute_dtype``: under
+    bf16 autocast, the frozen base's matmul weights are held in bf16 while training
+    (:class:`pipeline.model.precision.FrozenBase`).
     """
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator, processing_class=tokenizer,
         callbacks=[recording_callback(history_path), progress_callback(), *(callbacks or [])])
     trainer.nan_policy, trainer.extra_eval = nan_policy, extra_eval
+    why_not = unsupported(model) if labelled_logits else ""
+    if labelled_logits and trainer.label_smoother is not None:
+        why_not = "label smoothing (trainer.extra.label_smoothing_factor) takes transformers' own loss"
+    if why_not:
+        log.info("training loss over every position (trainer.labelled_logits has no effect): %s", why_not)
+    elif labelled_logits:
+        log.info("training loss: the output layer only at labelled positions (trainer.labelled_logits)")
+    trainer.labelled_logits = labelled_logits and not why_not
+    trainer.frozen_dtype = _frozen_dtype(trainer) if base_in_compute_dtype else None
     return trainer
+
+
+def _frozen_dtype(trainer: Any) -> Optional[Any]:
+    """The dtype the frozen base is held in while training: bf16 under bf16 autocast, unless
+    DeepSpeed (which casts the model itself) runs it or the base is quantized; else None."""
+    import torch  # lazy: start-up must not pay for torch
+
+    model = trainer.model
+    if not trainer.args.bf16 or trainer.is_deepspeed_enabled or getattr(model, "is_quantized", False) \
+            or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return None
+    return torch.bfloat16
 
 
 def _trainer_class() -> type:
@@ -125,6 +175,39 @@ def _trainer_class() -> type:
         skipped_steps = 0
         nan_policy: str = "stop"
         extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None
+        labelled_logits: bool = False  # the output layer and loss at labelled positions only
+        frozen_dtype: Optional[Any] = None  # the frozen base's matmul weights while training
+
+        def train(self, *args, **kwargs):
+            if self.frozen_dtype is None:
+                return super().train(*args, **kwargs)
+            frozen = precision.FrozenBase(self.model, self.frozen_dtype,
+                                          Path(self.args.output_dir) /
+                                          f".frozen_base.{self.args.process_index}.pt")
+            cast = frozen.cast()
+            if cast:
+                log.info("frozen base: %s weights held in %s while training (trainer.base_in_compute_dtype)",
+                         f"{cast:,}", str(self.frozen_dtype).replace("torch.", ""))
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                frozen.restore()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # Evaluation wants the logits (return_outputs); label smoothing and a custom loss
+            # function take the full logits as transformers computes them.
+            if return_outputs or not self.labelled_logits or "labels" not in inputs or \
+                    self.label_smoother is not None or self.compute_loss_func is not None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # As transformers' own path: num_items_in_batch reaches the loss only where the model
+            # takes loss kwargs (else training_step divides the mean by the accumulation steps).
+            given = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = labelled_loss(model, inputs, given, output_layer(self.accelerator.unwrap_model(model)))
+            if self.args.average_tokens_across_devices and given is not None:
+                # what Trainer.compute_loss does: the gradient is averaged over processes later
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size()
+                               if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -212,4 +295,34 @@ def prepare(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Splits, run_
     rewind_history(run_dir / "history.jsonl", resume_from)
     return build_trainer(model, tokenizer, args, splits.train, evaluation_slice(splits.validation, cfg),
                          collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
-                         callbacks=callbacks, extra_eval=evaluator.during_training)
+                         callbacks=callbacks, extra_eval=evaluator.during_training,
+                         labelled_logits=cfg.labelled_logits, base_in_compute_dtype=cfg.base_in_compute_dtype)
+
+
+def packing_for(requested: bool, model: Any) -> bool:
+    """Whether the run packs its batches: ``data.packing``, unless the model's attention would
+    let packed examples see each other (then the loss would not be the padded batch's), which
+    a forward of six tokens tells (:func:`pipeline.data.packing.boundary_problem`); the decision
+    and its reason are logged."""
+    if not requested:
+        return False
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        # ZeRO-3 shards the weights; gathering them all for a probe would cost what it saves
+        log.info("data.packing: packed batches (not probed under ZeRO-3: transformers' attention "
+                 "derives the boundaries from the position ids)")
+        return True
+    problem = boundary_problem(model)
+    if problem:
+        log.warning("data.packing: padded batches instead of packed ones: %s", problem)
+        return False
+    log.info("data.packing: packed batches, position ids restarting per example (the attention "
+             "honours the boundaries: checked)")
+    return True
+
+
+def describe_speedups(trainer: Any) -> Dict[str, Any]:
+    """What the Trainer does beyond transformers' own loop to train faster, for logs and benchmarks."""
+    return {"labelled_logits": trainer.labelled_logits,
+            "frozen_base": str(trainer.frozen_dtype).replace("torch.", "") if trainer.frozen_dtype else None,
+            "packed": trainer.data_collator.__class__.__name__ == "PackingCollator",
+            "torch_compile": trainer.args.torch_compile}

@@ -8,6 +8,8 @@ built on the meta device from its config: no weights are read or downloaded.
 Bytes per parameter (Adam), following DeepSpeed's own estimator for mixed precision:
 
 * weights: 2 (16-bit) per parameter, 0.5 for a 4-bit quantized frozen weight (QLoRA), 4 in fp32;
+  without DeepSpeed, a frozen matmul weight under bf16 autocast is held in bf16 while training
+  (``trainer.base_in_compute_dtype``, :class:`pipeline.model.precision.FrozenBase`): 2;
 * gradients: 16-bit plus fp32 (6) per trainable parameter, 4 at ZeRO-3; 4 in fp32;
 * optimizer: fp32 master weights and two Adam moments (12) per trainable parameter; 8 in fp32.
 
@@ -20,7 +22,7 @@ CPU memory. Without DeepSpeed (single, ddp) every process holds everything in ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.config.schema import DistributedConfig, TrainConfig
 from pipeline.model import loading
@@ -38,6 +40,7 @@ class ParameterCounts:
     trainable: int
     quantized: int  # frozen weights stored in 4 (or 8) bits
     largest_layer: int  # parameters of the largest module (ZeRO-3 gathers one at a time)
+    frozen_matmul: int = 0  # frozen weights and biases of linear layers (not quantized)
 
 
 @dataclass
@@ -62,7 +65,8 @@ class MemoryEstimate:
 
 def estimate(counts: ParameterCounts, *, stage: int, processes: int, mixed_precision: bool,
              deepspeed: bool, offload_optimizer: bool = False, offload_params: bool = False,
-             quantized_bits: int = 4, weight_bytes: int = 4) -> MemoryEstimate:
+             quantized_bits: int = 4, weight_bytes: int = 4,
+             frozen_matmul_bytes: Optional[int] = None) -> MemoryEstimate:
     """Model-state memory per device.
 
     Args:
@@ -75,6 +79,9 @@ def estimate(counts: ParameterCounts, *, stage: int, processes: int, mixed_preci
         offload_params: (ZeRO-3) weights in CPU memory.
         quantized_bits: bits of a quantized frozen weight.
         weight_bytes: bytes per weight without DeepSpeed (``model.dtype``).
+        frozen_matmul_bytes: bytes per frozen matmul weight without DeepSpeed, where they are
+            held in the compute dtype while training (``trainer.base_in_compute_dtype``); None:
+            ``weight_bytes``.
     """
     frozen_plain = counts.total - counts.quantized
     if deepspeed and mixed_precision:
@@ -84,6 +91,8 @@ def estimate(counts: ParameterCounts, *, stage: int, processes: int, mixed_preci
     else:  # the Trainer's AdamW keeps its two moments in the parameters' dtype
         per_weight, per_grad, per_state = weight_bytes, weight_bytes, 2 * weight_bytes
     weights = frozen_plain * per_weight + counts.quantized * quantized_bits / 8
+    if not deepspeed and frozen_matmul_bytes is not None:
+        weights -= counts.frozen_matmul * (per_weight - min(frozen_matmul_bytes, per_weight))
     gradients = counts.trainable * per_grad
     optimizer = counts.trainable * per_state
     if stage >= 1:
@@ -103,8 +112,14 @@ def estimate(counts: ParameterCounts, *, stage: int, processes: int, mixed_preci
 
 def count_parameters(model: Any) -> ParameterCounts:
     """Counts of a (meta or real) model; a 4-bit weight counts as its unpacked size."""
-    total = trainable = quantized = largest = 0
+    from torch import nn  # lazy: start-up must not pay for torch
+    from transformers.pytorch_utils import Conv1D
+
+    total = trainable = quantized = largest = frozen_matmul = 0
     seen = set()  # tied weights (input and output embeddings) are one parameter
+    # a tied output layer's weight is a matmul weight, although the embedding lists it first
+    matmul = {id(p) for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))
+              for p in m.parameters(recurse=False)}
     for module in model.modules():
         own = 0
         for param in module.parameters(recurse=False):
@@ -118,8 +133,11 @@ def count_parameters(model: Any) -> ParameterCounts:
             total += n
             own += n
             trainable += n if param.requires_grad else 0
+            if id(param) in matmul and not param.requires_grad and param.__class__.__name__ != "Params4bit" \
+                    and param.is_floating_point():
+                frozen_matmul += n
         largest = max(largest, own)
-    return ParameterCounts(total, trainable, quantized, largest)
+    return ParameterCounts(total, trainable, quantized, largest, frozen_matmul)
 
 
 def count_for_config(cfg: TrainConfig) -> ParameterCounts:
@@ -156,12 +174,16 @@ def for_config(cfg: TrainConfig, counts: ParameterCounts) -> MemoryEstimate:
     settings = cfg.adapter
     quantization = settings.quantization()
     weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, 4)
+    mixed = resolve_precision(cfg.trainer.precision).precision
+    # as pipeline.trainer.build._frozen_dtype decides: bf16 autocast, no DeepSpeed, no k-bit base
+    frozen_in_bf16 = cfg.trainer.base_in_compute_dtype and mixed == "bf16" and settings.trains \
+        and not settings.quantized
     return estimate(counts, stage=dist.zero_stage if dist.strategy == "deepspeed" else 0,
                     processes=_processes(dist),
-                    mixed_precision=resolve_precision(cfg.trainer.precision).precision in ("bf16", "fp16"),
+                    mixed_precision=mixed in ("bf16", "fp16"),
                     deepspeed=dist.strategy == "deepspeed", offload_optimizer=dist.offload_optimizer,
                     offload_params=dist.offload_params, quantized_bits=quantization.bits if quantization else 4,
-                    weight_bytes=weight_bytes)
+                    weight_bytes=weight_bytes, frozen_matmul_bytes=2 if frozen_in_bf16 else None)
 
 
 def _processes(dist: DistributedConfig) -> int:

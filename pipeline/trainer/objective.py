@@ -55,7 +55,13 @@ def primary_metric(cfg: TrainConfig) -> Optional[str]:
 
 def reports_any(cfg: TrainConfig, name: str) -> bool:
     """Whether a run of ``cfg`` can report metric ``name`` (an ``evaluate:`` metric's names are
-    known only once it has run: then any name is taken)."""
+    known only once it has run: then any name is taken; so are a benchmark's, whose metrics its
+    task defines: ``<side>/benchmark/<task>/<metric>`` for a task in
+    ``evaluation.benchmarks.tasks``)."""
+    side, _, rest = name.partition("/")
+    if side in ("base", "tuned", "delta") and rest.startswith("benchmark/"):
+        task, _, metric = rest[len("benchmark/"):].partition("/")
+        return task in cfg.evaluation.benchmarks.tasks and bool(metric)
     return name in metric_names(cfg) or any(m.startswith("evaluate:") for m in cfg.evaluation.metrics)
 
 

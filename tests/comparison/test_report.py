@@ -493,7 +493,7 @@ def test_html_page_renders_headings_tables_and_embedded_pngs(rank_multirun):
     assert [tag for tag, _ in page.events if tag == "h1"] == ["h1"]
     assert headings[1:] == ["Configurations", "Paired differences to adapter.r=4",
                             "Pareto front: quality vs cost", "Retention (does it forget?)",
-                            "Runs not compared", "Plots"]
+                            "Benchmarks before and after (lm-evaluation-harness)", "Runs not compared", "Plots"]
     texts = [text for tag, text in page.events if tag == "text"]
     assert not [t for t in texts if t.startswith("#") or t.startswith("|")]  # no raw Markdown left
     title, tables = None, 0

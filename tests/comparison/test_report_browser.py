@@ -96,7 +96,8 @@ def test_report_page_in_chromium_has_titled_tables_and_no_broken_image(methods_r
     assert page_problems(summary) == []
     assert summary["headings"] == ["Comparison of 2 configurations (4 runs)", "Configurations",
                                    "Paired differences to full", "Pareto front: quality vs cost",
-                                   "Retention (does it forget?)", "Runs not compared", "Plots"]
+                                   "Retention (does it forget?)", "Benchmarks before and after (lm-evaluation-harness)",
+                                   "Runs not compared", "Plots"]
     assert summary["tables"] == 4 and summary["table_titles"] == [
         "Configurations", "Paired differences to full", "Pareto front: quality vs cost",
         "Retention (does it forget?)"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.commands import validation
+from pipeline.data import packing
 from pipeline.data.packing import IGNORE_INDEX, collator, pack_rows, real_tokens
 from pipeline.data.splits import build_datasets
 from tests.conftest import write_jsonl
@@ -24,6 +25,26 @@ def test_first_fit_decreasing_fills_rows_within_the_budget():
     assert sorted(sum([250, 250, 20, 20][i] for i in row) for row in pack_rows([250, 250, 20, 20], 512)) == [270, 270]
     with pytest.raises(ValueError, match="data.pack_length=100"):
         pack_rows([120], 100)
+
+
+def test_rows_are_as_wide_as_computes_least():
+    # Long examples of similar length: packing them two to a row would double each row's
+    # attention to save little padding, so each keeps a row as wide as the longest.
+    long = [170, 150, 160, 140, 165, 155, 145, 171]
+    rows = pack_rows(long, 512)
+    assert len(rows) == len(long) and all(len(row) == 1 for row in rows)
+    # Many short examples beside one long one share rows no wider than the long one.
+    short = [96, 30, 28, 40, 35, 25, 33, 45]
+    rows = pack_rows(short, 512)
+    fills = [sum(short[i] for i in row) for row in rows]
+    assert len(rows) < len(short) and max(fills) <= 96 + 8
+    assert sorted(i for row in rows for i in row) == list(range(len(short)))
+    # Without a cost for width, the fewest rows win, as plain first-fit decreasing packs them.
+    packing.ATTENTION_PER_WIDTH, saved = 0.0, packing.ATTENTION_PER_WIDTH
+    try:
+        assert len(pack_rows(short, 512)) == 1
+    finally:
+        packing.ATTENTION_PER_WIDTH = saved
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +97,8 @@ def test_packed_loss_equals_padded_loss(tokenizer, features, tiny_model, device)
             torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_examples_do_not_attend_to_each_other(tokenizer, features, tiny_model):
+def test_packed_examples_do_not_attend_to_each_other(tokenizer, features, tiny_model, monkeypatch):
+    monkeypatch.setattr(packing, "ATTENTION_PER_WIDTH", 0.0)  # width costs nothing: one row is cheapest
     pack = collator(tokenizer, packing=True, pack_length=512)
     packed = pack(features)
     assert packed["input_ids"].shape[0] == 1  # all examples share one row
@@ -105,5 +127,5 @@ def test_pack_length_below_max_length_is_a_config_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
     problems = validation._check_data(data_cfg(path, packing=True, pack_length=64, max_length=128))
     assert problems == ["data.pack_length=64 must be >= data.max_length=128 (every example must "
-                        "fit in a packed row); raise it"]
+                        "fit in a packed row); raise it, or set data.packing=false"]
     assert validation._check_data(data_cfg(path, packing=False, pack_length=64, max_length=128)) == []

@@ -35,7 +35,9 @@ ALLOWED = {
     "the line that says where the results are": re.compile(r"^results: "),
 }
 # What the libraries print about themselves, as quiet drops it.
-NOTICES = [*quiet.LOGGED_NOTICES.values(), *(message.strip("`") for _, message, _ in quiet.WARNED_NOTICES),
+NOTICES = [*(start for starts in quiet.LOGGED_NOTICES.values()
+             for start in (starts if isinstance(starts, tuple) else (starts,))),
+           *(message.strip("`") for _, message, _ in quiet.WARNED_NOTICES),
            "Running in WANDB offline mode"]
 
 
