@@ -69,9 +69,25 @@ def pick_metric(table: Dict[str, Dict[str, Any]], wanted: Optional[str]) -> str:
     return next((m for m in PREFERRED_METRICS if m in available), sorted(available)[0])
 
 
-def paired_differences(configurations: grouping.Configurations, metric: str, baseline: str,
-                       replicates: int) -> Tuple[Dict[str, paired.Difference], Optional[str]]:
+def prediction_rows(configurations: grouping.Configurations) -> Dict[str, Optional[List[paired.Rows]]]:
+    """Per configuration, each run's prediction rows, read once for every section that pairs
+    examples; None where a run has none to read."""
+    rows: Dict[str, Optional[List[paired.Rows]]] = {}
+    for label, group in configurations.groups.items():
+        paths = [r.path / PREDICTIONS if r.path is not None else None for r in group]
+        rows[label] = None if any(p is None or not p.exists() for p in paths) \
+            else [paired.read_predictions(p) for p in paths]
+    return rows
+
+
+def paired_differences(configurations: grouping.Configurations, rows: Dict[str, Optional[List[paired.Rows]]],
+                       metric: str, baseline: str, replicates: int
+                       ) -> Tuple[Dict[str, paired.Difference], Optional[str]]:
     """Each configuration's paired bootstrap difference to ``baseline`` in ``metric``.
+
+    Args:
+        configurations: the runs by configuration.
+        rows: their prediction rows (:func:`prediction_rows`).
 
     Returns:
         The differences, and why there are none when they could not be computed.
@@ -83,22 +99,10 @@ def paired_differences(configurations: grouping.Configurations, metric: str, bas
     missing = [r.name for r in runs if r.path is None or not (r.path / PREDICTIONS).exists()]
     if missing:
         return {}, f"no {PREDICTIONS.as_posix()} in: {', '.join(missing)}"
-    rows = {label: [paired.read_predictions(r.path / PREDICTIONS) for r in group]
-            for label, group in configurations.groups.items()}
     try:
         return paired.paired_bootstrap(rows, baseline, ref, replicates), None
     except ValueError as err:
         return {}, str(err)
-
-
-def _rows(configurations: grouping.Configurations) -> Dict[str, Optional[List[paired.Rows]]]:
-    """Per configuration, each run's prediction rows; None where a run has none to read."""
-    rows: Dict[str, Optional[List[paired.Rows]]] = {}
-    for label, group in configurations.groups.items():
-        paths = [r.path / PREDICTIONS if r.path is not None else None for r in group]
-        rows[label] = None if any(p is None or not p.exists() for p in paths) \
-            else [paired.read_predictions(p) for p in paths]
-    return rows
 
 
 def _choose(runs: List[Run], table: Dict[str, Dict[str, Any]], metric: Optional[str],
@@ -137,10 +141,11 @@ def write_report(runs: List[Run], out: Path, metric: Optional[str] = None, ignor
     configurations = grouping.group_runs(runs, ignore)
     table = summarize_groups(configurations)
     metric, baseline = _choose(runs, table, metric, baseline)
-    differences, why_not = paired_differences(configurations, metric, baseline, replicates)
+    rows = prediction_rows(configurations)
+    differences, why_not = paired_differences(configurations, rows, metric, baseline, replicates)
     costs, front = pareto.pareto(table, metric)
     retention = paired.retention(configurations.groups, retention_names(metric))
-    benchmarks = paired.benchmark_changes(configurations.groups, _rows(configurations), replicates)
+    benchmarks = paired.benchmark_changes(configurations.groups, rows, replicates)
     notes = grouping.overlaps(table, metric)
     varied = ", ".join(f"`{k}`" for k in configurations.keys) or "nothing (one configuration)"
     lines = [f"# Comparison of {len(table)} configurations ({len(runs)} runs)", "",

@@ -186,16 +186,18 @@ def _dataset_error(err: BaseException, task: str) -> Optional[str]:
             "cache; or give a task of your own with local data files (evaluation.benchmarks.include_path)")
 
 
-def _load_tasks(manager: Any, tasks: List[str]) -> None:
-    """Loads each task once, so that a dataset that cannot be fetched is named by its task."""
+def _name_the_failing_task(manager: Any, tasks: List[str], err: BaseException) -> None:
+    """When ``err`` is a dataset that could not be fetched, raises an error naming the task it
+    belongs to (each task loaded alone; lm-eval's own error names only the dataset)."""
+    if _dataset_error(err, "") is None:
+        return
     for task in tasks:
         try:
             manager.load([task])
-        except Exception as err:
-            why = _dataset_error(err, task)
+        except Exception as own:
+            why = _dataset_error(own, task)
             if why:
-                raise PipelineError(why) from err
-            raise
+                raise PipelineError(why) from own
 
 
 def run(model: Any, tokenizer: Any, cfg: BenchmarksConfig, label: str = "") -> BenchmarkResult:
@@ -216,17 +218,20 @@ def run(model: Any, tokenizer: Any, cfg: BenchmarksConfig, label: str = "") -> B
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(cfg)
-    _load_tasks(manager, list(cfg.tasks))
     log.info("%s benchmarks through lm-eval %s: %s (limit %s per task)", label or "model", _version(),
              ", ".join(cfg.tasks), cfg.limit if cfg.limit is not None else "none")
     was_training = model.training
     with _own_random_state():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
-            num_fewshot=cfg.num_fewshot, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
-            apply_chat_template=cfg.chat_template, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
+                num_fewshot=cfg.num_fewshot, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
+                apply_chat_template=cfg.chat_template, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+        except Exception as err:
+            _name_the_failing_task(manager, list(cfg.tasks), err)
+            raise
     model.train(was_training)
     return convert(results, list(cfg.tasks), cfg.subtasks)
 

@@ -345,8 +345,8 @@ def progress_line(study: Any, n_trials: int, metric_names: List[str]) -> str:
         return line
     if len(metric_names) > 1:
         return f"{line}, Pareto front of {len(study.best_trials)} trial(s)"
-    infeasible = sum(t.state.name == "COMPLETE" and any(v > 0 for v in t.constraints.values()) for t in trials)
-    line += f", {infeasible} infeasible" if infeasible else ""
+    broken = sum(summary.infeasible(t) for t in trials)
+    line += f", {broken} infeasible" if broken else ""
     best = summary.best_trials(study, multi_objective=False)
     if not best:
         return f"{line}, no feasible trial yet"

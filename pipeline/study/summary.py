@@ -116,6 +116,11 @@ def best_trials(study: Any, multi_objective: bool) -> List[Any]:
         return []
 
 
+def infeasible(trial: Any) -> bool:
+    """A completed trial that breaks a constraint (Optuna: a constraint value above 0)."""
+    return trial.state.name == "COMPLETE" and any(v > 0 for v in trial.constraints.values())
+
+
 def _broken(trial: Any) -> str:
     """The constraints a trial breaks, with their intervals."""
     results = trial.user_attrs.get("constraints", {})
@@ -145,8 +150,7 @@ def report(study: Any, folder: Path, config: SweptConfig, passed: Sequence[str],
                "commands": entry_commands(config, passed, folder) if rows else {},
                "rejected": {t.number: t.user_attrs["rejected"] for t in trials if "rejected" in t.user_attrs},
                "constraints": [c.metric for c in config.sweep.constraints],
-               "infeasible": {t.number: _broken(t) for t in trials
-                              if t.state.name == "COMPLETE" and any(v > 0 for v in t.constraints.values())},
+               "infeasible": {t.number: _broken(t) for t in trials if infeasible(t)},
                "failed": {t.number: t.user_attrs.get("error", "no error recorded: its worker stopped")
                           for t in trials if t.state.name == "FAIL"}}
     write_json(folder / "report.json", summary)

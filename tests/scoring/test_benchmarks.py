@@ -152,7 +152,7 @@ def test_unknown_task_and_missing_folder_fail_before_any_model_loads(tmp_path, t
                   tmp_path / "run2")
 
 
-def test_a_task_whose_dataset_cannot_be_fetched_is_named(tmp_path, monkeypatch):
+def test_a_task_whose_dataset_cannot_be_fetched_is_named(tmp_path, monkeypatch, tiny_folder, tokenizer):
     folder = tmp_path / "hub_tasks"
     folder.mkdir()
     (folder / "t.yaml").write_text("task: needs_hub\ndataset_path: no-such-org/no-such-dataset\ntest_split: test\n"
@@ -172,7 +172,9 @@ def test_a_task_whose_dataset_cannot_be_fetched_is_named(tmp_path, monkeypatch):
 
     cfg = BenchmarksConfig(tasks=["needs_hub"], include_path=str(folder))
     with pytest.raises(PipelineError, match="benchmark task 'needs_hub' needs its dataset"):
-        benchmarks.run(object(), None, cfg)
+        from transformers import AutoModelForCausalLM
+
+        benchmarks.run(AutoModelForCausalLM.from_pretrained(tiny_folder), tokenizer, cfg)
 
 
 @pytest.mark.slow
