@@ -77,6 +77,7 @@ def overrides(args: argparse.Namespace, data: str) -> List[str]:
     pipeline, ``--pipeline-overrides``)."""
     chosen = ["data=my_jsonl", f"data.path={data}"] if data != "default" else []
     chosen += list(args.pipeline_overrides) if args._loop == "pipeline" else []
+    chosen += ["trainer.precision=fp32"] if args.fp32 else []
     return [*chosen, f"model={args.model}", f"trainer.max_steps={args.steps}",
             f"trainer.per_device_train_batch_size={args.batch}", "trainer.sampling=random",
             "trainer.save_steps=null", "trainer.eval_steps=null", "trainer.logging_steps=1",
@@ -236,6 +237,7 @@ def handwritten_loop(args: argparse.Namespace, out: Path) -> None:
     model = get_peft_model(model, LoraConfig(r=adapter.r, lora_alpha=adapter.lora_alpha,
                                              lora_dropout=adapter.lora_dropout, task_type="CAUSAL_LM"))
     bf16 = precision.cpu_has_native_bf16() if not torch.cuda.is_available() else torch.cuda.is_bf16_supported()
+    bf16 = bf16 and not args.fp32
     recorder = Recorder(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     t = cfg.trainer
     targs = TrainingArguments(
@@ -252,7 +254,7 @@ def handwritten_loop(args: argparse.Namespace, out: Path) -> None:
 def run_loop(args: argparse.Namespace, which: str, data: str, out: Path) -> Dict[str, Any]:
     cmd = [sys.executable, __file__, "--_loop", which, "--_out", str(out), "--_data", data,
            "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--seed", str(args.seed), "--_profile-step", str(args.profile_step),
+           "--seed", str(args.seed), "--_profile-step", str(args.profile_step), *(["--fp32"] if args.fp32 else []),
            "--pipeline-overrides", *args.pipeline_overrides]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -300,6 +302,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="threads of each loop (OMP_NUM_THREADS; 0: torch's default). With 1, CPU seconds "
                              "measure the work alone, even on a machine other jobs share")
+    parser.add_argument("--fp32", action="store_true",
+                        help="both loops in fp32, as on a CPU without native bf16 (AVX2-only); with "
+                             "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 also on AVX2 kernels alone")
     parser.add_argument("--pipeline-overrides", nargs="*", default=[],
                         help="extra overrides of the pipeline's loop, e.g. trainer.labelled_logits=false")
     parser.add_argument("--profile", action="store_true",

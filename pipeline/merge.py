@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.adapters.merging import combine, merge_problems, source_names
+from pipeline.adapters.merging import MERGED, combine, merge_problems, source_names
 from pipeline.adapters.saved import SavedRun, is_adapter, load_adapter, read_run, write_merged_from
 from pipeline.commands import runner
 from pipeline.commands.compose import record, typed_config
@@ -36,8 +36,6 @@ from pipeline.runs.atomic import commit_folder
 from pipeline.runs.runfolder import RunFolder
 from pipeline.scoring.measurement import Evaluator
 from pipeline.study import trial as sweep_trial
-
-MERGED = "merged"  # the merged adapter's name in the PEFT model
 
 
 def _base_key(saved: SavedRun) -> str:

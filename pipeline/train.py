@@ -77,6 +77,8 @@ def _fit(cfg: TrainConfig, run: RunFolder, checkpoint: Optional[str], trial: Any
     # Held while the model loads and the Trainer is built: ZeRO-3 then builds the model sharded.
     zero3_init = distributed.zero3_init_context(cfg.distributed, cfg.trainer)  # noqa: F841
     model = cfg.adapter.apply(loading.load_model(folder, cfg.model, cfg.adapter.quantization()), architecture)
+    cfg.adapter.initialize_from_data(model, splits.train, collator(tokenizer, False),  # EVA: padded batches
+                                     cfg.trainer.per_device_train_batch_size)
     summary = startup.summary(cfg, model, splits)
     log.info(memory.describe(cfg, memory.count_parameters(model)))
     packing = build.packing_for(cfg.data.packing, model)  # off where the attention would cross examples
@@ -104,7 +106,8 @@ def _fit(cfg: TrainConfig, run: RunFolder, checkpoint: Optional[str], trial: Any
         distributed=distributed.trainer_arguments(cfg.distributed, run.path))
     metrics, base_measured, tuned = fit.fit(trainer, cfg.trainer, run.path, trains=cfg.adapter.trains,
                                             resume_from=checkpoint, evaluator=evaluator,
-                                            base=base.measurement, on_base=base.save, phases=phases)
+                                            base=base.measurement, on_base=base.save, phases=phases,
+                                            base_without_adapter=not cfg.adapter.fresh_is_base())
 
     phases.enter("saving")
     predictions = run.path / "eval" / "predictions.jsonl"

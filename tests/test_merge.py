@@ -15,11 +15,11 @@ from hydra.core.global_hydra import GlobalHydra
 from starlette.testclient import TestClient
 
 from pipeline import serve
-from pipeline.adapters.merging import merge_weights, source_names
+from pipeline.adapters.merging import merge_problems, merge_weights, source_names
 from pipeline.commands.compose import typed_config
 from pipeline.config.app_schema import MergeSettings
 from pipeline.config.errors import ConfigError
-from pipeline.merge import problems
+from pipeline.merge import kept_overall, merge_metrics, problems
 from tests.conftest import CONF, ROOT, python_path, read_json, run_train
 
 FAST = ["model=tiny_llama", "debug=fast", "evaluation=perplexity"]
@@ -77,6 +77,29 @@ def test_a_ties_merge_is_measured_on_each_sources_own_sets(runs, tmp_path):
     assert answer.json()["model"] == "merged" and answer.json()["usage"]["completion_tokens"] > 0
 
 
+def test_sources_named_like_the_aggregates_keep_their_own_figures():
+    names = source_names(["runs/mean", "runs/min"])
+    metrics = {}
+    for name, (base, own, merged) in zip(names, [(4.0, 2.0, 3.0), (4.0, 3.0, 3.5)]):
+        metrics.update(merge_metrics(name, {"base": {"test/loss": base}, "source": {"test/loss": own},
+                                            "merged": {"test/loss": merged}}))
+    metrics.update(kept_overall(names, metrics))
+    assert metrics["kept/mean_0/test/loss"] == 0.5 and metrics["kept/min_1/test/loss"] == 0.5
+    assert metrics["kept/mean/test/loss"] == 0.5 and metrics["kept/min/test/loss"] == 0.5
+    assert metrics["source/mean_0/test/loss"] == 2.0 and metrics["merged/min_1/test/loss"] == 3.5
+
+
+def test_adapters_with_per_layer_ranks_merge_only_by_the_methods_that_take_any_ranks():
+    lora = {"peft_type": "LORA", "r": 16, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {}}
+    eva = {**lora, "rank_pattern": {"model.layers.0.self_attn.q_proj": 17, "model.layers.1.self_attn.q_proj": 15}}
+    assert merge_problems(MergeSettings(method="linear"), [lora, eva]) == [
+        "merge.method=linear adds the adapters' matrices layer by layer, which needs one rank in every layer, but "
+        "the adapters of runs[1] have per-layer ranks (adapter.init=eva redistributes them); use merge.method=cat "
+        "or linear_svd (or svd), which take any ranks"]
+    assert merge_problems(MergeSettings(method="cat"), [lora, eva]) == []
+    assert merge_problems(MergeSettings(method="linear"), [lora, lora]) == []
+
+
 @pytest.mark.parametrize("sources, overrides, message", [
     (["fr", "r8"], ["merge.method=linear"], "merge.method=linear needs runs with equal adapter.r, but they have "
                                              "[16, 8]; use merge.method=cat or linear_svd (or svd)"),
@@ -100,6 +123,8 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path, runs):
 
 def test_sources_get_unique_names_and_methods_their_default_weights():
     assert source_names(["a/x.y", "b/x.y", "c"]) == ["x_y", "x_y_1", "c"]
+    # the merged adapter's name and the aggregates' (kept/mean, kept/min) are not a source's
+    assert source_names(["a/mean", "b/min", "c/merged", "d/mean_0"]) == ["mean_0", "min_1", "merged_2", "mean_0_3"]
     assert merge_weights(MergeSettings(method="linear"), 4) == [0.25] * 4
     assert merge_weights(MergeSettings(method="ties"), 2) == [1.0, 1.0]
     assert merge_weights(MergeSettings(weights=[2.0, -1.0]), 2) == [2.0, -1.0]

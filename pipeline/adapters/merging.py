@@ -65,6 +65,11 @@ def merged_model(folder: str, model_cfg: ModelConfig, adapter: Path,
 
 # --------------------------------------------------------------------------- several adapters into one
 
+# What pipeline.merge names that is not one source: the merged adapter (in the PEFT model and in
+# merged/<source>/...), and the aggregates over the sources (kept/<aggregate>/<set>/<metric>).
+MERGED = "merged"
+AGGREGATES = ("mean", "min")
+
 # Methods that add the adapters' matrices side by side need equal ranks; cat concatenates them and
 # the *_svd methods re-factorise the merged delta, so they take any ranks (PEFT's rules).
 EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -100,7 +105,12 @@ def merge_problems(settings: MergeSettings, adapters: List[Dict[str, Any]]) -> L
         found.append("runs: only LoRA adapters merge (lora, qlora, or a PiSSA/OLoRA init); DoRA, IA3 and "
                      "bottleneck adapters have no weighted combination in PEFT")
     ranks = [a.get("r") for a in adapters]
-    if method in EQUAL_RANKS and len(set(ranks)) > 1:
+    varied = [i for i, a in enumerate(adapters) if a.get("rank_pattern")]
+    if method in EQUAL_RANKS and varied:
+        found.append(f"merge.method={method} adds the adapters' matrices layer by layer, which needs one rank in "
+                     f"every layer, but the adapters of runs{varied} have per-layer ranks (adapter.init=eva "
+                     f"redistributes them); use merge.method=cat or {method}_svd (or svd), which take any ranks")
+    elif method in EQUAL_RANKS and len(set(ranks)) > 1:
         found.append(f"merge.method={method} needs runs with equal adapter.r, but they have {ranks}; use "
                      f"merge.method=cat or {method}_svd (or svd), which take any ranks")
     targets = [sorted(a.get("target_modules") or []) for a in adapters]
@@ -111,12 +121,13 @@ def merge_problems(settings: MergeSettings, adapters: List[Dict[str, Any]]) -> L
 
 
 def source_names(runs: List[str]) -> List[str]:
-    """A short, unique name per source run (its folder's name), usable as a PEFT adapter name
-    and in metric names."""
+    """A short, unique name per source run, usable as a PEFT adapter name and in metric names:
+    its folder's name, suffixed with its position where an earlier source, the merged adapter
+    (:data:`MERGED`) or an aggregate over the sources (:data:`AGGREGATES`) has that name."""
     names: List[str] = []
     for i, run in enumerate(runs):
         name = re.sub(r"[^\w-]", "_", Path(run).resolve().name) or f"run_{i}"
-        names.append(name if name not in names else f"{name}_{i}")
+        names.append(name if name not in names and name not in (MERGED, *AGGREGATES) else f"{name}_{i}")
     return names
 
 

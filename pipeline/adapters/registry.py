@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Set, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Set, Type
 
 from omegaconf import MISSING
 
@@ -47,6 +47,23 @@ class AdapterSettings:
     def apply(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
         """Returns the model with this adapter attached and only its parameters trainable."""
         raise NotImplementedError
+
+    def fresh_is_base(self) -> bool:
+        """Whether the model with the adapter just applied computes what the base does (an
+        update that starts at zero, or PiSSA's residual base plus adapter): the base is then
+        measured through it; otherwise with the adapter disabled."""
+        return True
+
+    def initialize_from_data(self, model: Any, examples: Any, collate: Callable[[List[Dict[str, Any]]], Any],
+                             batch_size: int) -> None:
+        """Initialises the applied adapter from training data (EVA); most methods need none.
+
+        Args:
+            model: what :meth:`apply` returned.
+            examples: the tokenized training split.
+            collate: pads a list of examples into a batch.
+            batch_size: examples per batch.
+        """
 
     def apply_for_counting(self, model: Any, architecture: Optional[ArchitectureInfo]) -> Any:
         """:meth:`apply` on a model built on the meta device (no weights), for the memory

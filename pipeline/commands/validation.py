@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 from typing import List
 
-from pipeline.adapters.lora import MOVES_BASE
+from pipeline.adapters.lora import NEEDS_WHOLE_WEIGHTS
 from pipeline.adapters.registry import ADAPTERS, AdapterSettings
 from pipeline.config.app_schema import EvaluateConfig
 from pipeline.config.errors import ConfigError
@@ -194,9 +194,10 @@ def problems(cfg: TrainConfig, check_adapter: bool = True) -> List[str]:
             found.append("model.dtype=float16 with a quantized base trains in fp16 weights "
                          "without loss scaling; use model.dtype=float32 or trainer.precision=fp16")
         found += _check_distributed(cfg, settings)
-        if getattr(settings, "init", None) in MOVES_BASE and cfg.distributed.zero_stage == 3:
-            found.append(f"adapter.init={settings.init} under ZeRO-3: the adapter is converted for the original "
-                         "base from whole weights, which ZeRO-3 shards; use distributed=zero2 or adapter.init=default")
+        init = getattr(settings, "init", None)
+        if init in NEEDS_WHOLE_WEIGHTS and cfg.distributed.zero_stage == 3:
+            found.append(f"adapter.init={init} under ZeRO-3: {NEEDS_WHOLE_WEIGHTS[init]}; use distributed=zero2 "
+                         "or adapter.init=default")
     return found
 
 

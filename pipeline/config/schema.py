@@ -218,6 +218,11 @@ class TrainerConfig:
     # cast in every step (trainable weights and optimizer states stay fp32; the weights as loaded
     # are back for measuring and saving). No effect in fp32, under DeepSpeed or on a 4-bit base.
     base_in_compute_dtype: bool = True
+    # The tokens every row of a batch begins with (a chat template's system turn, a fixed
+    # instruction; at least 16, no label) run once per batch, the rows' remainders after them
+    # (pipeline/trainer/opening.py). One process, no gradient checkpointing; the log says
+    # where it does not apply.
+    shared_opening: bool = True
     # torch.compile of the model (TrainingArguments' torch_compile): off | on | auto, which turns
     # it on only where it was measured to repay its compile time (pipeline/trainer/build.py:
     # compile_decision; the log states the decision). Quote off/on in YAML files.

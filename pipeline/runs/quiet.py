@@ -56,6 +56,9 @@ WARNED_NOTICES: Tuple[Tuple[Type[Warning], str, str], ...] = (
     # (pipeline.adapters.lora.save_converted), which every such run does.
     (UserWarning, "PiSSA changes the base weights", r"peft\.peft_model"),
     (UserWarning, "OLoRA changes the base weights", r"peft\.peft_model"),
+    # PEFT suggests building an EVA adapter's LoRA matrices on the meta device, to leave EVA's
+    # forward passes the memory they take; next to the base those matrices are small.
+    (UserWarning, "lora with eva initialization used with low_cpu_mem_usage=False", r"peft\.mapping_func"),
 )
 
 # datasets' own switch for its progress bars ("Generating train split", "Map"), read when it is

@@ -11,16 +11,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Dict, List
 
-from pipeline.adapters.merging import source_names
+from pipeline.adapters.merging import AGGREGATES, source_names
 from pipeline.adapters.saved import read_run
 from pipeline.config.app_schema import MergeConfig
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import DataConfig, EvaluationConfig, ObjectiveConfig
 from pipeline.trainer.objective import metric_names as training_metric_names
 
-# pipeline.merge's metric names: <side>/<source>/<set>/<metric>, and kept/<overall>/<set>/<metric>.
+# pipeline.merge's metric names: <side>/<source>/<set>/<metric>, and kept/<aggregate>/<set>/<metric>
+# (AGGREGATES).
 SIDES = ("base", "source", "merged", "kept")
-OVERALL = ("mean", "min")
 EACH = "*"  # kept/*/eval/loss: one objective per source
 VALIDATION = "eval"  # the set objectives are measured on; the test sets are reported only
 # One value per source run (merge.weights=[w1, w2, ...]): sampled as merge.weights.0, .1, ...
@@ -46,7 +46,7 @@ def metric_names(cfg: MergeConfig) -> List[str]:
             return []
     names = [f"{side}/{source}/{m}" for source, measured in per_source.items() for m in measured for side in SIDES]
     common = set.intersection(*per_source.values()) if per_source else set()
-    names += [f"kept/{overall}/{m}" for m in common for overall in OVERALL]
+    names += [f"kept/{overall}/{m}" for m in common for overall in AGGREGATES]
     return sorted(names)
 
 

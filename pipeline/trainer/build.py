@@ -27,6 +27,7 @@ from pipeline.model import precision
 from pipeline.runs import progress
 from pipeline.runs.checkpoints import rewind_history
 from pipeline.scoring.measurement import Evaluator
+from pipeline.trainer import opening
 from pipeline.trainer.callbacks import progress_callback, recording_callback
 from pipeline.trainer.loss import labelled_loss, output_layer, unsupported
 
@@ -126,7 +127,8 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
                   eval_dataset: Optional[Any], data_collator: Any, nan_policy: str,
                   history_path: Path, callbacks: Optional[List[Any]] = None,
                   extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None,
-                  labelled_logits: bool = False, base_in_compute_dtype: bool = False) -> Any:
+                  labelled_logits: bool = False, base_in_compute_dtype: bool = False,
+                  shared_opening: bool = False) -> Any:
     """transformers' Trainer with a non-finite-loss guard and run-folder metric history.
 
     ``extra_eval(model)`` adds metrics (e.g. BLEU on a validation slice) to every evaluation
@@ -134,7 +136,9 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
     ``labelled_logits``: the training loss takes the output layer only at labelled positions
     (:mod:`pipeline.trainer.loss`), where the model allows it. ``base_in_compute_dtype``: under
     bf16 autocast, the frozen base's matmul weights are held in bf16 while training
-    (:class:`pipeline.model.precision.FrozenBase`).
+    (:class:`pipeline.model.precision.FrozenBase`). ``shared_opening``: the tokens every row
+    of a batch begins with run once per batch (:mod:`pipeline.trainer.opening`), where the
+    run and the model allow it.
     """
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -150,7 +154,32 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, train_dataset: Any,
         log.info("training loss: the output layer only at labelled positions (trainer.labelled_logits)")
     trainer.labelled_logits = labelled_logits and not why_not
     trainer.frozen_dtype = _frozen_dtype(trainer) if base_in_compute_dtype else None
+    trainer.shared_opening = shared_opening and _opening_decision(trainer)
     return trainer
+
+
+def _opening_decision(trainer: Any) -> bool:
+    """Whether the Trainer computes a batch's shared opening once (``trainer.shared_opening``),
+    logged with the reason where not."""
+    args, model = trainer.args, trainer.model
+    peft_config = getattr(model, "peft_config", {}) or {}
+    why_not = ""
+    if not trainer.labelled_logits:
+        why_not = "it is part of the labelled-position loss, which is off"
+    elif args.world_size > 1 or trainer.is_deepspeed_enabled:
+        why_not = "several processes (DDP and ZeRO expect one forward per backward)"
+    elif args.gradient_checkpointing:
+        why_not = "gradient checkpointing recomputes layers without their cache"
+    elif any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+        why_not = "prompt learning puts its own keys and values in the cache"
+    else:
+        why_not = opening.cache_problem(model, output_layer(model))
+    if why_not:
+        log.info("shared opening: every row computed whole (trainer.shared_opening has no effect): %s", why_not)
+        return False
+    log.info("shared opening: the tokens every row of a batch begins with (at least %d, no label) run "
+             "once per batch (trainer.shared_opening)", opening.MINIMUM)
+    return True
 
 
 def _frozen_dtype(trainer: Any) -> Optional[Any]:
@@ -177,6 +206,8 @@ def _trainer_class() -> type:
         extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None
         labelled_logits: bool = False  # the output layer and loss at labelled positions only
         frozen_dtype: Optional[Any] = None  # the frozen base's matmul weights while training
+        shared_opening: bool = False  # a batch's common opening computed once
+        opening_seen: bool = False  # a batch has shared its opening (logged once)
 
         def train(self, *args, **kwargs):
             if self.frozen_dtype is None:
@@ -202,7 +233,12 @@ def _trainer_class() -> type:
             # As transformers' own path: num_items_in_batch reaches the loss only where the model
             # takes loss kwargs (else training_step divides the mean by the accumulation steps).
             given = num_items_in_batch if self.model_accepts_loss_kwargs else None
-            loss = labelled_loss(model, inputs, given, output_layer(self.accelerator.unwrap_model(model)))
+            shared = opening.shared_length(inputs) if self.shared_opening else 0
+            if shared and not self.opening_seen:
+                self.opening_seen = True
+                log.info("shared opening: the first %d tokens of each of %d rows run once (the first batch "
+                         "that shares one)", shared, len(inputs["input_ids"]))
+            loss = labelled_loss(model, inputs, given, output_layer(self.accelerator.unwrap_model(model)), shared)
             if self.args.average_tokens_across_devices and given is not None:
                 # what Trainer.compute_loss does: the gradient is averaged over processes later
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size()
@@ -296,7 +332,8 @@ def prepare(cfg: TrainerConfig, model: Any, tokenizer: Any, splits: Splits, run_
     return build_trainer(model, tokenizer, args, splits.train, evaluation_slice(splits.validation, cfg),
                          collator(tokenizer, packing, pack_length), cfg.nan_policy, run_dir / "history.jsonl",
                          callbacks=callbacks, extra_eval=evaluator.during_training,
-                         labelled_logits=cfg.labelled_logits, base_in_compute_dtype=cfg.base_in_compute_dtype)
+                         labelled_logits=cfg.labelled_logits, base_in_compute_dtype=cfg.base_in_compute_dtype,
+                         shared_opening=cfg.shared_opening)
 
 
 def packing_for(requested: bool, model: Any) -> bool:
@@ -325,4 +362,5 @@ def describe_speedups(trainer: Any) -> Dict[str, Any]:
     return {"labelled_logits": trainer.labelled_logits,
             "frozen_base": str(trainer.frozen_dtype).replace("torch.", "") if trainer.frozen_dtype else None,
             "packed": trainer.data_collator.__class__.__name__ == "PackingCollator",
+            "shared_opening": trainer.shared_opening,
             "torch_compile": trainer.args.torch_compile}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -79,16 +80,18 @@ def _measure(trainer: Any, evaluator: Evaluator, label: str) -> Measurement:
 
 def _base_measurement(trainer: Any, model: Any, evaluator: Evaluator, base: Optional[Measurement],
                       on_base: Optional[Callable[[Measurement], None]], resume_from: Optional[str],
-                      enter: Callable[[str], None]) -> Measurement:
+                      enter: Callable[[str], None], without_adapter: bool) -> Measurement:
     """The base model's measurement: ``base`` when given (resumed or cached; a cached one is
     still logged, so the curves start from the base), else measured now and handed to
-    ``on_base``. Before training the fresh adapter is an identity: the model is the base."""
+    ``on_base``. Before training the fresh adapter is mostly an identity: the model is the base;
+    where it is not (``without_adapter``: LoftQ), the adapter is disabled while measuring."""
     if base is not None:
         if resume_from is None:
             trainer.log(loss_logs(base.metrics))
         return base
     enter("base evaluation")
-    with gathered(model):  # no DeepSpeed engine yet: a zero.Init model cannot run alone
+    # no DeepSpeed engine yet: a zero.Init model cannot run alone
+    with gathered(model), (model.disable_adapter() if without_adapter else nullcontext()):
         base = _measure(trainer, evaluator, "base")
     if on_base:
         on_base(base)
@@ -125,7 +128,8 @@ def _train(trainer: Any, cfg: TrainerConfig, resume_from: Optional[str]) -> Dict
 def fit(trainer: Any, cfg: TrainerConfig, run_dir: Path, *, trains: bool, resume_from: Optional[str],
         evaluator: Evaluator, base: Optional[Measurement] = None,
         on_base: Optional[Callable[[Measurement], None]] = None,
-        phases: Optional[RunSignals] = None) -> Tuple[Dict[str, Any], Measurement, Measurement]:
+        phases: Optional[RunSignals] = None,
+        base_without_adapter: bool = False) -> Tuple[Dict[str, Any], Measurement, Measurement]:
     """Measures the base model, trains, measures the tuned model and saves it.
 
     Args:
@@ -141,6 +145,8 @@ def fit(trainer: Any, cfg: TrainerConfig, run_dir: Path, *, trains: bool, resume
         on_base: called with the base measurement once taken (to persist it).
         phases: the run's :class:`RunSignals`, told each phase (base evaluation, training,
             final evaluation, saving).
+        base_without_adapter: measure the base with the adapter disabled, for an adapter that
+            is no identity when fresh (:meth:`AdapterSettings.fresh_is_base`).
 
     Returns:
         ``(metrics, base, tuned)``: namespaced metrics (``base/*``, ``tuned/*``, ``delta/*``,
@@ -149,7 +155,8 @@ def fit(trainer: Any, cfg: TrainerConfig, run_dir: Path, *, trains: bool, resume
     from peft import PeftModel  # lazy: peft loads torch and transformers
 
     enter = phases.enter if phases is not None else (lambda phase: None)
-    base = _base_measurement(trainer, trainer.model, evaluator, base, on_base, resume_from, enter)
+    base = _base_measurement(trainer, trainer.model, evaluator, base, on_base, resume_from, enter,
+                             base_without_adapter)
     metrics: Dict[str, Any] = {}
     tuned = base
     if trains:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from pipeline.data.packing import IGNORE_INDEX
+from pipeline.trainer.opening import opening_cache, remainder
 
 
 def output_layer(model: Any) -> Optional[Any]:
@@ -37,7 +38,7 @@ def unsupported(model: Any) -> str:
 
 
 def labelled_loss(model: Any, inputs: Dict[str, Any], num_items_in_batch: Optional[Any],
-                  head: Optional[Any] = None) -> Any:
+                  head: Optional[Any] = None, opening: int = 0) -> Any:
     """The causal-LM loss of ``inputs`` (with ``labels``), the output layer run only at the
     positions that predict a labelled token.
 
@@ -48,6 +49,9 @@ def labelled_loss(model: Any, inputs: Dict[str, Any], num_items_in_batch: Option
             by it), or None for the mean over this batch's labelled tokens.
         head: the model's output layer; None: ``model``'s own (give it for a model under a
             DDP or DeepSpeed wrapper, which does not name it).
+        opening: leading tokens that every row shares, computed once for the batch
+            (:mod:`pipeline.trainer.opening`; :func:`pipeline.trainer.opening.shared_length`);
+            0: every row whole.
 
     Raises:
         RuntimeError: when the output layer is not called once on ``[batch, length, hidden]``
@@ -60,18 +64,22 @@ def labelled_loss(model: Any, inputs: Dict[str, Any], num_items_in_batch: Option
     labels = inputs.pop("labels")
     targets = labels[:, 1:]
     wanted = torch.nn.functional.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # position p predicts p + 1
+    head = head if head is not None else output_layer(model)
+    if opening:
+        inputs = remainder(inputs, opening, opening_cache(model, head, inputs, opening))
+    keep = wanted[:, opening:]  # the opening predicts no labelled token (shared_length)
     calls = []
 
     def pick(module: Any, args: Any) -> Any:
         hidden = args[0]
-        if calls or hidden.dim() != 3 or hidden.shape[:2] != wanted.shape:
+        if calls or hidden.dim() != 3 or hidden.shape[:2] != keep.shape:
             raise RuntimeError(f"the output layer got hidden states of shape {tuple(hidden.shape)} for a "
-                               f"batch of {tuple(wanted.shape)}: this model cannot take its loss at the "
+                               f"batch of {tuple(keep.shape)}: this model cannot take its loss at the "
                                "labelled positions alone; set trainer.labelled_logits=false")
         calls.append(1)
-        return (hidden[wanted].unsqueeze(0), *args[1:])
+        return (hidden[keep].unsqueeze(0), *args[1:])
 
-    handle = (head if head is not None else output_layer(model)).register_forward_pre_hook(pick)
+    handle = head.register_forward_pre_hook(pick)
     try:
         logits = model(**inputs).logits
     finally:

@@ -1,7 +1,7 @@
 """Merge sweeps (``python -m pipeline.merge -m merge_sweep=<name> 'runs=[...]'``, files in
 sweeps/merge/): the training sweeps' driver and report over merges, objectives read off the
-sources' validation sets, one weight sampled per source; and a merge folder served and exported
-as a run."""
+sources' validation sets, one weight sampled per source; and a merge folder served, evaluated and
+exported as a run."""
 
 from __future__ import annotations
 
@@ -158,6 +158,24 @@ def test_a_merge_folder_serves_as_a_run(merged, runs, tmp_path):
         names = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] > 0 and set(names) == {"tuned", "tiny_llama"}
+
+
+def test_a_merge_folder_evaluates_as_a_run(merged, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline.evaluate", f"run={merged}", "evaluation=perplexity",
+                           f"hydra.run.dir={tmp_path / 'ev'}"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated, merge = read_json(tmp_path / "ev" / "metrics.json"), read_json(merged / "metrics.json")
+    # the folder reads as its first source's run: that source's base and sets, the merged adapter as
+    # the tuned model, so evaluate finds what the merge measured on them
+    for split in ("eval", "test"):
+        for side, measured in (("base", "base"), ("tuned", "merged")):
+            assert evaluated[f"{side}/{split}/loss"] == pytest.approx(merge[f"{measured}/fr/{split}/loss"], rel=1e-4)
+        assert evaluated[f"delta/{split}/loss"] == pytest.approx(
+            evaluated[f"tuned/{split}/loss"] - evaluated[f"base/{split}/loss"])
+    assert read_json(tmp_path / "ev" / "run.json")["status"] == "success"
+    assert read_json(tmp_path / "ev" / "run.json")["evaluated"] == str(merged / "adapter")
+    assert (tmp_path / "ev" / "eval" / "predictions.jsonl").exists()
 
 
 def test_a_merge_folder_exports_as_a_run(merged, tmp_path):

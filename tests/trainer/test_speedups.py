@@ -16,7 +16,8 @@ from pipeline.data.packing import IGNORE_INDEX, collator
 from pipeline.data.splits import build_datasets
 from pipeline.model import loading
 from pipeline.model.precision import FrozenBase, cpu_has_native_bf16
-from pipeline.trainer.loss import labelled_loss, unsupported
+from pipeline.trainer import opening
+from pipeline.trainer.loss import labelled_loss, output_layer, unsupported
 from tests.conftest import read_json, run_train, write_jsonl
 from tests.data.test_data import data_cfg
 
@@ -31,8 +32,8 @@ def features(tokenizer, tmp_path_factory):
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
 
 
-def adapted(method: str, tiny_folder: str):
-    settings = ADAPTERS[method]()
+def adapted(method: str, tiny_folder: str, **settings_given):
+    settings = ADAPTERS[method](**settings_given)
     model_cfg = load_option("model", "tiny_llama")
     torch.manual_seed(0)
     model = loading.load_model(tiny_folder, model_cfg, settings.quantization())
@@ -157,7 +158,7 @@ def test_default_speedups_learn_what_the_plain_loop_learns(tmp_path, caplog):
     common = ["model=tiny_llama", "debug=fast", "trainer.max_steps=6", "trainer.eval_steps=null",
               "trainer.save_steps=null", "evaluation.metrics=[]", "evaluation.splits=[eval]",
               "trainer.learning_rate=5e-3"]
-    plain = ["trainer.labelled_logits=false", "trainer.base_in_compute_dtype=false"]
+    plain = ["trainer.labelled_logits=false", "trainer.base_in_compute_dtype=false", "trainer.shared_opening=false"]
     runs = {"default": common, "plain": common + plain, "other seed": common + plain + ["seed=7"]}
     losses = {}
     caplog.set_level(logging.INFO, logger="pipeline.trainer.build")
@@ -235,3 +236,110 @@ def test_memory_estimate_counts_the_frozen_base_in_bf16_under_bf16_autocast(tmp_
     assert bf16.optimizer == off.optimizer and bf16.gradients == off.gradients  # trainable stay fp32
     full_counts, full = estimate("trainer.precision=bf16", "adapter=full")
     assert full.weights == 4 * full_counts.total  # nothing frozen
+
+
+INSTRUCTION = "Classify the sentiment of this product review as positive or negative, in one word. "
+
+
+@pytest.fixture(scope="module")
+def opened(tokenizer, tmp_path_factory):
+    """Examples that share a long opening (the template's and an instruction), one-word answers."""
+    records = [{"prompt": INSTRUCTION + "the screen is " + "very " * n + "bright", "completion": word}
+               for n, word in ((3, "positive"), (9, "negative"), (5, "positive"), (1, "negative"))]
+    path = write_jsonl(tmp_path_factory.mktemp("opening") / "d.jsonl", records)
+    rows = build_datasets(data_cfg(path), tokenizer).train
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+
+
+def one_per_row(tokenizer, features, packed: bool):
+    """A padded batch, or packed rows of one example each (a trailing padding segment)."""
+    if not packed:
+        return collator(tokenizer, False)(features)
+    width = -(-max(len(f["input_ids"]) for f in features) // 8) * 8
+    batch = collator(tokenizer, True, width)(features)
+    assert len(batch["input_ids"]) == len(features)  # one example a row
+    return batch
+
+
+@pytest.mark.parametrize("method", TRAINING_METHODS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_shared_opening_gives_the_loss_and_gradients_of_whole_rows(method, packed, tiny_folder, tokenizer, opened):
+    # no dropout (the opening's masks would be shared); QLoRA computing in fp32, where it is exact
+    model = adapted(method, tiny_folder, **({"compute_dtype": "float32"} if method == "qlora" else {})).eval()
+    batch = one_per_row(tokenizer, opened, packed)
+    if method == "qlora":
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+    length = opening.shared_length(batch)
+    assert length >= opening.MINIMUM
+    assert opening.cache_problem(model, output_layer(model)) == ""
+    head = output_layer(model)
+    for num_items in (None, torch.tensor(7)):
+        results = []
+        for shared in (0, length):
+            model.zero_grad(set_to_none=True)
+            loss = labelled_loss(model, batch, num_items, head, shared)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+        (whole, whole_grads), (once, once_grads) = results
+        assert once.item() == pytest.approx(whole.item(), rel=1e-5)
+        assert once_grads.keys() == whole_grads.keys() and whole_grads
+        for name, grad in whole_grads.items():
+            torch.testing.assert_close(once_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_length_stops_where_rows_differ_or_labels_start(tokenizer, opened, features):
+    batch = collator(tokenizer, False)(opened)
+    ids, labels = batch["input_ids"], batch["labels"]
+    length = opening.shared_length(batch)
+    assert bool((ids[:, :length] == ids[:1, :length]).all())
+    assert not bool((ids[:, length + 1] == ids[0, length + 1]).all()) or \
+        bool((labels[:, length + 1] != IGNORE_INDEX).any())  # it stopped for a reason
+    early = dict(batch, labels=labels.clone())
+    early["labels"][0, 10] = 5  # a label inside the opening: the opening ends before it
+    assert opening.shared_length(early) == 0  # 9 tokens: too few to share
+    assert opening.shared_length({k: v[:1] for k, v in batch.items()}) == 0  # one row: nothing to share
+    left = dict(batch, attention_mask=batch["attention_mask"].flip(1))  # left padding
+    assert opening.shared_length(left) == 0
+    # packed rows of several examples: a cache would let them attend to each other
+    several = collator(tokenizer, True, 512)(opened + features)
+    assert opening.shared_length(several) == 0
+    assert opening.shared_length(one_per_row(tokenizer, opened, True)) == length
+
+
+def test_shared_opening_is_off_where_the_cache_cannot_stand_for_the_opening(tiny_folder, caplog):
+    model = adapted("lora", tiny_folder)
+    forward = model.forward
+
+    def forgetful(**kwargs):  # a model that ignores the cache it is given
+        kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+        return forward(**kwargs)
+
+    model.forward = forgetful
+    assert "differ" in opening.cache_problem(model, output_layer(model))
+
+
+def test_a_run_computes_the_shared_opening_once_and_learns_the_same(tmp_path, caplog):
+    """Training on examples with a common opening: the log names the shared tokens, and the eval
+    loss equals the run without sharing within what a change of seed moves it."""
+    records = [{"prompt": INSTRUCTION + f"review {i}: the {'screen' if i % 2 else 'case'} is "
+                + ("great " if i % 3 else "awful ") * (1 + i % 5), "completion": "positive" if i % 3 else "negative"}
+               for i in range(60)]
+    path = write_jsonl(tmp_path / "reviews.jsonl", records)
+    common = ["model=tiny_llama", "debug=fast", "data=my_jsonl", f"data.path={path}", "data.packing=false",
+              "trainer.max_steps=6", "trainer.eval_steps=null", "trainer.save_steps=null",
+              "evaluation.metrics=[]", "evaluation.splits=[eval]", "trainer.learning_rate=5e-3"]
+    runs = {"shared": common, "whole": common + ["trainer.shared_opening=false"],
+            "other seed": common + ["trainer.shared_opening=false", "seed=7"]}
+    losses = {}
+    caplog.set_level(logging.INFO, logger="pipeline.trainer.build")
+    for name, overrides in runs.items():
+        folder = tmp_path / name.replace(" ", "_")
+        run_train(overrides, folder)
+        losses[name] = read_json(folder / "metrics.json")["tuned/eval/loss"]
+        if name == "shared":
+            shared = [r.getMessage() for r in caplog.records if "run once (the first batch" in r.getMessage()]
+            assert len(shared) == 1, caplog.text
+    spread = abs(losses["other seed"] - losses["whole"])
+    assert abs(losses["shared"] - losses["whole"]) <= max(spread, 1e-3), losses
+    assert "trainer.shared_opening has no effect" not in caplog.text
