@@ -125,6 +125,9 @@ def test_sources_get_unique_names_and_methods_their_default_weights():
     assert source_names(["a/x.y", "b/x.y", "c"]) == ["x_y", "x_y_1", "c"]
     # the merged adapter's name and the aggregates' (kept/mean, kept/min) are not a source's
     assert source_names(["a/mean", "b/min", "c/merged", "d/mean_0"]) == ["mean_0", "min_1", "merged_2", "mean_0_3"]
+    # a suffixed name that is another source's folder name takes the next suffix
+    assert source_names(["x/a_2", "y/a", "z/a"]) == ["a_2", "a", "a_3"]
+    assert source_names(["x/merged_1", "y/merged"]) == ["merged_1", "merged_2"]
     assert merge_weights(MergeSettings(method="linear"), 4) == [0.25] * 4
     assert merge_weights(MergeSettings(method="ties"), 2) == [1.0, 1.0]
     assert merge_weights(MergeSettings(weights=[2.0, -1.0]), 2) == [2.0, -1.0]

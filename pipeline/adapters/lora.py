@@ -337,11 +337,21 @@ def initialize_eva(model: Any, examples: Any, collate: Callable[[List[Dict[str, 
                                "adapter.eva_tau, or give more training data"])
         return module(**batch)
 
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        # A full-precision base is still on the CPU here (the Trainer places it later); EVA's
+        # forward passes belong on the GPU the run trains on.
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     log.info("adapter.init=eva: principal components of each LoRA layer's inputs over the %d training batches "
              "of %d examples (rho %g, tau %g) ...", len(loader), batch_size, rho, tau)
     started = time.perf_counter()
     initialize_lora_eva_weights(model, batches, forward_fn=forward, gather_distributed_inputs=False,
-                                show_progress_bar=False)
+                                show_progress_bar=True)
+    # A layer whose rank EVA changed was rebuilt in the base's dtype (PEFT's update_layer), after
+    # get_peft_model had put the adapter in fp32: trainable weights in bf16/fp16 would lose small
+    # updates (and fp16 AMP refuses fp16 gradients).
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
     ranks = [module.r["default"] for module in model.modules() if isinstance(module, LoraLayer)]
     log.info("adapter.init=eva: settled after %d batches (%.1f s); ranks per layer %d..%d, %d in all",
              passes, time.perf_counter() - started, min(ranks), max(ranks), sum(ranks))

@@ -127,7 +127,11 @@ def source_names(runs: List[str]) -> List[str]:
     names: List[str] = []
     for i, run in enumerate(runs):
         name = re.sub(r"[^\w-]", "_", Path(run).resolve().name) or f"run_{i}"
-        names.append(name if name not in names and name not in (MERGED, *AGGREGATES) else f"{name}_{i}")
+        taken = {*names, MERGED, *AGGREGATES}
+        unique, n = name, i
+        while unique in taken:  # a suffixed name may itself be another source's folder name
+            unique, n = f"{name}_{n}", n + 1
+        names.append(unique)
     return names
 
 

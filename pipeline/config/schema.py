@@ -220,8 +220,8 @@ class TrainerConfig:
     base_in_compute_dtype: bool = True
     # The tokens every row of a batch begins with (a chat template's system turn, a fixed
     # instruction; at least 16, no label) run once per batch, the rows' remainders after them
-    # (pipeline/trainer/opening.py). One process, no gradient checkpointing; the log says
-    # where it does not apply.
+    # (pipeline/trainer/opening.py). One process, no gradient checkpointing or NEFTune; the log
+    # says where it does not apply.
     shared_opening: bool = True
     # torch.compile of the model (TrainingArguments' torch_compile): off | on | auto, which turns
     # it on only where it was measured to repay its compile time (pipeline/trainer/build.py:

@@ -168,12 +168,15 @@ def _opening_decision(trainer: Any) -> bool:
         why_not = "it is part of the labelled-position loss, which is off"
     elif args.world_size > 1 or trainer.is_deepspeed_enabled:
         why_not = "several processes (DDP and ZeRO expect one forward per backward)"
-    elif args.gradient_checkpointing:
-        why_not = "gradient checkpointing recomputes layers without their cache"
+    elif args.gradient_checkpointing or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        why_not = "gradient checkpointing (the model drops its cache while it recomputes layers)"
+    elif args.neftune_noise_alpha is not None:
+        why_not = "NEFTune scales its noise by each call's length, which the opening would change"
     elif any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
         why_not = "prompt learning puts its own keys and values in the cache"
     else:
-        why_not = opening.cache_problem(model, output_layer(model))
+        why_not = opening.rope_problem(getattr(model, "config", None)) or \
+            opening.cache_problem(model, output_layer(model))
     if why_not:
         log.info("shared opening: every row computed whole (trainer.shared_opening has no effect): %s", why_not)
         return False

@@ -15,7 +15,9 @@ example; several examples to a row would attend to each other once a cache is in
 transformers reads packing boundaries from position ids only without one), whose first
 :data:`MINIMUM` tokens or more are equal in every row and carry no label. A start-up check
 (:func:`cache_problem`) compares the two computations on the model itself, so an architecture
-whose cache cannot be shared this way (state-space layers, prompt learning) trains as before.
+whose cache cannot be shared this way trains as before; so do rotary scalings that depend on a
+call's length (:func:`rope_problem`), gradient checkpointing, NEFTune and prompt learning
+(pipeline/trainer/build.py says why in the log).
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ def opening_cache(model: Any, head: Any, inputs: Dict[str, Any], length: int) ->
         cache = getattr(model(**opening, use_cache=True), _cache_key())
     finally:
         handle.remove()
+    if cache is None or cache.get_seq_length() != length:
+        # e.g. gradient checkpointing turned on inside the model, which drops the cache in training
+        raise RuntimeError("the model returned no cache of the opening while training; set "
+                           "trainer.shared_opening=false")
     cache.batch_repeat_interleave(inputs["input_ids"].shape[0])
     return cache
 
@@ -96,6 +102,20 @@ def _cache_key() -> str:
     from transformers.modeling_outputs import CausalLMOutputWithPast  # lazy: transformers loads torch
 
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def rope_problem(config: Any) -> str:
+    """Why rotary embeddings would differ between the opening's call and the remainder's ('' when
+    they do not): ``dynamic`` and ``longrope`` scaling choose their frequencies from the longest
+    position of each call, so a short opening would get other frequencies than its whole row."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    found = [parameters] if "rope_type" in parameters or "type" in parameters else list(parameters.values())
+    kinds = {str(p.get("rope_type", p.get("type", ""))) for p in found if isinstance(p, dict)}
+    length_dependent = sorted(k for k in kinds if k == "longrope" or "dynamic" in k)
+    if length_dependent:
+        return (f"rotary scaling {', '.join(length_dependent)} picks its frequencies from each call's length, "
+                "so the opening alone would be embedded unlike its whole row")
+    return ""
 
 
 def cache_problem(model: Any, head: Any) -> str:

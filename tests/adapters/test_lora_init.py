@@ -229,6 +229,25 @@ def test_eva_without_a_batch_large_enough_for_its_svd_says_what_to_change(tiny_f
         cfg.adapter.initialize_from_data(model, examples, collator(tokenizer, False), 4)
 
 
+def test_eva_leaves_every_trainable_weight_in_fp32_on_a_bf16_base(tiny_folder, tokenizer):
+    """A layer whose rank EVA changes is rebuilt by PEFT in the base's dtype: it goes back to fp32."""
+    from datasets import Dataset
+
+    from pipeline.data.packing import collator
+
+    cfg = compose_checked(["model=tiny_llama", "model.dtype=bfloat16", "adapter.init=eva", "adapter.eva_tau=0.9"])
+    model = cfg.adapter.apply(loading.load_model(tiny_folder, cfg.model), None)
+    generator = torch.Generator().manual_seed(0)
+    # few distinct tokens: the first layer's inputs span few directions, the next layer's more
+    ids = [torch.randint(5, 12, (24,), generator=generator).tolist() for _ in range(32)]
+    examples = Dataset.from_dict({"input_ids": ids, "labels": [[-100] * 8 + row[8:] for row in ids]})
+    cfg.adapter.initialize_from_data(model, examples, collator(tokenizer, False), 8)
+    ranks = {module.r["default"] for module in model.modules() if hasattr(module, "lora_A") and module.r}
+    assert len(ranks) > 1  # EVA moved rank between layers, so some were rebuilt
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}, trainable
+
+
 def test_dora_and_qlora_take_the_inits_that_leave_the_base_alone():
     assert compose_checked(["adapter=dora", "adapter.init=gaussian"]).adapter.init_lora_weights() == "gaussian"
     assert compose_checked(["adapter=qlora", "adapter.init=gaussian"]).adapter.init_lora_weights() == "gaussian"

@@ -343,3 +343,29 @@ def test_a_run_computes_the_shared_opening_once_and_learns_the_same(tmp_path, ca
     spread = abs(losses["other seed"] - losses["whole"])
     assert abs(losses["shared"] - losses["whole"]) <= max(spread, 1e-3), losses
     assert "trainer.shared_opening has no effect" not in caplog.text
+
+
+def test_rotary_scalings_that_depend_on_a_calls_length_keep_rows_whole():
+    from transformers import LlamaConfig, Phi3Config
+
+    assert opening.rope_problem(LlamaConfig()) == ""
+    assert opening.rope_problem(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0})) == ""
+    assert "dynamic" in opening.rope_problem(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    long = Phi3Config(hidden_size=64, num_attention_heads=2, max_position_embeddings=64,
+                      original_max_position_embeddings=32,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16})
+    assert "longrope" in opening.rope_problem(long)
+
+
+def test_gradient_checkpointing_keeps_rows_whole(tmp_path, caplog):
+    """The model drops its cache while it recomputes layers: the run trains on whole rows."""
+    records = [{"prompt": INSTRUCTION + f"review {i}: " + "fine " * (1 + i % 4), "completion": "positive"}
+               for i in range(24)]
+    path = write_jsonl(tmp_path / "reviews.jsonl", records)
+    caplog.set_level(logging.INFO, logger="pipeline.trainer.build")
+    run_train(["model=tiny_llama", "debug=fast", "data=my_jsonl", f"data.path={path}", "data.packing=false",
+               "model.gradient_checkpointing=true", "trainer.max_steps=2", "trainer.eval_steps=null",
+               "trainer.save_steps=null", "evaluation.metrics=[]", "evaluation.splits=[eval]"], tmp_path / "run")
+    assert "trainer.shared_opening has no effect): gradient checkpointing" in caplog.text
+    assert "run once (the first batch" not in caplog.text
+    assert read_json(tmp_path / "run" / "metrics.json")["tuned/eval/loss"] > 0
