@@ -104,11 +104,11 @@ def _cache_key() -> str:
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def rope_problem(config: Any) -> str:
+def rope_problem(model_config: Any) -> str:
     """Why rotary embeddings would differ between the opening's call and the remainder's ('' when
     they do not): ``dynamic`` and ``longrope`` scaling choose their frequencies from the longest
     position of each call, so a short opening would get other frequencies than its whole row."""
-    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    parameters = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
     found = [parameters] if "rope_type" in parameters or "type" in parameters else list(parameters.values())
     kinds = {str(p.get("rope_type", p.get("type", ""))) for p in found if isinstance(p, dict)}
     length_dependent = sorted(k for k in kinds if k == "longrope" or "dynamic" in k)
