@@ -168,7 +168,7 @@ def _opening_decision(trainer: Any) -> bool:
         why_not = "it is part of the labelled-position loss, which is off"
     elif args.world_size > 1 or trainer.is_deepspeed_enabled:
         why_not = "several processes (DDP and ZeRO expect one forward per backward)"
-    elif args.gradient_checkpointing or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    elif args.gradient_checkpointing or getattr(model, "is_gradient_checkpointing", False):
         why_not = "gradient checkpointing (the model drops its cache while it recomputes layers)"
     elif args.neftune_noise_alpha is not None:
         why_not = "NEFTune scales its noise by each call's length, which the opening would change"

@@ -45,11 +45,11 @@ def adapted(method: str, tiny_folder: str, **settings_given):
     return model.train()
 
 
-def loss_and_grads(model, batch, num_items, labelled: bool):
+def loss_and_grads(model, batch, num_items, labelled: bool, opening_length: int = 0):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # the same dropout masks in both computations
     if labelled:
-        loss = labelled_loss(model, batch, num_items)
+        loss = labelled_loss(model, batch, num_items, opening=opening_length)
     else:
         loss = model(**batch, num_items_in_batch=num_items).loss
     loss.backward()
@@ -152,6 +152,22 @@ def test_frozen_base_keeps_every_trainable_weight_in_fp32(method, tiny_folder, t
         frozen.restore()
 
 
+def eval_losses(runs, tmp_path):
+    """Each named run's tuned eval loss (and the metrics of each), trained into ``tmp_path``."""
+    metrics = {}
+    for name, overrides in runs.items():
+        folder = tmp_path / name.replace(" ", "_")
+        run_train(overrides, folder)
+        metrics[name] = read_json(folder / "metrics.json")
+    return {name: m["tuned/eval/loss"] for name, m in metrics.items()}, metrics
+
+
+def assert_within_seed_spread(losses, changed, plain):
+    """``changed`` ends at ``plain``'s eval loss within what a change of seed ("other seed") moves it."""
+    spread = abs(losses["other seed"] - losses[plain])
+    assert abs(losses[changed] - losses[plain]) <= max(spread, 1e-3), losses
+
+
 def test_default_speedups_learn_what_the_plain_loop_learns(tmp_path, caplog):
     """The same steps with the defaults and with every speed-up off: the same eval loss, within
     what a change of seed moves it."""
@@ -160,15 +176,10 @@ def test_default_speedups_learn_what_the_plain_loop_learns(tmp_path, caplog):
               "trainer.learning_rate=5e-3"]
     plain = ["trainer.labelled_logits=false", "trainer.base_in_compute_dtype=false", "trainer.shared_opening=false"]
     runs = {"default": common, "plain": common + plain, "other seed": common + plain + ["seed=7"]}
-    losses = {}
     caplog.set_level(logging.INFO, logger="pipeline.trainer.build")
-    for name, overrides in runs.items():
-        run_train(overrides, tmp_path / name.replace(" ", "_"))
-        losses[name] = read_json(tmp_path / name.replace(" ", "_") / "metrics.json")["tuned/eval/loss"]
-    base = read_json(tmp_path / "default" / "metrics.json")["base/eval/loss"]
-    assert losses["default"] < base  # it learned
-    spread = abs(losses["other seed"] - losses["plain"])
-    assert abs(losses["default"] - losses["plain"]) <= max(spread, 1e-3), losses
+    losses, metrics = eval_losses(runs, tmp_path)
+    assert losses["default"] < metrics["default"]["base/eval/loss"]  # it learned
+    assert_within_seed_spread(losses, "default", "plain")
     if cpu_has_native_bf16():  # (the log's first run is the default one)
         assert sum("frozen base:" in r.getMessage() for r in caplog.records) == 1
 
@@ -272,16 +283,9 @@ def test_shared_opening_gives_the_loss_and_gradients_of_whole_rows(method, packe
     length = opening.shared_length(batch)
     assert length >= opening.MINIMUM
     assert opening.cache_problem(model, output_layer(model)) == ""
-    head = output_layer(model)
     for num_items in (None, torch.tensor(7)):
-        results = []
-        for shared in (0, length):
-            model.zero_grad(set_to_none=True)
-            loss = labelled_loss(model, batch, num_items, head, shared)
-            loss.backward()
-            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                            if p.grad is not None}))
-        (whole, whole_grads), (once, once_grads) = results
+        whole, whole_grads = loss_and_grads(model, batch, num_items, labelled=True)
+        once, once_grads = loss_and_grads(model, batch, num_items, labelled=True, opening_length=length)
         assert once.item() == pytest.approx(whole.item(), rel=1e-5)
         assert once_grads.keys() == whole_grads.keys() and whole_grads
         for name, grad in whole_grads.items():
@@ -331,17 +335,11 @@ def test_a_run_computes_the_shared_opening_once_and_learns_the_same(tmp_path, ca
               "evaluation.metrics=[]", "evaluation.splits=[eval]", "trainer.learning_rate=5e-3"]
     runs = {"shared": common, "whole": common + ["trainer.shared_opening=false"],
             "other seed": common + ["trainer.shared_opening=false", "seed=7"]}
-    losses = {}
     caplog.set_level(logging.INFO, logger="pipeline.trainer.build")
-    for name, overrides in runs.items():
-        folder = tmp_path / name.replace(" ", "_")
-        run_train(overrides, folder)
-        losses[name] = read_json(folder / "metrics.json")["tuned/eval/loss"]
-        if name == "shared":
-            shared = [r.getMessage() for r in caplog.records if "run once (the first batch" in r.getMessage()]
-            assert len(shared) == 1, caplog.text
-    spread = abs(losses["other seed"] - losses["whole"])
-    assert abs(losses["shared"] - losses["whole"]) <= max(spread, 1e-3), losses
+    losses, _ = eval_losses(runs, tmp_path)
+    # the first run alone shares an opening; the log says so once
+    assert sum("run once (the first batch" in r.getMessage() for r in caplog.records) == 1, caplog.text
+    assert_within_seed_spread(losses, "shared", "whole")
     assert "trainer.shared_opening has no effect" not in caplog.text
 
 
